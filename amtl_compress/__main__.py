@@ -1,0 +1,3 @@
+from amtl_compress.cli import main
+
+main()

@@ -1,0 +1,231 @@
+"""The ``amtl-compress`` command line: thin typer commands over the Python API.
+
+Results go to stdout, progress bars and logs to stderr. Known errors print one line
+``Error: ...`` and exit with code 1; set ``AMTL_COMPRESS_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from amtl_compress.errors import AmtlError
+
+app = typer.Typer(
+    name="amtl-compress",
+    help="Shrink the embedding tables of a trained recommendation model with AMTL (CIKM'21).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+def _command(func: Callable[..., None]) -> Callable[..., None]:
+    """Register ``func`` as a subcommand whose known errors become ``Error: ...``, exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        try:
+            func(*args, **kwargs)
+        except AmtlError as exc:
+            if os.environ.get("AMTL_COMPRESS_DEBUG"):
+                raise
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except FileNotFoundError as exc:
+            if os.environ.get("AMTL_COMPRESS_DEBUG"):
+                raise
+            typer.echo(f"Error: no such file `{exc.filename}`; check the path", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted; rerun the same command to resume.", err=True)
+            raise typer.Exit(130) from None
+
+    return app.command()(wrapper)
+
+
+ModelOpt = Annotated[
+    Optional[str],  # noqa: UP045 - typer 0.15 needs Optional on Python 3.10
+    typer.Option(
+        "--model",
+        help="`package.module:function` that builds your model (not needed for the reference "
+        "DLRM, whose config is stored in its checkpoint).",
+    ),
+]
+LabelOpt = Annotated[str, typer.Option(help="Name of the label column.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (parameter init and data order).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _echo_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, row in enumerate(rows):
+        typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                             enumerate(zip(row, widths))).rstrip())
+        if j == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+@_command
+def train(
+    data: Annotated[Path, typer.Argument(help="Training data (Parquet or CSV).")],
+    valid: Annotated[Path, typer.Option(help="Validation data for AUC/logloss per epoch.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors).")],
+    embedding_dim: Annotated[int, typer.Option(help="Embedding dim D of every table.")] = 16,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-3,
+    label: LabelOpt = "label",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the reference DLRM (fixed dimension) to get a baseline checkpoint.
+
+    Example: amtl-compress train train.parquet --valid valid.parquet --out base.safetensors
+    """
+    from amtl_compress.training.train import TrainConfig, train_dlrm
+
+    config = TrainConfig(
+        embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        label=label,
+    )
+    result = train_dlrm(data, valid, out, config, progress=not quiet)
+    typer.echo(f"wrote {out}: valid AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}")
+
+
+@_command
+def finetune(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained weights (.safetensors or .pt).")],
+    data: Annotated[Path, typer.Option(help="Training data (Parquet or CSV).")],
+    valid: Annotated[Path, typer.Option(help="Validation data; the best epoch is kept.")],
+    out: Annotated[Path, typer.Option(help="Run directory to create.")],
+    field: Annotated[
+        list[str],
+        typer.Option(
+            help="Table to compress: `MODULE=COLUMN`, or a bare name for both (repeatable). "
+            "MODULE is a module path, a path suffix or a regex."
+        ),
+    ],
+    model: ModelOpt = None,
+    target_ratio: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Memory budget: kept values / (N*D) per table, e.g. 0.4."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
+    lr: Annotated[float, typer.Option(help="Learning rate of the model's weights.")] = 1e-3,
+    amtl_lr: Annotated[float, typer.Option(help="Learning rate of the AMTL layers.")] = 1e-2,
+    temperature: Annotated[float, typer.Option(help="Tempered-softmax T (Eq. 7).")] = 1.0,
+    final_temperature: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Anneal T geometrically to this value."),
+    ] = None,
+    single_branch: Annotated[
+        bool, typer.Option("--single-branch", help="Ablation AML: one branch, no twins.")
+    ] = False,
+    no_ste: Annotated[
+        bool, typer.Option("--no-ste", help="Ablation AMTL-nSTE: soft mask in the forward pass.")
+    ] = False,
+    counts: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Frequency counts file instead of counting --data (docs/data.md)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from `<out>.resume`.")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    label: LabelOpt = "label",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Attach AMTL to the chosen tables of a trained model and fine-tune it (warm start).
+
+    Example: amtl-compress finetune base.safetensors --data train.parquet --valid valid.parquet
+    --field user_id --field item_id --target-ratio 0.4 --out runs/amtl1
+    """
+    from amtl_compress.core.amtl import AMTLConfig
+    from amtl_compress.training.finetune import FinetuneConfig, parse_field
+    from amtl_compress.training.finetune import finetune as run_finetune
+
+    fields = dict(parse_field(f) for f in field)
+    config = FinetuneConfig(
+        fields=fields, epochs=epochs, batch_size=batch_size, lr=lr, amtl_lr=amtl_lr,
+        temperature=temperature, final_temperature=final_temperature, target_ratio=target_ratio,
+        seed=seed, label=label,
+        amtl=AMTLConfig(twins=not single_branch, straight_through=not no_ste),
+    )
+    result = run_finetune(
+        checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
+        resume=resume, overwrite=overwrite, progress=not quiet,
+    )
+    _print_finetune_metrics(result.metrics)
+    typer.echo(f"wrote {result.run_dir}")
+
+
+def _print_finetune_metrics(metrics: dict) -> None:
+    rows = [["", "AUC", "logloss"]]
+    for name in ("before", "after"):
+        m = metrics[name]
+        rows.append([name, f"{m['auc']:.4f}", f"{m['logloss']:.4f}"])
+    _echo_table(rows)
+    typer.echo("")
+    rows = [["table", "rows", "D", "avg kept dim", "memory ratio"]]
+    for path, t in metrics["tables"].items():
+        rows.append([path, str(t["rows"]), str(t["dim"]), f"{t['avg_kept_dim']:.2f}",
+                     f"{t['memory_ratio']:.3f}"])
+    _echo_table(rows)
+
+
+@_command
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.safetensors or .pt).")],
+    model: ModelOpt = None,
+) -> None:
+    """List a checkpoint's embedding tables: name, rows, dim, dtype, bytes.
+
+    Example: amtl-compress inspect base.safetensors
+    """
+    from amtl_compress.checkpoint import embedding_tables, load_model, load_state_dict
+
+    state, metadata = load_state_dict(checkpoint)
+    if model is not None or "amtl_compress.model" in metadata:
+        source = load_model(checkpoint, model)[0]
+    else:
+        source = state
+    rows = [["table", "kind", "rows", "dim", "dtype", "bytes"]]
+    for t in embedding_tables(source):
+        rows.append([t.name, t.kind, str(t.rows), str(t.dim), str(t.dtype).replace("torch.", ""),
+                     str(t.bytes)])
+    _echo_table(rows)
+
+
+@_command
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the demo's files.")] = Path("runs/demo"),
+    target_ratio: Annotated[float, typer.Option(help="Memory budget of AMTL.")] = 0.4,
+    data_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="A directory holding ml-100k.inter/.user/.item instead of fetching."),
+    ] = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the reference DLRM on MovieLens-100k, fine-tune AMTL on user_id and item_id at a
+    memory budget, and print a before/after table.
+
+    Example: amtl-compress demo --target-ratio 0.4
+    """
+    from amtl_compress.demo import run_demo
+
+    rows = run_demo(out, target_ratio=target_ratio, data_dir=data_dir, seed=seed,
+                    progress=not quiet)
+    _echo_table(rows)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,355 @@
+"""Fine-tune a trained model with AMTL attached (warm start, paper Section 3.4).
+
+``finetune`` loads every trained weight, attaches AMTL to the chosen embedding tables, trains the
+model and the AMTL layers together (task loss + optional memory-budget penalty), keeps the best
+validation epoch, and writes the run directory described in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from amtl_compress._io import atomic_directory, atomic_save_safetensors, atomic_write_text
+from amtl_compress.checkpoint import load_model
+from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.core.budget import BudgetMultiplier
+from amtl_compress.data.counts import count_frequencies, read_counts
+from amtl_compress.data.dataset import TabularData
+from amtl_compress.errors import AmtlError, RunDirError
+from amtl_compress.surgery.attach import (
+    amtl_layers,
+    amtl_parameters,
+    attach_amtl_,
+    detach_amtl,
+    model_parameters,
+)
+from amtl_compress.surgery.targets import find_embedding_modules
+from amtl_compress.training.loop import bce_step, evaluate
+from amtl_compress.training.state import load_state, save_state
+
+#: How close the realized memory ratio must land to ``target_ratio`` for an epoch to count as
+#: meeting the budget.
+BUDGET_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that determines a fine-tuning run (stored in the run's ``config.json``).
+
+    Args:
+        fields: module-path target -> data column feeding that table. A target is an exact
+            module path, a path suffix (``user_id`` matches ``embeddings.user_id``) or a regex.
+        epochs: passes over the training data.
+        batch_size: rows per optimiser step.
+        lr: Adam learning rate of the model's own parameters (embeddings and MLPs).
+        amtl_lr: Adam learning rate of the AMTL layers.
+        temperature: initial temperature T of the tempered softmax (Eq. 7).
+        final_temperature: if set, T is annealed geometrically to this value over the run.
+        target_ratio: if set, kept values / (N*D) each AMTL table must reach (within 0.02).
+        seed: seeds parameter init of AMTL and the data order.
+        label: name of the label column.
+        save_every: optimiser steps between resumable-state saves.
+        amtl: the AMTL layer's own configuration.
+    """
+
+    fields: dict[str, str] = field(default_factory=dict)
+    epochs: int = 3
+    batch_size: int = 1024
+    lr: float = 1e-3
+    amtl_lr: float = 1e-2
+    temperature: float = 1.0
+    final_temperature: float | None = None
+    target_ratio: float | None = None
+    seed: int = 0
+    label: str = "label"
+    save_every: int = 200
+    amtl: AMTLConfig = field(default_factory=AMTLConfig)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError("epochs, batch_size and save_every must be >= 1")
+        if self.lr <= 0 or self.amtl_lr <= 0 or self.temperature <= 0:
+            raise ValueError("lr, amtl_lr and temperature must be > 0")
+        if self.final_temperature is not None and self.final_temperature <= 0:
+            raise ValueError("final_temperature must be > 0")
+        if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
+            raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["amtl"] = self.amtl.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        data = dict(data)
+        data["amtl"] = AMTLConfig.from_dict(data.get("amtl", {}))
+        return cls(**data)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` produced: the run directory and its metrics."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    lengths: dict[str, torch.Tensor]
+
+
+def parse_field(spec: str) -> tuple[str, str]:
+    """``"user_table=user_id"`` -> ``("user_table", "user_id")``; ``"user_id"`` -> both the same."""
+    target, sep, column = spec.partition("=")
+    target, column = target.strip(), column.strip()
+    if not target or (sep and not column):
+        raise AmtlError(
+            f"bad --field `{spec}`; use `MODULE=COLUMN` or a bare name used for both"
+        )
+    return target, column if sep else target
+
+
+def _resume_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".resume")
+
+
+def _temperature_at(config: FinetuneConfig, step: int, total_steps: int) -> float:
+    if config.final_temperature is None or total_steps <= 1:
+        return config.temperature
+    frac = min(step / (total_steps - 1), 1.0)
+    return config.temperature * (config.final_temperature / config.temperature) ** frac
+
+
+def _table_report(
+    lengths: dict[str, torch.Tensor], fields: dict[str, str], dims: dict[str, int]
+) -> tuple[dict[str, Any], float]:
+    per_table: dict[str, Any] = {}
+    kept = total = 0
+    for path, lens in lengths.items():
+        n, d = lens.numel(), dims[path]
+        per_table[path] = {
+            "column": fields[path],
+            "rows": n,
+            "dim": d,
+            "avg_kept_dim": float(lens.double().mean()),
+            "memory_ratio": float(lens.sum()) / (n * d),
+        }
+        kept += int(lens.sum())
+        total += n * d
+    return per_table, (kept / total if total else 1.0)
+
+
+def finetune(
+    checkpoint: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    valid: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: FinetuneConfig,
+    model_factory: str | None = None,
+    counts_file: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``checkpoint`` with AMTL on ``config.fields`` and write the run directory ``out``.
+
+    Args:
+        checkpoint: trained weights (``.safetensors``, or a ``.pt`` state_dict).
+        data: training data (Parquet or CSV, docs/data.md).
+        valid: validation data; AUC/logloss before training and after every epoch, best epoch kept.
+        out: run directory to create (written atomically; see docs/design.md for its files).
+        config: the run's hyper-parameters.
+        model_factory: ``package.module:function`` building the model; optional when the
+            checkpoint carries a model spec (the reference DLRM does).
+        counts_file: per-column frequency counts to use instead of counting ``data``.
+        resume: continue from ``<out>.resume`` if an interrupted run with the same config left it.
+        overwrite: replace an existing ``out``.
+        progress: show a tqdm bar on stderr.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise AmtlError(f"output directory `{out}` exists; pass --overwrite or choose another --out")
+    if not config.fields:
+        raise AmtlError("no --field given; name at least one embedding table to compress")
+    torch.manual_seed(config.seed)
+    model, spec = load_model(checkpoint, model_factory)
+    train_data = TabularData.open(data, label=config.label)
+    valid_data = TabularData.open(valid, label=config.label)
+
+    # Validate the whole request before any long work: targets, columns, id ranges.
+    matched = find_embedding_modules(model, list(config.fields))
+    modules = dict(model.named_modules())
+    column_of = {path: config.fields[target] for path, target in matched.items()}
+    num_rows = {path: modules[path].num_embeddings for path in matched}
+    dims = {path: modules[path].embedding_dim for path in matched}
+    for path, column in column_of.items():
+        for dataset in (train_data, valid_data):
+            dataset.validate_ids(column, num_rows[path])
+
+    counts: dict[str, torch.Tensor] = {}
+    for path, target in matched.items():
+        column = column_of[path]
+        if counts_file is not None:
+            counts[path] = read_counts(counts_file, column, num_rows[path])
+        else:
+            counts[path] = count_frequencies(data, column, num_rows[path])
+
+    before = evaluate(model, valid_data.batches(config.batch_size))
+    attach_amtl_(model, counts, config.amtl)
+    layers = amtl_layers(model)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": model_parameters(model), "lr": config.lr},
+            {"params": amtl_parameters(model), "lr": config.amtl_lr},
+        ]
+    )
+    budget = BudgetMultiplier(config.target_ratio) if config.target_ratio is not None else None
+
+    steps_per_epoch = train_data.num_batches(config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    config_json = json.dumps(config.to_dict(), sort_keys=True)
+    state_dir = _resume_dir(out)
+    progress_state: dict[str, Any] = {
+        "step": 0,
+        "history": [],
+        "best": None,
+        "budget": None,
+        "config": config_json,
+    }
+    if resume and (state_dir / "state.json").exists():
+        saved = load_state(state_dir, model, optimizer)
+        if saved.get("config") != config_json:
+            raise RunDirError(
+                f"`{state_dir}` holds an interrupted run with a different configuration; "
+                "rerun with the same options, or pass --no-resume to start over"
+            )
+        progress_state = saved
+        if budget is not None and saved["budget"] is not None:
+            budget.load_state_dict(saved["budget"])
+    elif state_dir.exists():
+        shutil.rmtree(state_dir)
+
+    def penalty() -> torch.Tensor:
+        assert budget is not None
+        return budget.penalty(layers)
+
+    step = progress_state["step"]
+    bar = tqdm(
+        total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr,
+        disable=not progress, dynamic_ncols=True,
+    )
+    running = None
+    model.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        batches = train_data.batches(
+            config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch
+        )
+        for i, (features, labels) in enumerate(batches):
+            if i < skip:
+                continue  # already done before the interruption
+            for layer in layers.values():
+                layer.temperature = _temperature_at(config, step, total_steps)
+            loss = bce_step(model, optimizer, features, labels, penalty if budget else None)
+            if budget is not None:
+                ratios = budget.update(layers)
+            running = loss if running is None else 0.98 * running + 0.02 * loss
+            step += 1
+            postfix = {"loss": f"{running:.4f}", "epoch": epoch + 1}
+            if budget is not None:
+                postfix["ratio"] = f"{sum(ratios.values()) / len(ratios):.3f}"
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if step % steps_per_epoch == 0:
+                _end_epoch(model, layers, valid_data, config, progress_state, step, state_dir)
+            if step % config.save_every == 0 or step % steps_per_epoch == 0:
+                progress_state["step"] = step
+                progress_state["budget"] = budget.state_dict() if budget else None
+                save_state(state_dir, model, optimizer, progress_state)
+    bar.close()
+
+    best = progress_state["best"]
+    best_weights = state_dir / "best.safetensors"
+    if best is not None and best_weights.exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(best_weights)))
+    amtl_state = {
+        f"{path}.{k}": v.detach().clone()
+        for path, layer in layers.items()
+        for k, v in layer.state_dict().items()
+    }
+    model, lengths = detach_amtl(model, merge=True)
+    after = evaluate(model, valid_data.batches(config.batch_size))
+    per_table, ratio = _table_report(lengths, column_of, dims)
+    metrics = {
+        "before": before,
+        "after": after,
+        "epochs": progress_state["history"],
+        "best_epoch": None if best is None else best["epoch"],
+        "tables": per_table,
+        "memory_ratio": ratio,
+        "target_ratio": config.target_ratio,
+    }
+    run_config = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "data": str(Path(data).resolve()),
+        "valid": str(Path(valid).resolve()),
+        "model": spec,
+        "tables": column_of,
+        "finetune": config.to_dict(),
+    }
+    from amtl_compress.checkpoint import save_checkpoint
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_checkpoint(tmp / "model.safetensors", model.state_dict(), spec)
+        atomic_save_safetensors(lengths, tmp / "lengths.safetensors")
+        atomic_save_safetensors(amtl_state, tmp / "amtl.safetensors")
+        atomic_write_text(tmp / "config.json", json.dumps(run_config, indent=2))
+        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return FinetuneResult(run_dir=out, metrics=metrics, lengths=lengths)
+
+
+def _end_epoch(
+    model: nn.Module,
+    layers: dict[str, Any],
+    valid_data: TabularData,
+    config: FinetuneConfig,
+    progress_state: dict[str, Any],
+    step: int,
+    state_dir: Path,
+) -> None:
+    """Validate, record the epoch, and save its weights if it is the best so far."""
+    epoch = len(progress_state["history"]) + 1
+    scores = evaluate(model, valid_data.batches(config.batch_size))
+    ratios = {path: layer.realized_ratio() for path, layer in layers.items()}
+    meets_budget = config.target_ratio is None or all(
+        abs(r - config.target_ratio) <= BUDGET_TOLERANCE for r in ratios.values()
+    )
+    record = {"epoch": epoch, "step": step, **scores, "ratios": ratios, "meets_budget": meets_budget}
+    progress_state["history"].append(record)
+    best = progress_state["best"]
+    # An epoch that meets the budget always beats one that does not; then higher AUC wins.
+    better = best is None or (meets_budget, _finite(scores["auc"])) > (
+        best["meets_budget"], _finite(best["auc"])
+    )
+    if better:
+        progress_state["best"] = record
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(model.state_dict(), state_dir / "best.safetensors")
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -math.inf

@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from amtl_compress.cli import app
+
+runner = CliRunner(mix_stderr=False)
+
+
+def test_train_finetune_inspect(synthetic, tmp_path):
+    base = tmp_path / "base.safetensors"
+    result = runner.invoke(app, [
+        "train", str(synthetic.train), "--valid", str(synthetic.valid), "--out", str(base),
+        "--embedding-dim", "8", "--epochs", "1", "--batch-size", "512", "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "valid AUC" in result.stdout and base.exists()
+
+    result = runner.invoke(app, ["inspect", str(base)])
+    assert result.exit_code == 0, result.output
+    assert "embeddings.user_id" in result.stdout and "400" in result.stdout
+
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "finetune", str(base), "--data", str(synthetic.train), "--valid", str(synthetic.valid),
+        "--field", "user_id", "--field", "embeddings.item_id=item_id", "--out", str(out),
+        "--target-ratio", "0.5", "--epochs", "1", "--batch-size", "512", "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tables"]) == {"embeddings.user_id", "embeddings.item_id"}
+    assert "avg kept dim" in result.stdout and "embeddings.item_id" in result.stdout
+
+
+def test_known_errors_are_one_line_with_exit_code_1(synthetic, baseline, tmp_path):
+    result = runner.invoke(app, [
+        "finetune", str(baseline), "--data", str(synthetic.train), "--valid",
+        str(synthetic.valid), "--field", "nope", "--out", str(tmp_path / "r"), "-q",
+    ])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert "nope" in result.stderr and "embeddings.user_id" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+    result = runner.invoke(app, ["inspect", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ")
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "amtl_compress", "--help"], capture_output=True, text=True,
+        check=False,
+    )
+    assert proc.returncode == 0
+    for command in ("train", "finetune", "inspect", "demo"):
+        assert command in proc.stdout

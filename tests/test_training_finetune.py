@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import amtl_compress.training.finetune as finetune_mod
+from amtl_compress.checkpoint import load_model
+from amtl_compress.errors import AmtlError, NoMatchingModuleError
+from amtl_compress.training.finetune import FinetuneConfig, finetune, parse_field
+
+FIELDS = {"user_id": "user_id", "item_id": "item_id"}
+
+
+def _config(**kw):
+    base = dict(fields=FIELDS, epochs=2, batch_size=512, target_ratio=0.5, save_every=3)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_parse_field():
+    assert parse_field("user_id") == ("user_id", "user_id")
+    assert parse_field("embeddings.u=user_id") == ("embeddings.u", "user_id")
+    with pytest.raises(AmtlError, match="bad --field"):
+        parse_field("x=")
+
+
+def test_run_directory_contents(synthetic, baseline, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(baseline, synthetic.train, synthetic.valid, out, _config(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "amtl.safetensors", "config.json", "lengths.safetensors", "metrics.json",
+        "model.safetensors",
+    ]
+    assert not (tmp_path / "run.resume").exists()
+    lengths = load_file(str(out / "lengths.safetensors"))
+    assert set(lengths) == {"embeddings.user_id", "embeddings.item_id"}
+    model, _ = load_model(out / "model.safetensors")
+    for path, lens in lengths.items():
+        assert lens.dtype == torch.int64
+        assert int(lens.min()) >= 1 and int(lens.max()) <= 8
+        weight = dict(model.named_modules())[path].weight
+        # Merged: every value past a row's length is exactly zero.
+        cols = torch.arange(weight.shape[1])
+        assert torch.all(weight[cols[None, :] >= lens[:, None]] == 0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["before"]) == {"auc", "logloss"} and len(metrics["epochs"]) == 2
+    table = metrics["tables"]["embeddings.user_id"]
+    assert table["avg_kept_dim"] == pytest.approx(float(lengths["embeddings.user_id"].double().mean()))
+    config = json.loads((out / "config.json").read_text())
+    assert FinetuneConfig.from_dict(config["finetune"]) == _config()
+    assert result.metrics == metrics
+
+
+def test_budget_is_met_on_the_kept_epoch(synthetic, baseline, tmp_path):
+    result = finetune(
+        baseline, synthetic.train, synthetic.valid, tmp_path / "run",
+        _config(epochs=3, target_ratio=0.4), progress=False,
+    )
+    for table in result.metrics["tables"].values():
+        assert abs(table["memory_ratio"] - 0.4) <= 0.02
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(
+    synthetic, baseline, tmp_path, monkeypatch
+):
+    config = _config()
+    full = finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "a", config,
+                    progress=False)
+
+    real_step = finetune_mod.bce_step
+    calls = {"n": 0}
+
+    def interrupted_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 14:  # mid-epoch 2, after a save at step 12
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_mod, "bce_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "b", config,
+                 progress=False)
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.resume" / "state.json").exists()
+    monkeypatch.setattr(finetune_mod, "bce_step", real_step)
+    resumed = finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "b", config,
+                       progress=False)
+    for path in full.lengths:
+        assert torch.equal(full.lengths[path], resumed.lengths[path])
+    assert resumed.metrics["after"] == full.metrics["after"]
+
+
+def test_errors_before_any_work(synthetic, baseline, tmp_path):
+    with pytest.raises(NoMatchingModuleError, match="no_such_table"):
+        finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "r",
+                 _config(fields={"no_such_table": "user_id"}), progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(AmtlError, match="--overwrite"):
+        finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "exists", _config(),
+                 progress=False)
+    assert not (tmp_path / "r").exists()
