@@ -25,7 +25,10 @@ app = typer.Typer(
 )
 
 def _command(func: Callable[..., None]) -> Callable[..., None]:
-    """Register ``func`` as a subcommand whose known errors become ``Error: ...``, exit code 1."""
+    """Register ``func`` as a subcommand whose known errors become ``Error: ...``, exit code 1.
+
+    The command is named after the function, less a trailing ``_`` (``eval_`` -> ``eval``).
+    """
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> None:
@@ -45,7 +48,7 @@ def _command(func: Callable[..., None]) -> Callable[..., None]:
             typer.echo("Interrupted; rerun the same command to resume.", err=True)
             raise typer.Exit(130) from None
 
-    return app.command()(wrapper)
+    return app.command(func.__name__.rstrip("_"))(wrapper)
 
 
 ModelOpt = Annotated[
@@ -65,7 +68,7 @@ def _echo_table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, row in enumerate(rows):
         typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                             enumerate(zip(row, widths))).rstrip())
+                             enumerate(zip(row, widths, strict=True))).rstrip())
         if j == 0:
             typer.echo("  ".join("-" * w for w in widths))
 
@@ -118,7 +121,9 @@ def finetune(
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
     lr: Annotated[float, typer.Option(help="Learning rate of the model's weights.")] = 1e-3,
-    amtl_lr: Annotated[float, typer.Option(help="Learning rate of the AMTL layers.")] = 1e-2,
+    amtl_lr: Annotated[
+        float, typer.Option(help="Initial learning rate of the AMTL layers (decays to 0).")
+    ] = 3e-3,
     temperature: Annotated[float, typer.Option(help="Tempered-softmax T (Eq. 7).")] = 1.0,
     final_temperature: Annotated[
         Optional[float],  # noqa: UP045
@@ -154,9 +159,10 @@ def finetune(
     fields = dict(parse_field(f) for f in field)
     config = FinetuneConfig(
         fields=fields, epochs=epochs, batch_size=batch_size, lr=lr, amtl_lr=amtl_lr,
-        temperature=temperature, final_temperature=final_temperature, target_ratio=target_ratio,
-        seed=seed, label=label,
-        amtl=AMTLConfig(twins=not single_branch, straight_through=not no_ste),
+        final_temperature=final_temperature, target_ratio=target_ratio, seed=seed, label=label,
+        amtl=AMTLConfig(
+            twins=not single_branch, straight_through=not no_ste, temperature=temperature
+        ),
     )
     result = run_finetune(
         checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
@@ -200,6 +206,58 @@ def inspect(
     for t in embedding_tables(source):
         rows.append([t.name, t.kind, str(t.rows), str(t.dim), str(t.dtype).replace("torch.", ""),
                      str(t.bytes)])
+    _echo_table(rows)
+
+
+@_command
+def pack(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `finetune`.")],
+    out: Annotated[Path, typer.Option(help="Packed directory to create.")],
+    dtype: Annotated[
+        str, typer.Option(help="Stored value type: float32, float16, bfloat16 or int8.")
+    ] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Strip the masked zeros of a fine-tuned run into a packed variable-length store.
+
+    Example: amtl-compress pack runs/amtl1 --out packed/ --dtype int8
+    """
+    from amtl_compress.storage.pack import pack as run_pack
+
+    report = run_pack(run, out, dtype=dtype, overwrite=overwrite, progress=not quiet)
+    typer.echo(report.format_table())
+    typer.echo(f"wrote {out}")
+
+
+@_command
+def eval_(
+    test: Annotated[Path, typer.Argument(help="Test data (Parquet or CSV).")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="The original trained checkpoint.")  # noqa: UP045
+    ] = None,
+    run: Annotated[
+        Optional[Path], typer.Option(help="A `finetune` run directory.")  # noqa: UP045
+    ] = None,
+    packed: Annotated[
+        Optional[Path], typer.Option(help="A `pack` output directory.")  # noqa: UP045
+    ] = None,
+    model: ModelOpt = None,
+    label: LabelOpt = "label",
+) -> None:
+    """AUC and logloss on a test file of the checkpoint, the fine-tuned run and the packed model,
+    side by side with the bytes of each on disk.
+
+    Example: amtl-compress eval test.parquet --checkpoint base.safetensors --run runs/amtl1
+    --packed packed/
+    """
+    from amtl_compress.evaluation import compare
+
+    if checkpoint is None and run is None and packed is None:
+        raise AmtlError("nothing to evaluate; pass --checkpoint, --run and/or --packed")
+    rows = [["model", "AUC", "logloss", "bytes", "path"]]
+    for r in compare(test, checkpoint, run, packed, factory=model, label=label):
+        rows.append([r.name, f"{r.auc:.4f}", f"{r.logloss:.4f}", str(r.bytes), str(r.path)])
     _echo_table(rows)
 
 

@@ -42,3 +42,11 @@ class TrainingError(AmtlError, RuntimeError):
 
 class ConfigError(AmtlError, ValueError):
     """A configuration (command-line options, a dataclass config) is invalid."""
+
+
+class OutputExistsError(AmtlError, FileExistsError):
+    """An output file or directory exists and ``overwrite`` was not asked for."""
+
+
+class SurgeryError(AmtlError, ValueError):
+    """A request to attach or detach AMTL layers that cannot be honoured as given."""

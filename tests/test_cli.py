@@ -56,3 +56,27 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0
     for command in ("train", "finetune", "inspect", "demo"):
         assert command in proc.stdout
+
+
+def test_pack_and_eval_commands(synthetic, baseline, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, [
+        "finetune", str(baseline), "--data", str(synthetic.train), "--valid",
+        str(synthetic.valid), "--field", "user_id", "--out", str(run), "--epochs", "1",
+        "--target-ratio", "0.5", "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["pack", str(run), "--out", str(tmp_path / "p"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "embeddings.user_id" in result.stdout
+    result = runner.invoke(app, ["pack", str(run), "--out", str(tmp_path / "p"), "-q"])
+    assert result.exit_code == 1 and "--overwrite" in result.stderr
+    result = runner.invoke(app, [
+        "eval", str(synthetic.test), "--checkpoint", str(baseline), "--run", str(run),
+        "--packed", str(tmp_path / "p"),
+    ])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["checkpoint", "fine-tuned", "packed"]
+    # fp32 packing is exact, so the fine-tuned and packed rows agree on AUC and logloss.
+    assert lines[3].split()[1:3] == lines[4].split()[1:3]

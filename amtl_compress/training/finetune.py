@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from amtl_compress._io import atomic_directory, atomic_save_safetensors, atomic_write_text
 from amtl_compress.checkpoint import load_model
 from amtl_compress.core.amtl import AMTLConfig
-from amtl_compress.core.budget import BudgetMultiplier
+from amtl_compress.core.budget import apply_budget_
 from amtl_compress.data.counts import count_frequencies, read_counts
 from amtl_compress.data.dataset import TabularData
-from amtl_compress.errors import AmtlError, RunDirError
+from amtl_compress.errors import AmtlError, OutputExistsError, RunDirError
 from amtl_compress.surgery.attach import (
     amtl_layers,
     amtl_parameters,
@@ -54,9 +54,9 @@ class FinetuneConfig:
         epochs: passes over the training data.
         batch_size: rows per optimiser step.
         lr: Adam learning rate of the model's own parameters (embeddings and MLPs).
-        amtl_lr: Adam learning rate of the AMTL layers.
-        temperature: initial temperature T of the tempered softmax (Eq. 7).
-        final_temperature: if set, T is annealed geometrically to this value over the run.
+        amtl_lr: initial Adam learning rate of the AMTL layers; it decays linearly to 0.
+        final_temperature: if set, T is annealed geometrically from ``amtl.temperature`` to this
+            value over the run.
         target_ratio: if set, kept values / (N*D) each AMTL table must reach (within 0.02).
         seed: seeds parameter init of AMTL and the data order.
         label: name of the label column.
@@ -68,8 +68,7 @@ class FinetuneConfig:
     epochs: int = 3
     batch_size: int = 1024
     lr: float = 1e-3
-    amtl_lr: float = 1e-2
-    temperature: float = 1.0
+    amtl_lr: float = 3e-3
     final_temperature: float | None = None
     target_ratio: float | None = None
     seed: int = 0
@@ -81,8 +80,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError("epochs, batch_size and save_every must be >= 1")
-        if self.lr <= 0 or self.amtl_lr <= 0 or self.temperature <= 0:
-            raise ValueError("lr, amtl_lr and temperature must be > 0")
+        if self.lr <= 0 or self.amtl_lr <= 0:
+            raise ValueError("lr and amtl_lr must be > 0")
         if self.final_temperature is not None and self.final_temperature <= 0:
             raise ValueError("final_temperature must be > 0")
         if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
@@ -125,10 +124,11 @@ def _resume_dir(out: Path) -> Path:
 
 
 def _temperature_at(config: FinetuneConfig, step: int, total_steps: int) -> float:
+    start = config.amtl.temperature
     if config.final_temperature is None or total_steps <= 1:
-        return config.temperature
+        return start
     frac = min(step / (total_steps - 1), 1.0)
-    return config.temperature * (config.final_temperature / config.temperature) ** frac
+    return start * (config.final_temperature / start) ** frac
 
 
 def _table_report(
@@ -179,7 +179,9 @@ def finetune(
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise AmtlError(f"output directory `{out}` exists; pass --overwrite or choose another --out")
+        raise OutputExistsError(
+            f"output directory `{out}` exists; pass --overwrite or choose another --out"
+        )
     if not config.fields:
         raise AmtlError("no --field given; name at least one embedding table to compress")
     torch.manual_seed(config.seed)
@@ -198,8 +200,7 @@ def finetune(
             dataset.validate_ids(column, num_rows[path])
 
     counts: dict[str, torch.Tensor] = {}
-    for path, target in matched.items():
-        column = column_of[path]
+    for path, column in column_of.items():
         if counts_file is not None:
             counts[path] = read_counts(counts_file, column, num_rows[path])
         else:
@@ -214,7 +215,6 @@ def finetune(
             {"params": amtl_parameters(model), "lr": config.amtl_lr},
         ]
     )
-    budget = BudgetMultiplier(config.target_ratio) if config.target_ratio is not None else None
 
     steps_per_epoch = train_data.num_batches(config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -224,7 +224,6 @@ def finetune(
         "step": 0,
         "history": [],
         "best": None,
-        "budget": None,
         "config": config_json,
     }
     if resume and (state_dir / "state.json").exists():
@@ -235,14 +234,10 @@ def finetune(
                 "rerun with the same options, or pass --no-resume to start over"
             )
         progress_state = saved
-        if budget is not None and saved["budget"] is not None:
-            budget.load_state_dict(saved["budget"])
     elif state_dir.exists():
         shutil.rmtree(state_dir)
-
-    def penalty() -> torch.Tensor:
-        assert budget is not None
-        return budget.penalty(layers)
+    if config.target_ratio is not None:
+        ratios = apply_budget_(layers, config.target_ratio)  # train under the budget from step 0
 
     step = progress_state["step"]
     bar = tqdm(
@@ -261,13 +256,16 @@ def finetune(
                 continue  # already done before the interruption
             for layer in layers.values():
                 layer.temperature = _temperature_at(config, step, total_steps)
-            loss = bce_step(model, optimizer, features, labels, penalty if budget else None)
-            if budget is not None:
-                ratios = budget.update(layers)
+            # The AMTL learning rate decays linearly to 0: under STE the hard lengths keep
+            # flipping while it is large, and the budget can only be met once they settle.
+            optimizer.param_groups[1]["lr"] = config.amtl_lr * (1 - step / total_steps)
+            loss = bce_step(model, optimizer, features, labels)
+            if config.target_ratio is not None:
+                ratios = apply_budget_(layers, config.target_ratio)
             running = loss if running is None else 0.98 * running + 0.02 * loss
             step += 1
             postfix = {"loss": f"{running:.4f}", "epoch": epoch + 1}
-            if budget is not None:
+            if config.target_ratio is not None:
                 postfix["ratio"] = f"{sum(ratios.values()) / len(ratios):.3f}"
             bar.set_postfix(postfix)
             bar.update(1)
@@ -275,7 +273,6 @@ def finetune(
                 _end_epoch(model, layers, valid_data, config, progress_state, step, state_dir)
             if step % config.save_every == 0 or step % steps_per_epoch == 0:
                 progress_state["step"] = step
-                progress_state["budget"] = budget.state_dict() if budget else None
                 save_state(state_dir, model, optimizer, progress_state)
     bar.close()
 
@@ -338,7 +335,9 @@ def _end_epoch(
     meets_budget = config.target_ratio is None or all(
         abs(r - config.target_ratio) <= BUDGET_TOLERANCE for r in ratios.values()
     )
-    record = {"epoch": epoch, "step": step, **scores, "ratios": ratios, "meets_budget": meets_budget}
+    record = {
+        "epoch": epoch, "step": step, **scores, "ratios": ratios, "meets_budget": meets_budget
+    }
     progress_state["history"].append(record)
     best = progress_state["best"]
     # An epoch that meets the budget always beats one that does not; then higher AUC wins.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,8 @@ def bce_step(
     optimizer: torch.optim.Optimizer,
     features: dict[str, torch.Tensor],
     labels: torch.Tensor,
-    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> float:
-    """One optimiser step on the binary cross-entropy (+ ``extra_loss()``); returns the BCE.
+    """One optimiser step on the binary cross-entropy; returns the loss.
 
     Raises:
         TrainingError: the loss is NaN or inf. The step is not applied, so the model keeps its
@@ -55,12 +54,11 @@ def bce_step(
     optimizer.zero_grad(set_to_none=True)
     logits = model(features).reshape(-1)
     loss = F.binary_cross_entropy_with_logits(logits, labels.float())
-    total = loss if extra_loss is None else loss + extra_loss()
-    if not torch.isfinite(total):
+    if not torch.isfinite(loss):
         raise TrainingError(
-            f"the training loss became {float(total)}; the last good state is kept - "
+            f"the training loss became {float(loss)}; the last good state is kept - "
             "lower the learning rate (--lr / --amtl-lr) or check the data for extreme values"
         )
-    total.backward()
+    loss.backward()
     optimizer.step()
     return float(loss.detach())

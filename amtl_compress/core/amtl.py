@@ -1,0 +1,309 @@
+"""The Adaptively-Masked Twins-based Layer of one embedding table (paper Sec. 2.2, Eq. 1-8)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from amtl_compress.core.frequency import frequency_features
+from amtl_compress.errors import ConfigError
+
+_CONFIG_VERSIONS = (1,)
+
+
+@dataclass(frozen=True)
+class AMTLConfig:
+    """Hyper-parameters of every AMTL layer attached in one run.
+
+    Args:
+        hidden_dims: widths of the hidden layers of each branch MLP (ReLU between layers, the
+            last layer is linear with D outputs). ``()`` makes each branch one linear layer.
+        twins: True = the twin h-AML/l-AML branches weighted by alpha (Eq. 2); False = the
+            single-branch AML ablation (Sec. 3.6).
+        straight_through: True = the forward pass uses the hard mask and gradients flow through
+            the tempered softmax (STE, Eq. 8); False = the AMTL-nSTE ablation: in training the
+            soft mask from t_hat (Eq. 7) is used in the forward pass too. Evaluation always uses
+            the hard mask.
+        temperature: T of the tempered softmax (Eq. 7), > 0. Only the initial value: the layer's
+            ``temperature`` attribute may be annealed during training.
+        init_margin: at initialisation the logit of length p + 1 is
+            ``init_margin * log(1 + p) / log(D)`` for every row: strictly increasing, so the full
+            length wins, and the length-1 choice trails it by ``init_margin``; > 0. Larger = a
+            longer, more confident start. The ramp is concave so that a memory budget's linear
+            price on length (core/budget.py) can select every intermediate length at the start;
+            a linear ramp would tie all lengths at one price.
+        version: format version of this config, for reading old run directories.
+
+    Raises:
+        ConfigError: (a ValueError) a field has the wrong type or range.
+    """
+
+    hidden_dims: tuple[int, ...] = (32, 32)
+    twins: bool = True
+    straight_through: bool = True
+    temperature: float = 1.0
+    init_margin: float = 4.0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        dims = self.hidden_dims
+        if isinstance(dims, list):  # JSON has no tuples
+            dims = tuple(dims)
+            object.__setattr__(self, "hidden_dims", dims)
+        if not isinstance(dims, tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
+        ):
+            raise ConfigError(
+                f"AMTLConfig `hidden_dims` must be a tuple of positive ints, got {dims!r}; "
+                "e.g. (32, 32), or () for one linear layer"
+            )
+        for name in ("twins", "straight_through"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"AMTLConfig `{name}` must be True or False, got {getattr(self, name)!r}"
+                )
+        for name in ("temperature", "init_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"AMTLConfig `{name}` must be a number > 0, got {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(
+                    f"AMTLConfig `{name}` must be a finite number > 0, got {value!r}; e.g. 1.0"
+                )
+            object.__setattr__(self, name, float(value))
+        if self.version not in _CONFIG_VERSIONS:
+            raise ConfigError(
+                f"AMTLConfig `version` {self.version!r} is not supported (known: "
+                f"{list(_CONFIG_VERSIONS)}); upgrade amtl-compress to read this config"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (``hidden_dims`` becomes a list)."""
+        d = asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AMTLConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ConfigError, missing ones get defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown AMTLConfig keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**d)
+
+
+def _branch(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    """One AML: h_l = ReLU(W_l^T h_{l-1} + b_l), last layer linear (Sec. 2.2.2)."""
+    layers: list[nn.Module] = []
+    for width in hidden_dims:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def _warm_start_(branch: nn.Sequential, ramp: Tensor) -> None:
+    """Zero the last layer's weights and set its bias to ``ramp`` so every input gives ``ramp``."""
+    last = branch[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(ramp)
+
+
+class AMTL(nn.Module):
+    """AMTL layer of one table: frequency attributes -> a prefix mask per row (Eq. 1-8).
+
+    Row i of the table keeps dims ``0..k_i`` (Eq. 1), i.e. length k_i + 1 in [1, D]. k_i is the
+    argmax of the logits ``h_L^(AMTL) = alpha_i h_L^(h-AML) + (1 - alpha_i) h_L^(l-AML)``
+    (Eq. 2-5) of the row's frequency attributes. All rows with the same count share one decision,
+    so the branch MLPs run over the U distinct counts, never over the N rows.
+
+    Warm start guarantee: right after construction the logits of every row are the same strictly
+    increasing ramp (the last layer of each branch has zero weights and the bias ramp described
+    in :class:`AMTLConfig`), so every row's argmax is D - 1, every hard mask is all ones and a
+    model with the layer attached computes exactly what it computed before. Because the ramp
+    lives in the biases, gradients reach the last layer's weights from the first step.
+
+    Args:
+        counts: int64 (N,); training-data occurrence count of every row (0 for unseen rows).
+        embedding_dim: D >= 1, the width of the table.
+        config: hyper-parameters (see :class:`AMTLConfig`).
+
+    Buffers (persistent, so ``state_dict`` restores them): ``freq_index`` int64 (N,),
+    ``distinct_counts`` int64 (U,), ``features`` float (U, z), ``alpha`` float (U,),
+    ``rows_per_freq`` int64 (U,); see :class:`~amtl_compress.core.frequency.FrequencyTable`.
+    """
+
+    freq_index: Tensor
+    distinct_counts: Tensor
+    features: Tensor
+    alpha: Tensor
+    rows_per_freq: Tensor
+
+    def __init__(self, counts: Tensor, embedding_dim: int, config: AMTLConfig = AMTLConfig()):
+        super().__init__()
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int):
+            raise ValueError(f"`embedding_dim` must be an int, got {embedding_dim!r}")
+        if embedding_dim < 1:
+            raise ValueError(f"`embedding_dim` must be >= 1, got {embedding_dim}")
+        table = frequency_features(counts)
+        self.config = config
+        self.num_embeddings = int(counts.numel())
+        self.embedding_dim = embedding_dim
+        self.temperature = config.temperature
+        self.register_buffer("freq_index", table.freq_index)
+        self.register_buffer("distinct_counts", table.counts)
+        self.register_buffer("features", table.features)
+        self.register_buffer("alpha", table.alpha)
+        self.register_buffer("rows_per_freq", table.rows_per_freq)
+        # mu, the memory budget's price on kept length (core/budget.py); 0 = the paper's layer.
+        self.register_buffer("price", torch.zeros((), dtype=table.features.dtype))
+
+        z = table.features.shape[1]
+        self.h_aml = _branch(z, config.hidden_dims, embedding_dim)
+        self.l_aml = _branch(z, config.hidden_dims, embedding_dim) if config.twins else None
+        ramp = config.init_margin * torch.log1p(torch.arange(embedding_dim, dtype=torch.float64))
+        ramp = (ramp / max(math.log(embedding_dim), 1e-12)).float()
+        _warm_start_(self.h_aml, ramp)
+        if self.l_aml is not None:
+            _warm_start_(self.l_aml, ramp)
+
+    @property
+    def temperature(self) -> float:
+        """T of the tempered softmax (Eq. 7), > 0; set it to anneal during training."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"AMTL `temperature` must be a finite number > 0, got {value}")
+        self._temperature = value
+
+    @property
+    def num_frequencies(self) -> int:
+        """U, the number of distinct counts of the table."""
+        return int(self.rows_per_freq.numel())
+
+    def logits(self, freq_ids: Tensor) -> Tensor:
+        """h_L^(AMTL) (Eq. 2, alpha from Eq. 3) for some distinct frequencies.
+
+        Args:
+            freq_ids: int64 (U',), indices in [0, U) into the distinct counts.
+
+        Returns:
+            float (U', D), the layer's dtype (float32 by default); logit p scores length p + 1.
+        """
+        s = self.features[freq_ids]
+        h = self.h_aml(s)
+        if self.l_aml is None:
+            return h
+        alpha = self.alpha[freq_ids].unsqueeze(-1)
+        return alpha * h + (1 - alpha) * self.l_aml(s)
+
+    def selection_logits(self, freq_ids: Tensor) -> Tensor:
+        """The logits the length is selected from: ``h_p - price * (p + 1) / D``.
+
+        With no memory budget ``price`` is 0 and these are the logits of Eq. 2. With a budget,
+        ``price`` (mu >= 0, set by :func:`~amtl_compress.core.budget.apply_budget_`) is the
+        Lagrange multiplier of the kept-length constraint, so the argmax of Eq. 5 and the
+        tempered softmax of Eq. 7 trade the network's preference against memory.
+
+        Args:
+            freq_ids: int64 (U',), indices in [0, U).
+
+        Returns:
+            float (U', D).
+        """
+        h = self.logits(freq_ids)
+        if not bool(self.price):
+            return h
+        return h - self.price * length_grid(self.embedding_dim, h)
+
+    def _frequency_mask(self, freq_ids: Tensor) -> Tensor:
+        """Mask (U', D) for distinct frequencies; see :meth:`mask`."""
+        h = self.selection_logits(freq_ids)
+        if self.training and not self.config.straight_through:
+            # AMTL-nSTE: the relaxed selection t_hat (Eq. 7) is used as is.
+            return _reverse_cumsum(torch.softmax(h / self.temperature, dim=-1))
+        # Eq. 4-6 with t = one_hot(argmax): m_j = 1 for j <= k, built without the D x D matrix M.
+        k = h.argmax(dim=-1, keepdim=True)
+        hard = (torch.arange(self.embedding_dim, device=h.device) <= k).to(h.dtype)
+        if not h.requires_grad:
+            return hard
+        # Eq. 8, moved behind the linear map of Eq. 6: M^T t_tilde = M^T t + (M^T t_hat - sg(.)).
+        # Same gradient, but the forward value is exactly the 0/1 mask (t_hat + (t - t_hat)
+        # rounds, and a 1 - ulp mask would change the embeddings).
+        soft = _reverse_cumsum(torch.softmax(h / self.temperature, dim=-1))
+        return hard + (soft - soft.detach())
+
+    def mask(self, ids: Tensor) -> Tensor:
+        """Prefix mask m_i (Eq. 1, 6) that the embeddings of the rows ``ids`` are multiplied by.
+
+        The branch MLPs run only over the distinct frequencies that ``ids`` touch.
+
+        Args:
+            ids: int64 (any shape), row ids in [0, N).
+
+        Returns:
+            float (*ids.shape, D), the layer's dtype. In eval mode, and in training with
+            ``straight_through``, the values are exactly 1.0 for dims ``0..k_i`` and 0.0 after,
+            with STE gradients (Eq. 8) when grad is enabled; in training without
+            ``straight_through`` (nSTE) they are ``m_j = P(k_i >= j)`` under t_hat (Eq. 7).
+        """
+        freq_ids, inverse = torch.unique(self.freq_index[ids], return_inverse=True)
+        return self._frequency_mask(freq_ids)[inverse]
+
+    @torch.no_grad()
+    def _frequency_lengths(self) -> Tensor:
+        """int64 (U,): hard length k + 1 of each distinct frequency."""
+        freq_ids = torch.arange(self.num_frequencies, device=self.rows_per_freq.device)
+        return self.selection_logits(freq_ids).argmax(dim=-1) + 1
+
+    def lengths(self) -> Tensor:
+        """int64 (N,): hard length k_i + 1 in [1, D] of every row (Eq. 5)."""
+        return self._frequency_lengths()[self.freq_index]
+
+    def expected_ratio(self) -> Tensor:
+        """Differentiable memory ratio: mean over the N rows of E[k_i + 1] / D under t_hat (Eq. 7).
+
+        Returns:
+            float scalar in (0, 1]; rows are weighted through ``rows_per_freq``.
+        """
+        freq_ids = torch.arange(self.num_frequencies, device=self.rows_per_freq.device)
+        t_hat = torch.softmax(self.selection_logits(freq_ids) / self.temperature, dim=-1)
+        length = torch.arange(1, self.embedding_dim + 1, device=t_hat.device, dtype=t_hat.dtype)
+        expected_length = t_hat @ length
+        weight = self.rows_per_freq.to(t_hat.dtype) / self.num_embeddings
+        return (weight * expected_length).sum() / self.embedding_dim
+
+    def realized_ratio(self) -> float:
+        """Kept values / (N * D) of the hard masks: sum of :meth:`lengths` / (N * D)."""
+        kept = (self.rows_per_freq * self._frequency_lengths()).sum()
+        return int(kept) / (self.num_embeddings * self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"num_frequencies={self.num_frequencies}, twins={self.config.twins}, "
+            f"price={float(self.price):.4g}, "
+            f"straight_through={self.config.straight_through}, temperature={self.temperature}"
+        )
+
+
+def length_grid(embedding_dim: int, like: Tensor) -> Tensor:
+    """(D,) kept fraction of choice p: (p + 1) / D, the dtype and device of ``like``."""
+    grid = torch.arange(1, embedding_dim + 1, device=like.device, dtype=like.dtype)
+    return grid / embedding_dim
+
+
+def _reverse_cumsum(t: Tensor) -> Tensor:
+    """m_j = sum_{p >= j} t_p over the last dim: M^T t of Eq. 6 in O(D)."""
+    return t.flip(-1).cumsum(-1).flip(-1)

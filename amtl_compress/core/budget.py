@@ -1,0 +1,109 @@
+"""Optional memory budget for AMTL: a per-table price on kept length, solved exactly each step.
+
+The paper has no size term; users come for memory. For a target ratio R (kept values / (N * D)
+of each table) we add the constraint ``realized_ratio_t ~= R`` and relax it with a Lagrange
+multiplier mu_t >= 0, a *price* on kept length that enters the selection itself:
+
+    k_i = argmax_p ( h_{i,p} - mu_t * (p + 1) / D )                       (Eq. 5, priced)
+    t_hat_i = softmax( (h_i - mu_t * (1..D) / D) / T )                    (Eq. 7, priced)
+
+so the tempered softmax maximises ``E[h] - mu_t * E[kept length] / D + T * entropy``: a penalty on
+the expected kept length with multiplier mu_t. Instead of a dual-ascent step, mu_t is set after
+every optimiser step to the value whose hard lengths land closest to R. The realized ratio is a
+non-increasing step function of mu (each row's argmax moves to shorter lengths as mu grows), so
+bisection finds that value exactly. Memory is spent per row, not per lookup, so the ratio is
+measured over all N rows, through the U distinct frequencies weighted by how many rows share
+each one.
+
+A dual-ascent multiplier (our first version) could not hold the ratio under the straight-through
+estimator: the hard lengths swing across a plateau of near-equal logits faster than a
+multiplier can follow (docs/amtl.md has the figures).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from amtl_compress.core.amtl import AMTL, length_grid
+from amtl_compress.errors import ConfigError
+
+_BISECTION_STEPS = 60
+
+
+def realized_ratio_at(logits: Tensor, rows_per_freq: Tensor, price: float) -> float:
+    """Kept values / (N * D) of the hard selection of ``logits`` at ``price``.
+
+    Args:
+        logits: float (U, D), the un-priced logits of the U distinct frequencies.
+        rows_per_freq: int64 (U,), rows sharing each frequency (sums to N).
+        price: mu >= 0.
+    """
+    d = logits.shape[-1]
+    lengths = (logits - price * length_grid(d, logits)).argmax(dim=-1) + 1
+    return float((rows_per_freq * lengths).sum()) / (float(rows_per_freq.sum()) * d)
+
+
+@torch.no_grad()
+def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> float:
+    """The price mu >= 0 whose realized ratio is closest to ``target_ratio`` (ties: the lower one).
+
+    Rows that share a frequency share their length, so the reachable ratios are a finite set;
+    the result is the reachable ratio nearest R, from above or below.
+
+    Args:
+        logits: float (U, D), the un-priced logits (:meth:`AMTL.logits`) of all frequencies.
+        rows_per_freq: int64 (U,).
+        target_ratio: R in [1/D, 1].
+
+    Returns:
+        mu as a float; 0.0 when the un-priced selection already keeps at most R.
+    """
+    d = logits.shape[-1]
+    logits = logits.double()
+    if realized_ratio_at(logits, rows_per_freq, 0.0) <= target_ratio or d == 1:
+        return 0.0
+    # At mu_hi every row prefers length 1: h_0 - mu/D >= h_p - mu (p+1)/D for all p >= 1.
+    grid = length_grid(d, logits)
+    gains = (logits[:, 1:] - logits[:, :1]) / (grid[1:] - grid[0])
+    lo, hi = 0.0, float(gains.max().clamp(min=0.0)) * (1 + 1e-9) + 1e-9
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        if realized_ratio_at(logits, rows_per_freq, mid) <= target_ratio:
+            hi = mid
+        else:
+            lo = mid
+    above = realized_ratio_at(logits, rows_per_freq, lo)
+    below = realized_ratio_at(logits, rows_per_freq, hi)
+    return lo if above - target_ratio < target_ratio - below else hi
+
+
+@torch.no_grad()
+def apply_budget_(layers: Mapping[str, AMTL], target_ratio: float) -> dict[str, float]:
+    """Set every layer's ``price`` so its realized ratio lands as close to R as it can.
+
+    Call it once after attaching (so training starts under the budget) and after every
+    optimiser step.
+
+    Args:
+        layers: table name (module path) -> its AMTL layer.
+        target_ratio: R, kept values / (N * D) for EACH table, in [1/D, 1].
+
+    Returns:
+        table name -> realized ratio after the update.
+    """
+    realized: dict[str, float] = {}
+    for name, layer in layers.items():
+        if not 1.0 / layer.embedding_dim <= target_ratio <= 1.0:
+            raise ConfigError(
+                f"target ratio {target_ratio} is out of reach for table `{name}` (D = "
+                f"{layer.embedding_dim}: every row keeps at least 1 value, so R >= "
+                f"{1 / layer.embedding_dim:.4f}); choose a larger --target-ratio"
+            )
+        freq_ids = torch.arange(layer.num_frequencies, device=layer.rows_per_freq.device)
+        price = solve_price(layer.logits(freq_ids), layer.rows_per_freq, target_ratio)
+        layer.price.fill_(price)
+        realized[name] = layer.realized_ratio()
+    return realized

@@ -1,0 +1,292 @@
+"""A Parquet or CSV file of the data contract (docs/data.md), held as column tensors.
+
+The whole file is read into memory. Batches are ``(features, labels)``: ``features`` maps every
+column but the label to a tensor (categorical int64 (B,), dense float32 (B,), list int64 (B, L)
+padded with 0 to the longest list in the file), ``labels`` is float32 (B,) in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+
+from amtl_compress.data.columns import (
+    ColumnKind,
+    FileFormat,
+    categorical_ids,
+    check_no_nulls,
+    file_format,
+    first_true,
+    kind_of,
+    list_ids,
+    pad_lists,
+)
+from amtl_compress.errors import DataError
+
+_CSV_TYPES: dict[str, pa.DataType] = {
+    "categorical": pa.int64(),
+    "dense": pa.float64(),
+    "list": pa.string(),
+}
+
+
+class TabularData:
+    """Column tensors of one data file. Build it with :meth:`TabularData.open`.
+
+    Attributes:
+        path: the file read.
+        label: name of the label column.
+        features: column name -> tensor over all rows: categorical int64 (num_rows,), dense
+            float32 (num_rows,), list int64 (num_rows, L) with 0 = padding, L >= 1.
+        labels: float32 (num_rows,), values in {0, 1}.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        label: str,
+        features: dict[str, torch.Tensor],
+        kinds: dict[str, ColumnKind],
+        labels: torch.Tensor,
+    ) -> None:
+        self.path = path
+        self.label = label
+        self.features = features
+        self.labels = labels
+        self._kinds = kinds
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        label: str = "label",
+        csv_kinds: Mapping[str, ColumnKind] | None = None,
+    ) -> TabularData:
+        """Read a Parquet (``.parquet``/``.pq``) or CSV (``.csv``) file whole into memory.
+
+        Args:
+            path: the data file.
+            label: the label column; its values must be 0 or 1.
+            csv_kinds: CSV only: force a column's kind (``"categorical"``, ``"dense"`` or
+                ``"list"``) where the text is ambiguous, e.g. a dense column whose values all look
+                like integers, or a list column whose rows all hold one id. Parquet columns carry
+                their types, so this must be empty for Parquet.
+
+        Raises:
+            DataError: missing/unknown/empty file, missing label column, labels outside {0, 1},
+                NaN/inf in a dense column, negative ids, id 0 in a list column (reserved for
+                padding), empty cells, or a column type the contract has no place for.
+        """
+        p = Path(path)
+        fmt = file_format(p)
+        csv_kinds = dict(csv_kinds or {})
+        if csv_kinds and fmt != "csv":
+            raise DataError(f"`{p}` is Parquet, whose columns carry their types: drop `csv_kinds`")
+        table = _read_table(p, fmt, csv_kinds)
+        src = str(p)
+        unknown = [k for k in csv_kinds if k not in table.column_names]
+        if unknown:
+            raise DataError(
+                f"`csv_kinds` names column `{unknown[0]}`, which `{src}` lacks "
+                f"(columns: {_names(table.column_names)}): fix the name"
+            )
+        if table.num_rows == 0:
+            raise DataError(f"`{src}` has no rows: write at least one row of data")
+        if label not in table.column_names:
+            raise DataError(
+                f"`{src}` has no label column `{label}` (columns: {_names(table.column_names)}): "
+                "add it or pass the label column's name"
+            )
+        labels = _labels(table.column(label).combine_chunks(), src, label)
+        features: dict[str, torch.Tensor] = {}
+        kinds: dict[str, ColumnKind] = {}
+        for name in table.column_names:
+            if name == label:
+                continue
+            arr = table.column(name).combine_chunks()
+            kind = kind_of(arr.type, fmt)
+            if kind is None:
+                raise DataError(
+                    f"`{src}`, column `{name}` has type {arr.type}, which no model input takes: "
+                    "index-encode it to int64 ids in [0, N), or store floats as float32"
+                )
+            kinds[name] = kind
+            features[name] = _column_tensor(arr, kind, src, name, table.num_rows)
+        return cls(p, label, features, kinds, labels)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Feature column names (every column but the label), in file order: the batch keys."""
+        return tuple(self.features)
+
+    @property
+    def num_rows(self) -> int:
+        """Number of rows in the file."""
+        return int(self.labels.shape[0])
+
+    @property
+    def categorical_columns(self) -> tuple[str, ...]:
+        """Integer id columns, fed as int64 (B,)."""
+        return self._of_kind("categorical")
+
+    @property
+    def dense_columns(self) -> tuple[str, ...]:
+        """Float columns, fed as float32 (B,)."""
+        return self._of_kind("dense")
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        """Multi-valued id columns, fed as int64 (B, L) padded with 0."""
+        return self._of_kind("list")
+
+    def _of_kind(self, kind: ColumnKind) -> tuple[str, ...]:
+        return tuple(name for name, k in self._kinds.items() if k == kind)
+
+    def column(self, name: str) -> torch.Tensor:
+        """All rows of feature column ``name``, as in :attr:`features`; DataError if absent."""
+        if name not in self.features:
+            raise DataError(
+                f"`{self.path}` has no column `{name}` (columns: {_names(self.columns)}): "
+                "check the field name"
+            )
+        return self.features[name]
+
+    def num_batches(self, batch_size: int) -> int:
+        """Batches :meth:`batches` yields for ``batch_size`` (the last one may be smaller)."""
+        _check_batch_size(batch_size)
+        return math.ceil(self.num_rows / batch_size)
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Yield ``(features, labels)`` batches covering every row once.
+
+        ``features`` maps each column to a tensor of B rows (see the class docstring), ``labels``
+        is float32 (B,). B is ``batch_size`` except for a smaller last batch. With ``shuffle`` the
+        row order is a permutation drawn from ``seed`` alone, so the same seed gives the same
+        batches on every machine; pass a different seed per epoch for fresh orders.
+        """
+        _check_batch_size(batch_size)
+        if shuffle:
+            gen = torch.Generator().manual_seed(seed)
+            order: torch.Tensor | None = torch.randperm(self.num_rows, generator=gen)
+        else:
+            order = None
+        for start in range(0, self.num_rows, batch_size):
+            if order is None:
+                idx: slice | torch.Tensor = slice(start, start + batch_size)
+            else:
+                idx = order[start : start + batch_size]
+            yield {k: v[idx] for k, v in self.features.items()}, self.labels[idx]
+
+    def validate_ids(self, column: str, num_embeddings: int) -> None:
+        """Check that ``column`` fits a table of ``num_embeddings`` rows.
+
+        Categorical ids must lie in [0, N); list ids in [1, N) (0 is padding), N =
+        ``num_embeddings``. Raises DataError naming the first offending row.
+        """
+        ids = self.column(column)
+        if self._kinds[column] == "dense":
+            raise DataError(
+                f"`{self.path}`, column `{column}` holds floats, not ids: "
+                "map the embedding table to a categorical or list column"
+            )
+        too_big = ids >= num_embeddings
+        if bool(too_big.any()):
+            flat = int(torch.nonzero(too_big.reshape(-1))[0])
+            row = flat // ids.shape[1] if ids.dim() == 2 else flat
+            bad = int(ids.reshape(-1)[flat])
+            raise DataError(
+                f"`{self.path}`, column `{column}`, row {row}: id {bad} is outside "
+                f"[0, {num_embeddings}) of its embedding table: use a table of at least "
+                f"{int(ids.max()) + 1} rows or re-encode the column"
+            )
+
+
+def _read_table(path: Path, fmt: FileFormat, csv_kinds: dict[str, ColumnKind]) -> pa.Table:
+    for name, kind in csv_kinds.items():
+        if kind not in _CSV_TYPES:
+            raise DataError(
+                f"`csv_kinds` gives column `{name}` the kind `{kind}`: use one of "
+                "`categorical`, `dense`, `list`"
+            )
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path)
+        convert = pacsv.ConvertOptions(
+            column_types={k: _CSV_TYPES[v] for k, v in csv_kinds.items()}
+        )
+        return pacsv.read_csv(path, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            raise DataError(f"`{path}` is empty: write a header line and rows") from None
+        raise DataError(f"cannot read `{path}` as {fmt}: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read `{path}` as {fmt}: {_first_line(exc)}") from None
+
+
+def _labels(arr: pa.Array, src: str, label: str) -> torch.Tensor:
+    check_no_nulls(arr, src, label)
+    t = arr.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise DataError(
+            f"`{src}`, column `{label}` has type {t}: the label must be 0 or 1 (int, float or bool)"
+        )
+    values = np.asarray(arr.to_numpy(zero_copy_only=False)).astype(np.float64)
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        i = first_true(bad)
+        raise DataError(
+            f"`{src}`, column `{label}`, row {i}: label {values[i]:g} is not 0 or 1; "
+            "binarize the label (e.g. rating >= 4)"
+        )
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def _column_tensor(
+    arr: pa.Array, kind: ColumnKind, src: str, name: str, num_rows: int
+) -> torch.Tensor:
+    if kind == "categorical":
+        return torch.from_numpy(categorical_ids(arr, src, name))
+    if kind == "dense":
+        check_no_nulls(arr, src, name)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
+            values = np.asarray(arr.to_numpy(zero_copy_only=False)).astype(np.float32)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = first_true(bad)
+            raise DataError(
+                f"`{src}`, column `{name}`, row {i}: value {arr[i].as_py()} is not finite "
+                "(as float32); replace NaN/inf, e.g. by 0 plus a missing-indicator column"
+            )
+        return torch.from_numpy(values)
+    rows, values = list_ids(arr, src, name)
+    zero = values == 0
+    if zero.any():
+        raise DataError(
+            f"`{src}`, column `{name}`, row {int(rows[first_true(zero)])}: list id 0 is reserved "
+            "for padding; shift the column's ids to start at 1"
+        )
+    return torch.from_numpy(pad_lists(rows, values, num_rows))
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,656 @@
+// Packed (jagged) embedding lookups: the CPU kernels behind amtl_compress.lookup.
+//
+// A packed table keeps the first L_i (1 <= L_i <= D) values of row i (paper Eq. 1):
+// `values` holds the kept prefixes back to back, row i is values[offsets[i] : offsets[i+1]].
+// int8 values carry a per-row affine: value = q * scale[i] + bias[i] (tail stays 0).
+//
+// Exactness: for float32 values the outputs are bitwise equal to F.embedding / F.embedding_bag
+// on the dense table whose tails are zero. That pins down the arithmetic (checked against
+// torch's CPU EmbeddingBag): every bag starts from +0.0 and adds rows in input order; mean is
+// sum / count (a division, count excluding padding_idx); max keeps the first row and then takes
+// `v > cur ? v : cur`; weighted sums use a fused multiply-add when padding_idx is None (torch's
+// fbgemm path) and a separate multiply and add otherwise (torch's fallback loop). The build
+// passes -ffp-contract=off so the compiler never fuses on its own.
+//
+// The tail: memory is read for each row's prefix only, but the arithmetic runs over the tail with
+// a +0.0 operand wherever that can change a result: w * 0 can be NaN or flip the sign of a zero,
+// and max must see the zeros. (Adding +0.0 to an unweighted sum, which starts at +0.0, never
+// changes it, so the portable unweighted loop skips it.)
+//
+// Safety: every id is checked against [0, N) (IndexError) and every looked-up row's offsets
+// against [0, len(values)] and length <= D (ValueError) before its values are read; failures are
+// collected across threads and the one at the smallest position is raised after the loop.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMTL_X86 1
+#include <immintrin.h>
+#endif
+
+#define AMTL_INLINE inline __attribute__((always_inline))
+
+// GCC treats __builtin_prefetch as free of side effects and deletes loops made only of prefetches
+// (seen with GCC 12 -O3); a volatile asm on x86 cannot be deleted.
+AMTL_INLINE void prefetch(const void* p) {
+#ifdef AMTL_X86
+  asm volatile("prefetcht0 (%0)" : : "r"(p));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+AMTL_INLINE void prefetch_l2(const void* p) {
+#ifdef AMTL_X86
+  asm volatile("prefetcht2 (%0)" : : "r"(p));
+#else
+  __builtin_prefetch(p, 0, 1);
+#endif
+}
+
+namespace {
+
+// Output floats per parallel chunk; the same grain torch uses for its elementwise loops, so small
+// batches stay on the calling thread.
+constexpr int64_t kGrainFloats = 32768;
+// Prefetch distance in ids: row lines are prefetched kAhead ids before they are read, offsets
+// 2 * kAhead ids before (so reading them to address the row prefetch does not stall).
+constexpr int64_t kAhead = 16;
+
+// ---------------------------------------------------------------------------------------------
+// The packed table and per-row access.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Table {
+  const T* values;
+  int64_t num_values;
+  const int64_t* offsets;  // (rows + 1,)
+  int64_t rows;            // N
+  const float* scale;      // (N,) for int8, else nullptr
+  const float* bias;       // (N,) for int8, else nullptr
+  int64_t dim;             // D
+
+  // Start and length of row `id` (already checked to be in [0, N)); false if the offsets are
+  // corrupt, so nothing outside `values` is ever read.
+  bool row(int64_t id, int64_t* start, int64_t* length) const {
+    const int64_t s = offsets[id];
+    const int64_t e = offsets[id + 1];
+    if (s < 0 || e < s || e > num_values || e - s > dim) return false;
+    *start = s;
+    *length = e - s;
+    return true;
+  }
+
+  template <int kLines>
+  AMTL_INLINE void prefetch_row(int64_t id) const {
+    if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(rows)) return;
+    const int64_t s = offsets[id];
+    const int64_t e = offsets[id + 1];
+    const uintptr_t first = reinterpret_cast<uintptr_t>(values + s);
+    const uintptr_t last = reinterpret_cast<uintptr_t>(values + e) - 1;
+    // Prefetches never fault, so corrupt offsets only waste a hint here. The first line goes to
+    // L1, the rest to L2 (prefetcht0 for all of them measured slower for D = 128). kLines
+    // prefetches clamped to the last line cover a row of up to (kLines - 1) * 64 bytes without a
+    // branch on its length.
+    prefetch(reinterpret_cast<const void*>(first));
+    for (int i = 1; i < kLines; ++i) {
+      prefetch_l2(reinterpret_cast<const void*>(std::min<uintptr_t>(first + 64 * i, last)));
+    }
+  }
+
+  void prefetch_offsets(int64_t id) const {
+    if (id < 0 || id >= rows) return;
+    prefetch(offsets + id);
+    prefetch(offsets + id + 1);
+  }
+};
+
+// Row prefix as float32: float rows are used in place, the others are converted into `scratch`.
+AMTL_INLINE const float* row_as_float(const Table<float>& t, int64_t, int64_t s, int64_t,
+                                      float*) {
+  return t.values + s;
+}
+
+template <typename T>
+AMTL_INLINE const float* row_as_float(const Table<T>& t, int64_t, int64_t s, int64_t n,
+                                      float* scratch) {
+  const T* src = t.values + s;
+  for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(src[d]);
+  return scratch;
+}
+
+AMTL_INLINE const float* row_as_float(const Table<int8_t>& t, int64_t id, int64_t s, int64_t n,
+                                      float* scratch) {
+  if (n <= 0) return scratch;  // also for failed ids: never index scale/bias with them
+  const int8_t* src = t.values + s;
+  const float scale = t.scale[id];
+  const float bias = t.bias[id];
+  // Two roundings, like the reference (`q.float() * scale + bias`): -ffp-contract=off keeps it so.
+  for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(src[d]) * scale + bias;
+  return scratch;
+}
+
+// Smallest failing position seen by any thread, so the error message does not depend on timing.
+class FirstFailure {
+ public:
+  void record(int64_t pos) {
+    int64_t cur = pos_.load(std::memory_order_relaxed);
+    while (pos < cur && !pos_.compare_exchange_weak(cur, pos, std::memory_order_relaxed)) {
+    }
+  }
+  bool any() const { return pos_.load() != kNone; }
+  int64_t pos() const { return pos_.load(); }
+
+ private:
+  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::atomic<int64_t> pos_{kNone};
+};
+
+struct Failures {
+  FirstFailure bad_id;   // position of an id outside [0, N)
+  FirstFailure bad_row;  // position of an id whose row has corrupt offsets
+};
+
+template <typename T, typename index_t>
+void raise_failures(const Table<T>& t, const index_t* ids, const Failures& fail) {
+  if (fail.bad_id.any()) {
+    const int64_t j = fail.bad_id.pos();
+    TORCH_CHECK_INDEX(false, "id ", static_cast<int64_t>(ids[j]), " at position ", j,
+                      " is outside [0, ", t.rows, ")");
+  }
+  if (fail.bad_row.any()) {
+    const int64_t id = ids[fail.bad_row.pos()];
+    TORCH_CHECK_VALUE(false, "corrupt offsets for row ", id, ": [", t.offsets[id], ", ",
+                      t.offsets[id + 1], ") is not within [0, ", t.num_values,
+                      "] or is longer than ", t.dim);
+  }
+}
+
+enum class Mode { kSum, kMean, kMax };
+enum class Weights { kNone, kFused, kSeparate };
+
+template <typename index_t>
+struct BagArgs {
+  const index_t* input;        // (nnz,)
+  int64_t nnz;
+  const index_t* bag_offsets;  // (n_offsets,), checked: 0 first, non-decreasing, last <= nnz
+  int64_t n_offsets;
+  const float* weights;        // (nnz,) or nullptr
+  Weights weighting;
+  Mode mode;
+  int64_t padding_idx;         // -1 for none
+
+  // Bag b spans input[bag_start(b) : bag_start(b + 1)]; without include_last_offset the last bag
+  // ends at nnz.
+  int64_t bag_start(int64_t b) const {
+    return b < n_offsets ? static_cast<int64_t>(bag_offsets[b]) : nnz;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Portable kernels (any CPU; also forced with AMTL_COMPRESS_ISA=portable). Rows are walked over
+// their prefix with plain loops; the tail is handled with the same 0 operand as the vector code.
+// ---------------------------------------------------------------------------------------------
+
+namespace portable {
+
+template <typename T, typename index_t>
+void embedding_chunk(const Table<T>& t, const index_t* ids, int64_t begin, int64_t end,
+                     float* out, Failures& fail) {
+  const int64_t dim = t.dim;
+  for (int64_t j = begin; j < end; ++j) {
+    if (j + 2 * kAhead < end) t.prefetch_offsets(ids[j + 2 * kAhead]);
+    float* o = out + j * dim;
+    const int64_t id = ids[j];
+    int64_t s = 0, len = 0;
+    if (id < 0 || id >= t.rows) {
+      fail.bad_id.record(j);
+    } else if (!t.row(id, &s, &len)) {
+      fail.bad_row.record(j);
+    } else if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(o, t.values + s, len * sizeof(float));
+    } else {
+      row_as_float(t, id, s, len, o);  // converts straight into the output row
+    }
+    std::memset(o + len, 0, (dim - len) * sizeof(float));
+  }
+}
+
+template <typename T, typename index_t>
+void bag_chunk(const Table<T>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
+               float* out, Failures& fail) {
+  const int64_t dim = t.dim;
+  std::vector<float> scratch(std::is_same_v<T, float> ? 0 : dim);
+  const int64_t chunk_end = a.bag_start(b_end);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    float* o = out + b * dim;
+    std::memset(o, 0, dim * sizeof(float));
+    int64_t count = 0;
+    const int64_t e = a.bag_start(b + 1);
+    for (int64_t j = a.bag_start(b); j < e; ++j) {
+      if (j + 2 * kAhead < chunk_end) t.prefetch_offsets(a.input[j + 2 * kAhead]);
+      const int64_t id = a.input[j];
+      if (id < 0 || id >= t.rows) {
+        fail.bad_id.record(j);
+        continue;
+      }
+      if (id == a.padding_idx) continue;
+      int64_t s = 0, len = 0;
+      if (!t.row(id, &s, &len)) {
+        fail.bad_row.record(j);
+        continue;
+      }
+      const float* x = row_as_float(t, id, s, len, scratch.data());
+      if (a.mode == Mode::kMax) {
+        for (int64_t d = 0; d < dim; ++d) {
+          const float v = d < len ? x[d] : 0.0f;
+          o[d] = count == 0 || v > o[d] ? v : o[d];
+        }
+      } else if (a.weighting == Weights::kNone) {
+        // Adding the +0.0 tail would not change an accumulator that started at +0.0: skip it.
+        for (int64_t d = 0; d < len; ++d) o[d] += x[d];
+      } else {
+        const float w = a.weights[j];
+        for (int64_t d = 0; d < dim; ++d) {
+          const float v = d < len ? x[d] : 0.0f;
+          o[d] = a.weighting == Weights::kFused ? __builtin_fmaf(w, v, o[d]) : o[d] + v * w;
+        }
+      }
+      ++count;
+    }
+    if (a.mode == Mode::kMean) {
+      const float n = static_cast<float>(std::max<int64_t>(count, 1));
+      for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / n;
+    }
+  }
+}
+
+}  // namespace portable
+
+// ---------------------------------------------------------------------------------------------
+// x86 vector kernels: simd_kernels.h compiled for AVX2+FMA and for AVX-512, picked at run time
+// (no -march at build time, so one cached build serves any x86-64 machine).
+// ---------------------------------------------------------------------------------------------
+
+#ifdef AMTL_X86
+
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+alignas(32) constexpr int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                               0,  0,  0,  0,  0,  0,  0,  0};
+
+struct Vec {
+  static constexpr int64_t W = 8;
+  using R = __m256;
+  static AMTL_INLINE __m256i mask(int64_t n) {  // lanes [0, n) on
+    n = n < 0 ? 0 : (n > W ? W : n);
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + W - n));
+  }
+  static AMTL_INLINE R zero() { return _mm256_setzero_ps(); }
+  static AMTL_INLINE R broadcast(float v) { return _mm256_set1_ps(v); }
+  // Lanes >= n read no memory and are +0.0 (vmaskmovps). Always masked: a branch on the row
+  // length would depend on a load that may miss the cache, and its mispredictions would squash
+  // the loads of the following ids that are already in flight.
+  static AMTL_INLINE R load(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
+  using Lanes = int64_t;
+  static AMTL_INLINE Lanes lanes(int64_t rem) { return rem; }
+  static AMTL_INLINE __m256i mask_k(Lanes l, int64_t k) { return mask(l - k * W); }
+  static AMTL_INLINE R load(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  static AMTL_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static AMTL_INLINE void store(float* p, R v, int64_t n) { _mm256_maskstore_ps(p, mask(n), v); }
+  static AMTL_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static AMTL_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static AMTL_INLINE R div(R a, R b) { return _mm256_div_ps(a, b); }
+  static AMTL_INLINE R fma(R w, R x, R acc) { return _mm256_fmadd_ps(w, x, acc); }
+  // vmaxps(x, acc) is exactly `x > acc ? x : acc` (NaN and +-0 cases included).
+  static AMTL_INLINE R max_keep(R x, R acc) { return _mm256_max_ps(x, acc); }
+};
+
+#include "simd_kernels.h"
+
+#pragma GCC pop_options
+}  // namespace avx2
+
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c,bmi2")
+
+struct Vec {
+  static constexpr int64_t W = 16;
+  using R = __m512;
+  static AMTL_INLINE __mmask16 mask(int64_t n) {  // lanes [0, n) on
+    const int64_t k = n < 0 ? 0 : (n > W ? W : n);  // bzhi reads only 8 bits of the index
+    return static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(k)));
+  }
+  // Per-row lane count for mask_k: the row's remaining length, broadcast (clamped to int32).
+  using Lanes = __m512i;
+  static AMTL_INLINE Lanes lanes(int64_t rem) {
+    return _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(rem, -1),
+                                                                     1 << 30)));
+  }
+  // Lanes of vector k that lie inside the row: one compare against a constant lane index.
+  static AMTL_INLINE __mmask16 mask_k(Lanes l, int64_t k) {
+    const __m512i index = _mm512_add_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(k * W)));
+    return _mm512_cmplt_epi32_mask(index, l);
+  }
+  static AMTL_INLINE R load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static AMTL_INLINE R zero() { return _mm512_setzero_ps(); }
+  static AMTL_INLINE R broadcast(float v) { return _mm512_set1_ps(v); }
+  // Lanes >= n read no memory and are +0.0 (zero-masked load); always masked, see avx2::Vec.
+  static AMTL_INLINE R load(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static AMTL_INLINE void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static AMTL_INLINE void store(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static AMTL_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static AMTL_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static AMTL_INLINE R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static AMTL_INLINE R fma(R w, R x, R acc) { return _mm512_fmadd_ps(w, x, acc); }
+  static AMTL_INLINE R max_keep(R x, R acc) { return _mm512_max_ps(x, acc); }
+};
+
+#include "simd_kernels.h"
+
+#pragma GCC pop_options
+}  // namespace avx512
+
+#endif  // AMTL_X86
+
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+#ifdef AMTL_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) {
+    return Isa::kAvx512;
+  }
+  if (avx2) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+// The best ISA of this CPU, capped by AMTL_COMPRESS_ISA (portable|avx2|avx512) if set: a
+// debugging and testing switch, read on every call so tests can flip it.
+Isa active_isa() {
+  static const Isa best = detect_isa();
+  const char* cap = std::getenv("AMTL_COMPRESS_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  const std::string want(cap);
+  Isa limit = Isa::kAvx512;
+  if (want == "portable") {
+    limit = Isa::kPortable;
+  } else if (want == "avx2") {
+    limit = Isa::kAvx2;
+  } else {
+    TORCH_CHECK_VALUE(want == "avx512", "AMTL_COMPRESS_ISA must be portable, avx2 or avx512, got '",
+                      want, "'");
+  }
+  return std::min(best, limit);
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parallel drivers.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, typename index_t>
+void embedding_kernel(const Table<T>& t, const index_t* ids, int64_t n, float* out) {
+  Failures fail;
+  const Isa isa = active_isa();
+  const int64_t grain = std::max<int64_t>(1, kGrainFloats / t.dim);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    switch (isa) {
+#ifdef AMTL_X86
+      case Isa::kAvx512:
+        return avx512::embedding_chunk(t, ids, begin, end, out, fail);
+      case Isa::kAvx2:
+        return avx2::embedding_chunk(t, ids, begin, end, out, fail);
+#endif
+      default:
+        return portable::embedding_chunk(t, ids, begin, end, out, fail);
+    }
+  });
+  raise_failures(t, ids, fail);
+}
+
+template <typename T, typename index_t>
+void bag_kernel(const Table<T>& t, const BagArgs<index_t>& a, int64_t num_bags, float* out) {
+  Failures fail;
+  const Isa isa = active_isa();
+  const int64_t mean_bag = num_bags > 0 ? std::max<int64_t>(1, a.nnz / num_bags) : 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainFloats / (t.dim * mean_bag));
+  at::parallel_for(0, num_bags, grain, [&](int64_t begin, int64_t end) {
+    switch (isa) {
+#ifdef AMTL_X86
+      case Isa::kAvx512:
+        return avx512::bag_chunk(t, a, begin, end, out, fail);
+      case Isa::kAvx2:
+        return avx2::bag_chunk(t, a, begin, end, out, fail);
+#endif
+      default:
+        return portable::bag_chunk(t, a, begin, end, out, fail);
+    }
+  });
+  raise_failures(t, a.input, fail);
+}
+// ---------------------------------------------------------------------------------------------
+// Operator entry points: argument checks (O(1) plus one pass over the bag offsets), dispatch.
+// ---------------------------------------------------------------------------------------------
+
+void check_table(const at::Tensor& values, const at::Tensor& offsets,
+                 const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                 int64_t embedding_dim) {
+  TORCH_CHECK_TYPE(values.dim() == 1 && values.is_contiguous(),
+                   "`values` must be a contiguous 1-D tensor (call .contiguous()), got ",
+                   values.dim(), "-D");
+  TORCH_CHECK_TYPE(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                       offsets.is_contiguous() && offsets.numel() >= 1,
+                   "`offsets` must be a contiguous, non-empty 1-D int64 tensor (N + 1,)");
+  TORCH_CHECK_VALUE(embedding_dim >= 1, "`embedding_dim` must be >= 1, got ", embedding_dim);
+  const int64_t rows = offsets.numel() - 1;
+  const bool quantized = values.scalar_type() == at::kChar;
+  for (const auto* opt : {&scale, &bias}) {
+    const char* label = opt == &scale ? "scale" : "bias";
+    const bool given = opt->has_value() && (*opt)->defined();
+    if (quantized) {
+      TORCH_CHECK_TYPE(given && (*opt)->scalar_type() == at::kFloat && (*opt)->dim() == 1 &&
+                           (*opt)->numel() == rows && (*opt)->is_contiguous(),
+                       "int8 `values` need a contiguous float32 `", label, "` of shape (", rows,
+                       ",)");
+    } else {
+      TORCH_CHECK_TYPE(!given, "`", label, "` is only used with int8 `values`, got ",
+                       values.scalar_type());
+    }
+  }
+}
+
+template <typename T>
+Table<T> make_table(const at::Tensor& values, const at::Tensor& offsets,
+                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                    int64_t embedding_dim) {
+  const bool quantized = std::is_same_v<T, int8_t>;
+  return Table<T>{values.const_data_ptr<T>(),
+                  values.numel(),
+                  offsets.const_data_ptr<int64_t>(),
+                  offsets.numel() - 1,
+                  quantized ? scale->const_data_ptr<float>() : nullptr,
+                  quantized ? bias->const_data_ptr<float>() : nullptr,
+                  embedding_dim};
+}
+
+// Calls fn(T{}) with T the C++ type of the packed values.
+template <typename Fn>
+void dispatch_values(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(float{});
+    case at::kHalf:
+      return fn(c10::Half{});
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+    case at::kChar:
+      return fn(int8_t{});
+    default:
+      TORCH_CHECK_TYPE(false, "`values` must be float32, float16, bfloat16 or int8, got ", dtype);
+  }
+}
+
+at::Tensor packed_embedding(const at::Tensor& values, const at::Tensor& offsets,
+                            const std::optional<at::Tensor>& scale,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& ids,
+                            int64_t embedding_dim) {
+  check_table(values, offsets, scale, bias, embedding_dim);
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                   "ids must be int32 or int64, got ", ids.scalar_type());
+  const at::Tensor ids_c = ids.contiguous();
+  std::vector<int64_t> out_sizes(ids.sizes().begin(), ids.sizes().end());
+  out_sizes.push_back(embedding_dim);
+  at::Tensor out = at::empty(out_sizes, values.options().dtype(at::kFloat));
+  dispatch_values(values.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const Table<T> t = make_table<T>(values, offsets, scale, bias, embedding_dim);
+    AT_DISPATCH_INDEX_TYPES(ids_c.scalar_type(), "packed_embedding", [&] {
+      embedding_kernel<T, index_t>(t, ids_c.const_data_ptr<index_t>(), ids_c.numel(),
+                                   out.mutable_data_ptr<float>());
+    });
+  });
+  return out;
+}
+
+template <typename index_t>
+void check_bag_offsets(const index_t* bag_offsets, int64_t n_offsets, int64_t nnz,
+                       bool include_last_offset) {
+  if (n_offsets == 0) return;
+  TORCH_CHECK_VALUE(bag_offsets[0] == 0, "offsets[0] must be 0, got ",
+                    static_cast<int64_t>(bag_offsets[0]));
+  for (int64_t b = 1; b < n_offsets; ++b) {
+    TORCH_CHECK_VALUE(bag_offsets[b] >= bag_offsets[b - 1],
+                      "bag `offsets` must be non-decreasing, offsets[", b, "] = ",
+                      static_cast<int64_t>(bag_offsets[b]), " < offsets[", b - 1, "]");
+  }
+  const int64_t last = bag_offsets[n_offsets - 1];
+  TORCH_CHECK_VALUE(last <= nnz && (!include_last_offset || last == nnz),
+                    "the last bag offset must ", include_last_offset ? "equal" : "be <=",
+                    " len(input) = ", nnz, ", got ", last);
+}
+
+at::Tensor packed_embedding_bag(const at::Tensor& values, const at::Tensor& offsets,
+                                const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& input,
+                                const at::Tensor& bag_offsets,
+                                const std::optional<at::Tensor>& per_sample_weights,
+                                c10::string_view mode, int64_t embedding_dim,
+                                std::optional<int64_t> padding_idx, bool include_last_offset) {
+  check_table(values, offsets, scale, bias, embedding_dim);
+  const int64_t rows = offsets.numel() - 1;
+  Mode m;
+  if (mode == "sum") {
+    m = Mode::kSum;
+  } else if (mode == "mean") {
+    m = Mode::kMean;
+  } else if (mode == "max") {
+    m = Mode::kMax;
+  } else {
+    TORCH_CHECK_VALUE(false, "mode must be one of sum, mean, max, got '", mode, "'");
+  }
+  TORCH_CHECK_VALUE(input.dim() == 1, "input must be 1-D, got ", input.dim(), "-D");
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kLong || input.scalar_type() == at::kInt,
+                   "input must be int32 or int64, got ", input.scalar_type());
+  TORCH_CHECK_TYPE(bag_offsets.dim() == 1 && (bag_offsets.scalar_type() == at::kLong ||
+                                              bag_offsets.scalar_type() == at::kInt),
+                   "bag `offsets` must be a 1-D int32/int64 tensor");
+  TORCH_CHECK_VALUE(!include_last_offset || bag_offsets.numel() >= 1,
+                    "with include_last_offset=True, `offsets` needs at least 1 element");
+  const bool weighted = per_sample_weights.has_value() && per_sample_weights->defined();
+  if (weighted) {
+    TORCH_CHECK_NOT_IMPLEMENTED(m == Mode::kSum,
+                                "per_sample_weights is only supported for mode='sum' (got mode='",
+                                mode, "')");
+    TORCH_CHECK_TYPE(per_sample_weights->scalar_type() == at::kFloat &&
+                         per_sample_weights->dim() == 1 &&
+                         per_sample_weights->numel() == input.numel(),
+                     "per_sample_weights must be float32 of shape (", input.numel(), ",)");
+  }
+  const int64_t pad = padding_idx.value_or(-1);
+  TORCH_CHECK_VALUE(!padding_idx.has_value() || (pad >= 0 && pad < rows),
+                    "padding_idx must be in [0, ", rows, "), got ", pad);
+
+  const at::Tensor input_c = input.contiguous();
+  const at::Tensor bag_offsets_c = bag_offsets.to(input.scalar_type()).contiguous();
+  const at::Tensor weights_c = weighted ? per_sample_weights->contiguous() : at::Tensor();
+  const int64_t n_offsets = bag_offsets_c.numel();
+  const int64_t num_bags = include_last_offset ? n_offsets - 1 : n_offsets;
+  at::Tensor out = at::empty({num_bags, embedding_dim}, values.options().dtype(at::kFloat));
+  // Mirror torch's two arithmetic paths for weighted sums (see the file comment).
+  const Weights weighting =
+      !weighted ? Weights::kNone : (padding_idx.has_value() ? Weights::kSeparate : Weights::kFused);
+
+  dispatch_values(values.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const Table<T> t = make_table<T>(values, offsets, scale, bias, embedding_dim);
+    AT_DISPATCH_INDEX_TYPES(input_c.scalar_type(), "packed_embedding_bag", [&] {
+      const index_t* boffs = bag_offsets_c.const_data_ptr<index_t>();
+      check_bag_offsets(boffs, n_offsets, input_c.numel(), include_last_offset);
+      const BagArgs<index_t> args{input_c.const_data_ptr<index_t>(),
+                                  input_c.numel(),
+                                  boffs,
+                                  n_offsets,
+                                  weighted ? weights_c.const_data_ptr<float>() : nullptr,
+                                  weighting,
+                                  m,
+                                  pad};
+      bag_kernel<T, index_t>(t, args, num_bags, out.mutable_data_ptr<float>());
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(amtl_compress, m) {
+  m.def(
+      "packed_embedding(Tensor values, Tensor offsets, Tensor? scale, Tensor? bias, Tensor ids, "
+      "int embedding_dim) -> Tensor");
+  m.def(
+      "packed_embedding_bag(Tensor values, Tensor offsets, Tensor? scale, Tensor? bias, "
+      "Tensor input, Tensor bag_offsets, Tensor? per_sample_weights, str mode, "
+      "int embedding_dim, int? padding_idx, bool include_last_offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(amtl_compress, CPU, m) {
+  m.impl("packed_embedding", &packed_embedding);
+  m.impl("packed_embedding_bag", &packed_embedding_bag);
+}

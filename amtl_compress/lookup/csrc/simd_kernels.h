@@ -1,0 +1,230 @@
+// Vectorised per-chunk kernels, written once against a `Vec` policy and compiled per ISA.
+//
+// lookup.cpp includes this file inside `namespace avx2` and `namespace avx512`, each under a
+// `#pragma GCC target(...)` region that also defines `Vec` (W float lanes; masked loads whose
+// inactive lanes are +0.0). The pragma gives every function defined here the ISA.
+//
+// Ids are walked in order with a two-level software prefetch: the offsets of the id 2 * kAhead
+// positions ahead, and the row lines of the id kAhead positions ahead (whose offsets are in cache
+// by then).
+// Rows are read with masked loads over their L-value prefix: lanes past L are +0.0, exactly the
+// zero tail of the dense table, so every mode does the dense arithmetic on every column. Nothing
+// here branches on a row length (those branches are unpredictable): vectors that lie wholly past
+// the row get an all-off mask AND are pointed back at the row start, because an all-off masked
+// load to a far address still costs like a cache miss on the CPUs measured (AMD Zen 4).
+// Bags accumulate a block of NV vectors (NV * W columns) in registers over all ids of the bag,
+// block after block; per column the additions run in input order, as in torch.
+
+// No include guard and no #include: this file is included once per ISA namespace.
+
+// Row prefix as float32 for the vector loops. float rows are read in place; the others are
+// converted into `scratch` (n floats) here, inside the ISA region, so the conversion loops are
+// vectorised too (float16 with F16C; bfloat16 is a shift; int8 is q * scale + bias, two roundings
+// as -ffp-contract=off keeps it). n == 0 (and failed ids) read nothing.
+AMTL_INLINE const float* row_floats(const Table<float>& t, int64_t, int64_t s, int64_t, float*) {
+  return t.values + s;
+}
+
+AMTL_INLINE const float* row_floats(const Table<c10::Half>& t, int64_t, int64_t s, int64_t n,
+                                    float* scratch) {
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(t.values + s);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {  // whole groups of 8 only: never read past the row
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(scratch + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) scratch[i] = _cvtsh_ss(src[i]);
+  return scratch;
+}
+
+AMTL_INLINE const float* row_floats(const Table<c10::BFloat16>& t, int64_t, int64_t s, int64_t n,
+                                    float* scratch) {
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(t.values + s);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(scratch);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;  // exact
+  return scratch;
+}
+
+AMTL_INLINE const float* row_floats(const Table<int8_t>& t, int64_t id, int64_t s, int64_t n,
+                                    float* scratch) {
+  if (n <= 0) return scratch;  // also for failed ids: never index scale/bias with them
+  const int8_t* src = t.values + s;
+  const float scale = t.scale[id];
+  const float bias = t.bias[id];
+  for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]) * scale + bias;
+  return scratch;
+}
+
+template <int NV>
+struct Acc {
+  typename Vec::R v[NV];
+};
+
+// Vector k of a row whose prefix has `rem` values left from `x`: +0.0 lanes past the prefix.
+// A vector wholly past the prefix still issues its (all-off) load, at x + lim, the row's last
+// value, where lim = max(rem - 1, 0): min() compiles to a cmov, where `?:` on the pointer became
+// an unpredictable branch.
+AMTL_INLINE typename Vec::R row_vector(const float* x, int64_t lim, typename Vec::Lanes lanes,
+                                      int64_t k) {
+  return Vec::load(x + std::min<int64_t>(k * Vec::W, lim), Vec::mask_k(lanes, k));
+}
+
+AMTL_INLINE int64_t last_index(int64_t rem) { return std::max<int64_t>(rem - 1, 0); }
+
+struct SumOp {
+  template <int NV>
+  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool, float) {
+    const typename Vec::Lanes l = Vec::lanes(rem);
+    const int64_t lim = last_index(rem);
+    for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], row_vector(x, lim, l, k));
+  }
+};
+
+// torch's weighted sum without padding_idx (fbgemm): one rounding, w * x + acc.
+struct FusedOp {
+  template <int NV>
+  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool, float w) {
+    const typename Vec::R wv = Vec::broadcast(w);
+    const typename Vec::Lanes l = Vec::lanes(rem);
+    const int64_t lim = last_index(rem);
+    for (int k = 0; k < NV; ++k) a.v[k] = Vec::fma(wv, row_vector(x, lim, l, k), a.v[k]);
+  }
+};
+
+// torch's weighted sum with padding_idx (its scalar loop): acc + x * w, two roundings.
+struct SeparateOp {
+  template <int NV>
+  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool, float w) {
+    const typename Vec::R wv = Vec::broadcast(w);
+    const typename Vec::Lanes l = Vec::lanes(rem);
+    const int64_t lim = last_index(rem);
+    for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], Vec::mul(row_vector(x, lim, l, k), wv));
+  }
+};
+
+// torch's max: the first row is taken as is, then `x > acc ? x : acc` per column.
+struct MaxOp {
+  template <int NV>
+  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool first, float) {
+    const typename Vec::Lanes l = Vec::lanes(rem);
+    const int64_t lim = last_index(rem);
+    for (int k = 0; k < NV; ++k) {
+      const typename Vec::R v = row_vector(x, lim, l, k);
+      a.v[k] = first ? v : Vec::max_keep(v, a.v[k]);
+    }
+  }
+};
+
+template <int NV, typename T, typename index_t>
+void embedding_chunk_nv(const Table<T> t, const index_t* ids, int64_t begin, int64_t end,
+                        float* out, Failures& fail) {
+  const int64_t dim = t.dim;
+  std::vector<float> scratch(std::is_same_v<T, float> ? 0 : dim);
+  for (int64_t j = begin; j < end; ++j) {
+    if (j + 2 * kAhead < end) t.prefetch_offsets(ids[j + 2 * kAhead]);
+    if (j + kAhead < end) t.template prefetch_row<NV + 1>(ids[j + kAhead]);
+    const int64_t id = ids[j];
+    int64_t s = 0, n = 0;
+    if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(t.rows)) {
+      fail.bad_id.record(j);
+    } else if (!t.row(id, &s, &n)) {
+      fail.bad_row.record(j);
+      s = n = 0;
+    }
+    const float* x = row_floats(t, id, s, n, scratch.data());  // n == 0 reads nothing
+    const typename Vec::Lanes l = Vec::lanes(n);
+    const int64_t lim = last_index(n);
+    float* o = out + j * dim;
+    int64_t k = 0;
+    for (; (k + 1) * Vec::W <= dim; ++k) Vec::store(o + k * Vec::W, row_vector(x, lim, l, k));
+    if (k * Vec::W < dim) Vec::store(o + k * Vec::W, row_vector(x, lim, l, k), dim - k * Vec::W);
+  }
+}
+
+// NV: vectors per row block; a row of D floats spans at most NV * W * 4 / 64 + 1 = NV + 1 lines
+// for AVX-512 (fewer for AVX2 and narrower dtypes: the extra prefetches hit the last line).
+template <typename T, typename index_t>
+void embedding_chunk(const Table<T>& t, const index_t* ids, int64_t begin, int64_t end,
+                     float* out, Failures& fail) {
+  const int64_t vectors = (t.dim + Vec::W - 1) / Vec::W;
+  if (vectors <= 1) return embedding_chunk_nv<1>(t, ids, begin, end, out, fail);
+  if (vectors <= 2) return embedding_chunk_nv<2>(t, ids, begin, end, out, fail);
+  if (vectors <= 4) return embedding_chunk_nv<4>(t, ids, begin, end, out, fail);
+  return embedding_chunk_nv<8>(t, ids, begin, end, out, fail);
+}
+
+template <int NV, typename Op, typename T, typename index_t>
+void bag_chunk_nv(const Table<T> t, const BagArgs<index_t> a, int64_t b_begin, int64_t b_end,
+                  float* out, Failures& fail) {
+  const int64_t dim = t.dim;
+  std::vector<float> scratch(std::is_same_v<T, float> ? 0 : dim);
+  const int64_t limit = a.bag_start(b_end);
+  const index_t* input = a.input;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t s_bag = a.bag_start(b);
+    const int64_t e_bag = a.bag_start(b + 1);
+    float* o = out + b * dim;
+    for (int64_t c0 = 0; c0 < dim; c0 += NV * Vec::W) {
+      Acc<NV> acc;
+      for (int k = 0; k < NV; ++k) acc.v[k] = Vec::zero();
+      int64_t count = 0;
+      for (int64_t j = s_bag; j < e_bag; ++j) {
+        if (c0 == 0) {
+          if (j + 2 * kAhead < limit) t.prefetch_offsets(input[j + 2 * kAhead]);
+          if (j + kAhead < limit) t.template prefetch_row<NV + 1>(input[j + kAhead]);
+        }
+        const int64_t id = input[j];
+        if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(t.rows)) {
+          fail.bad_id.record(j);
+          continue;
+        }
+        if (id == a.padding_idx) continue;
+        int64_t s = 0, n = 0;
+        if (!t.row(id, &s, &n)) {
+          fail.bad_row.record(j);
+          continue;
+        }
+        const float* x = row_floats(t, id, s, n, scratch.data());
+        Op::apply(acc, x + c0, n - c0, count == 0, a.weights ? a.weights[j] : 0.0f);
+        ++count;
+      }
+      if (a.mode == Mode::kMean) {
+        const typename Vec::R c = Vec::broadcast(static_cast<float>(std::max<int64_t>(count, 1)));
+        for (int k = 0; k < NV; ++k) acc.v[k] = Vec::div(acc.v[k], c);
+      }
+      for (int k = 0; k < NV; ++k) {
+        const int64_t c = c0 + k * Vec::W;
+        if (c + Vec::W <= dim) {
+          Vec::store(o + c, acc.v[k]);
+        } else if (c < dim) {
+          Vec::store(o + c, acc.v[k], dim - c);
+        }
+      }
+    }
+  }
+}
+
+template <typename Op, typename T, typename index_t>
+void bag_chunk_op(const Table<T>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
+                  float* out, Failures& fail) {
+  // Fewest vectors that cover D (up to 8 per block): small D wastes no masked loads.
+  const int64_t vectors = (t.dim + Vec::W - 1) / Vec::W;
+  if (vectors <= 1) return bag_chunk_nv<1, Op>(t, a, b_begin, b_end, out, fail);
+  if (vectors <= 2) return bag_chunk_nv<2, Op>(t, a, b_begin, b_end, out, fail);
+  if (vectors <= 4) return bag_chunk_nv<4, Op>(t, a, b_begin, b_end, out, fail);
+  return bag_chunk_nv<8, Op>(t, a, b_begin, b_end, out, fail);
+}
+
+template <typename T, typename index_t>
+void bag_chunk(const Table<T>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
+               float* out, Failures& fail) {
+  if (a.mode == Mode::kMax) return bag_chunk_op<MaxOp>(t, a, b_begin, b_end, out, fail);
+  switch (a.weighting) {
+    case Weights::kNone:
+      return bag_chunk_op<SumOp>(t, a, b_begin, b_end, out, fail);
+    case Weights::kFused:
+      return bag_chunk_op<FusedOp>(t, a, b_begin, b_end, out, fail);
+    case Weights::kSeparate:
+      return bag_chunk_op<SeparateOp>(t, a, b_begin, b_end, out, fail);
+  }
+}

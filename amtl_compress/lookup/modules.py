@@ -1,0 +1,278 @@
+"""Drop-in ``nn.Embedding`` / ``nn.EmbeddingBag`` replacements that read a packed table.
+
+Both modules hold only buffers (no Parameters): ``values`` (nnz_values,) float32/float16/
+bfloat16/int8, ``offsets`` (N + 1,) int64 and, for int8, ``scale`` / ``bias`` (N,) float32.
+See :mod:`amtl_compress.lookup.reference` for the layout. ``values`` is only ever read, so it may
+be a read-only memory map (``torch.from_numpy(np.memmap(..., mode="r"))``).
+
+On CPU they call the compiled kernel (:mod:`amtl_compress.lookup.ops`); on other devices, or with
+``AMTL_COMPRESS_KERNEL=reference``, the pure-torch reference. Both give the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from amtl_compress.errors import PackedFormatError
+from amtl_compress.lookup import ops
+from amtl_compress.lookup.reference import (
+    BAG_MODES,
+    VALUE_DTYPES,
+    packed_embedding_bag_reference,
+    packed_embedding_reference,
+)
+
+_BUFFERS = ("values", "offsets", "scale", "bias")
+
+
+def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
+              bias: Tensor | None, embedding_dim: int) -> None:
+    """Check a whole packed table (O(N), never reads ``values``); raise PackedFormatError."""
+    where = f"table `{table}`"
+    if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise PackedFormatError(f"{where}: `embedding_dim` must be a positive int, got "
+                                f"{embedding_dim!r}")
+    if not isinstance(values, Tensor) or values.dim() != 1 or values.dtype not in VALUE_DTYPES:
+        got = f"{values.dim()}-D {values.dtype}" if isinstance(values, Tensor) else type(values)
+        raise PackedFormatError(f"{where}: `values` must be a 1-D float32/float16/bfloat16/int8 "
+                                f"tensor, got {got}")
+    if (not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.dtype != torch.int64
+            or offsets.numel() < 1):
+        raise PackedFormatError(f"{where}: `offsets` must be a non-empty 1-D int64 tensor "
+                                "(N + 1,)")
+    n = offsets.numel() - 1
+    if int(offsets[0]) != 0 or int(offsets[-1]) != values.numel():
+        raise PackedFormatError(f"{where}: `offsets` must start at 0 and end at len(values) = "
+                                f"{values.numel()}, got {int(offsets[0])} and {int(offsets[-1])}")
+    if n:
+        lengths = offsets[1:] - offsets[:-1]
+        if int(lengths.min()) < 0:
+            row = int((lengths < 0).nonzero()[0, 0])
+            raise PackedFormatError(f"{where}: `offsets` must be non-decreasing, row {row} has "
+                                    f"length {int(lengths[row])}")
+        if int(lengths.max()) > embedding_dim:
+            row = int((lengths > embedding_dim).nonzero()[0, 0])
+            raise PackedFormatError(f"{where}: row {row} keeps {int(lengths[row])} values, more "
+                                    f"than embedding_dim = {embedding_dim}")
+    quantized = values.dtype == torch.int8
+    for label, t in (("scale", scale), ("bias", bias)):
+        if quantized and (t is None or t.dtype != torch.float32 or t.shape != (n,)):
+            raise PackedFormatError(f"{where}: int8 `values` need `{label}` float32 of shape "
+                                    f"({n},)")
+        if not quantized and t is not None:
+            raise PackedFormatError(f"{where}: `{label}` is only used with int8 `values`; drop "
+                                    f"it or quantize `values` to int8 (got {values.dtype})")
+    devices = {t.device for t in (values, offsets, scale, bias) if t is not None}
+    if len(devices) > 1:
+        raise PackedFormatError(f"{where}: all tensors must be on one device, got "
+                                f"{sorted(map(str, devices))}")
+
+
+class _PackedTable(nn.Module):
+    """Buffers and state_dict handling shared by the two lookup modules."""
+
+    values: Tensor
+    offsets: Tensor
+    scale: Tensor | None
+    bias: Tensor | None
+
+    def __init__(self, values: Tensor, offsets: Tensor, embedding_dim: int,
+                 scale: Tensor | None, bias: Tensor | None, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.embedding_dim = embedding_dim
+        _validate(self._table_name, values, offsets, scale, bias, embedding_dim)
+        # .contiguous() is a no-op (no copy) for the usual contiguous / memory-mapped inputs.
+        self.register_buffer("values", values.detach().contiguous())
+        self.register_buffer("offsets", offsets.detach().contiguous())
+        self.register_buffer("scale", None if scale is None else scale.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+
+    @property
+    def _table_name(self) -> str:
+        return self.name or type(self).__name__
+
+    @property
+    def num_embeddings(self) -> int:
+        """N, the number of rows."""
+        return self.offsets.numel() - 1
+
+    @property
+    def lengths(self) -> Tensor:
+        """(N,) int64: kept values per row, ``offsets[1:] - offsets[:-1]`` (L_i = k_i + 1)."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def _index_error(self, ids: Tensor, exc: IndexError) -> IndexError:
+        """``exc`` restated with the table name and N (``exc`` itself if no id is out of range)."""
+        n = self.num_embeddings
+        bad = ids[(ids < 0) | (ids >= n)]
+        if not bad.numel():
+            return exc
+        return IndexError(f"table `{self._table_name}`: id {int(bad[0])} is outside [0, {n}) "
+                          f"({bad.numel()} such ids); ids must be row numbers of this table")
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        # The default copies into the existing buffers, which needs equal shapes; a packed table
+        # of another checkpoint has other sizes, so take the incoming tensors as they are (moved to
+        # this module's device). Shares memory with the state_dict where no move is needed.
+        incoming: dict[str, Tensor | None] = {}
+        for name in _BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                incoming[name] = state_dict[key]
+            elif self._buffers.get(name) is not None:
+                missing_keys.append(key)
+            else:
+                incoming[name] = None
+        if strict:
+            unexpected_keys.extend(k for k in state_dict
+                                   if k.startswith(prefix) and k[len(prefix):] not in _BUFFERS)
+        if len(incoming) < len(_BUFFERS):
+            return  # reported through missing_keys
+        device = self.offsets.device
+        moved = {k: None if t is None else t.detach().to(device).contiguous()
+                 for k, t in incoming.items()}
+        _validate(self._table_name, moved["values"], moved["offsets"], moved["scale"],
+                  moved["bias"], self.embedding_dim)
+        for name, t in moved.items():
+            self._buffers[name] = t
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, name={self._table_name!r}, "
+                f"values={self.values.dtype}, kept={self.values.numel()}")
+
+
+class PackedEmbedding(_PackedTable):
+    """``nn.Embedding`` over a packed table: ids of any shape -> (*ids.shape, D) float32.
+
+    Row ``i`` comes back as its kept prefix (dequantised for int8) followed by zeros.
+
+    Args:
+        values: (nnz_values,) float32/float16/bfloat16/int8, kept prefixes back to back.
+        offsets: (N + 1,) int64, ``offsets[0] == 0``, non-decreasing, ``offsets[N] ==
+            len(values)``, every ``offsets[i+1] - offsets[i] <= embedding_dim``.
+        embedding_dim: D.
+        scale, bias: (N,) float32, required with int8 values (value = q * scale + bias).
+        name: the table's name, used in error messages (e.g. the module path it replaces).
+
+    Raises:
+        PackedFormatError: the tensors do not form a valid packed table.
+    """
+
+    def __init__(self, values: Tensor, offsets: Tensor, embedding_dim: int,
+                 scale: Tensor | None = None, bias: Tensor | None = None, name: str = "") -> None:
+        super().__init__(values, offsets, embedding_dim, scale, bias, name)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Look up ``input`` (any shape, int32/int64, in [0, N)) -> (*input.shape, D) float32.
+
+        Raises IndexError (naming the table and N) for ids outside [0, N).
+        """
+        # self._buffers instead of attribute access: nn.Module.__getattr__ costs ~0.5 us a name.
+        b = self._buffers
+        values = b["values"]
+        try:
+            if ops.use_reference(values):
+                return packed_embedding_reference(values, b["offsets"], b["scale"], b["bias"],
+                                                  input, self.embedding_dim)
+            return ops.compiled_ops()[0](values, b["offsets"], b["scale"], b["bias"], input,
+                                         self.embedding_dim)
+        except IndexError as exc:
+            raise self._index_error(input, exc) from None
+
+
+class PackedEmbeddingBag(_PackedTable):
+    """``nn.EmbeddingBag`` over a packed table: pooled (B, D) float32 per bag.
+
+    Pools straight from the packed rows (no padded copy per id), with torch's arithmetic: for
+    float32 values the result is bitwise ``F.embedding_bag`` on the dense zero-tailed table.
+
+    Args:
+        values, offsets, embedding_dim, scale, bias, name: the packed table, as in
+            :class:`PackedEmbedding`.
+        mode: "sum", "mean" or "max".
+        padding_idx: ids equal to it are skipped (and not counted by "mean"); negative values
+            count from the end, as in ``nn.EmbeddingBag``.
+        include_last_offset: ``offsets`` passed to forward has B + 1 entries, the last == nnz.
+    """
+
+    def __init__(self, values: Tensor, offsets: Tensor, embedding_dim: int,
+                 scale: Tensor | None = None, bias: Tensor | None = None, mode: str = "mean",
+                 padding_idx: int | None = None, include_last_offset: bool = False,
+                 name: str = "") -> None:
+        super().__init__(values, offsets, embedding_dim, scale, bias, name)
+        if mode not in BAG_MODES:
+            raise ValueError(f"table `{self._table_name}`: mode must be one of sum, mean, max, "
+                             f"got {mode!r}")
+        n = self.num_embeddings
+        if padding_idx is not None:
+            if not -n <= padding_idx < n:
+                raise ValueError(f"table `{self._table_name}`: padding_idx must be within "
+                                 f"[-{n}, {n}), got {padding_idx}")
+            padding_idx = padding_idx % n
+        self.mode = mode
+        self.padding_idx = padding_idx
+        self.include_last_offset = include_last_offset
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        """Pool bags of ids, like ``nn.EmbeddingBag.forward``.
+
+        Args:
+            input: (nnz,) ids with ``offsets`` (B,) (or (B + 1,) with include_last_offset), or
+                (B, bag_len) ids without offsets (fixed-length bags).
+            offsets: start of each bag in ``input`` (1-D input only).
+            per_sample_weights: float32 of input's shape, mode "sum" only.
+
+        Returns:
+            (B, D) float32; empty bags give zeros.
+        """
+        if per_sample_weights is not None and input.shape != per_sample_weights.shape:
+            raise ValueError(f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) "
+                             f"is not None, then it must have the same shape as the input "
+                             f"({input.shape})")
+        include_last_offset = self.include_last_offset
+        if input.dim() == 2:
+            if offsets is not None:
+                raise ValueError("if input is 2D, then offsets has to be None, as input is "
+                                 "treated is a mini-batch of fixed length sequences")
+            bags, bag_len = input.shape
+            offsets = torch.arange(bags, dtype=input.dtype, device=input.device) * bag_len
+            input = input.reshape(-1)
+            include_last_offset = False
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
+        elif input.dim() == 1:
+            if offsets is None:
+                raise ValueError("offsets has to be a 1D Tensor but got None")
+            if offsets.dim() != 1:
+                raise ValueError("offsets has to be a 1D Tensor")
+        else:
+            raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension "
+                             f"{input.dim()}")
+        if per_sample_weights is not None and self.mode != "sum":
+            raise NotImplementedError(
+                "embedding_bag: per_sample_weights was not None. per_sample_weights is only "
+                f"supported for mode='sum' (got mode='{self.mode}'). Please either set "
+                "mode='sum' or don't pass per_sample_weights.")
+        b = self._buffers
+        values = b["values"]
+        args = (values, b["offsets"], b["scale"], b["bias"], input, offsets, per_sample_weights,
+                self.mode, self.embedding_dim, self.padding_idx, include_last_offset)
+        try:
+            if ops.use_reference(values):
+                return packed_embedding_bag_reference(*args)
+            return ops.compiled_ops()[1](*args)
+        except IndexError as exc:
+            raise self._index_error(input, exc) from None
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, mode={self.mode!r}, padding_idx={self.padding_idx}, "
+                f"include_last_offset={self.include_last_offset}")

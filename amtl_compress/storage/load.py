@@ -1,0 +1,200 @@
+"""``load_packed``: put a packed directory's tables and weights into the user's model, in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from amtl_compress.errors import CheckpointError, PackedFormatError
+from amtl_compress.storage.format import PackedTable, read_packed_table
+from amtl_compress.storage.header import read_header, read_tensor
+from amtl_compress.storage.manifest import Manifest, file_sha256, read_manifest
+
+_FIX = "re-create the directory with `amtl-compress pack`"
+
+
+def load_packed(
+    model: nn.Module,
+    packed_dir: str | os.PathLike[str],
+    mmap: bool = True,
+    verify: bool = False,
+) -> nn.Module:
+    """Swap packed lookups into ``model`` and load the remaining weights (modified in place).
+
+    Each module path of the manifest must hold an ``nn.Embedding`` / ``nn.EmbeddingBag`` of the
+    same kind, N and D as packed; it is replaced by a ``PackedEmbedding`` /
+    ``PackedEmbeddingBag`` (``mode``, ``padding_idx`` and ``include_last_offset`` are taken from
+    the replaced module). Every other tensor of the model's state_dict must be in
+    ``rest.safetensors`` and vice versa. Everything is validated before the model is touched, so
+    a failure leaves it unchanged.
+
+    Args:
+        model: the model the directory was packed from, e.g. ``build_model(manifest.model)``.
+        packed_dir: directory written by :func:`amtl_compress.storage.pack.pack`.
+        mmap: memory-map each table's ``values`` (tables larger than RAM stay on disk).
+        verify: also check every file's SHA-256 against the manifest (reads every byte; slow for
+            large tables). Header and offsets validation always runs.
+
+    Returns:
+        ``model``, whose packed tables now return float32 (.., D) rows zero-padded past L_i.
+
+    Raises:
+        PackedFormatError: the directory or a file violates docs/format.md, or (verify) a
+            checksum differs.
+        CheckpointError: the model does not fit the directory (missing or wrong module, N/D or
+            kind mismatch, missing/unexpected/misshapen weights).
+    """
+    from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
+
+    packed_dir = Path(packed_dir)
+    manifest = read_manifest(packed_dir)
+    if verify:
+        _verify_checksums(packed_dir, manifest)
+
+    tables: dict[str, PackedTable] = {}
+    for path, entry in manifest.tables.items():
+        file = packed_dir / entry.file
+        table = read_packed_table(file, mmap=mmap)
+        listed = (path, entry.num_embeddings, entry.embedding_dim, entry.dtype)
+        found = (table.field, table.num_embeddings, table.embedding_dim, table.dtype)
+        if listed != found:
+            raise PackedFormatError(
+                f"`{file}` holds (field, N, D, dtype) = {found} but `manifest.json` lists "
+                f"{listed}; {_FIX}"
+            )
+        tables[path] = table
+
+    replacements: dict[str, nn.Module] = {}
+    for path, table in tables.items():
+        old = _module_at(model, path)
+        kind = manifest.tables[path].kind
+        _check_fits(old, path, kind, table)
+        common = {"scale": table.scale, "bias": table.bias, "name": path}
+        if isinstance(old, nn.EmbeddingBag):
+            replacements[path] = PackedEmbeddingBag(
+                table.values, table.offsets, table.embedding_dim, mode=old.mode,
+                padding_idx=old.padding_idx, include_last_offset=old.include_last_offset,
+                **common,
+            )
+        else:
+            replacements[path] = PackedEmbedding(
+                table.values, table.offsets, table.embedding_dim, **common
+            )
+
+    rest = _read_rest(packed_dir / manifest.rest_file)
+    _check_rest(model, rest, set(tables), packed_dir / manifest.rest_file)
+
+    # Validation is over: from here on the model changes.
+    with torch.no_grad():
+        model.load_state_dict(rest, strict=False)
+    for path, module in replacements.items():
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+    return model
+
+
+def _verify_checksums(packed_dir: Path, manifest: Manifest) -> None:
+    expected = {t.file: t.sha256 for t in manifest.tables.values()}
+    expected[manifest.rest_file] = manifest.rest_sha256
+    for name, sha in expected.items():
+        if file_sha256(packed_dir / name) != sha:
+            raise PackedFormatError(
+                f"`{packed_dir / name}`: SHA-256 differs from `manifest.json` (corrupted or "
+                f"modified file); {_FIX}"
+            )
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise CheckpointError(
+            f"the model has no module `{path}`, which the packed directory replaces; pass the "
+            "model it was packed from"
+        ) from None
+
+
+def _check_fits(module: nn.Module, path: str, kind: str, table: PackedTable) -> None:
+    # EmbeddingBag first: a user subclass of both is treated as the bag it behaves like.
+    found = (
+        "EmbeddingBag" if isinstance(module, nn.EmbeddingBag)
+        else "Embedding" if isinstance(module, nn.Embedding)
+        else type(module).__name__
+    )
+    if found != kind:
+        raise CheckpointError(
+            f"module `{path}` is a `{found}` but was packed from a `{kind}`; pass the model it "
+            "was packed from"
+        )
+    dims = (module.num_embeddings, module.embedding_dim)
+    if dims != (table.num_embeddings, table.embedding_dim):
+        raise CheckpointError(
+            f"module `{path}` is ({dims[0]}, {dims[1]}) but its packed table is "
+            f"({table.num_embeddings}, {table.embedding_dim}); pass the model it was packed from"
+        )
+    if module.max_norm is not None:
+        raise CheckpointError(
+            f"module `{path}` renormalises rows (max_norm={module.max_norm}), which a packed "
+            "table cannot do; build the model without max_norm"
+        )
+
+
+def _read_rest(path: Path) -> dict[str, torch.Tensor]:
+    header = read_header(path, PackedFormatError, _FIX)
+    return {name: read_tensor(path, entry) for name, entry in header.tensors.items()}
+
+
+def _check_rest(
+    model: nn.Module, rest: dict[str, torch.Tensor], packed: set[str], rest_file: Path
+) -> None:
+    """The strict state_dict check, minus the weights that the packed tables replace."""
+    own = {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if not any(name.startswith(f"{p}.") for p in packed)
+    }
+    missing = sorted(own.keys() - rest.keys())
+    unexpected = sorted(rest.keys() - own.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_some(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_some(unexpected)}")
+        raise CheckpointError(
+            f"`{rest_file}` does not fit the model ({'; '.join(parts)}); pass the model it was "
+            "packed from"
+        )
+    for name, tensor in rest.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"`{rest_file}` tensor `{name}` has shape {list(tensor.shape)} but the model's "
+                f"is {list(own[name].shape)}; pass the model it was packed from"
+            )
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_packed_model(
+    packed_dir: str | os.PathLike[str], factory: str | None = None, mmap: bool = True
+) -> nn.Module:
+    """Build the model named by the manifest's spec (or ``factory``) and :func:`load_packed` it.
+
+    Args:
+        packed_dir: directory written by :func:`amtl_compress.storage.pack.pack`.
+        factory: ``package.module:function`` overriding the manifest's model spec.
+
+    Returns:
+        The model in eval mode, with its packed tables swapped in.
+    """
+    from amtl_compress.models.factory import build_model
+
+    spec = {"kind": "factory", "factory": factory} if factory else read_manifest(packed_dir).model
+    model = build_model(spec)
+    return load_packed(model, packed_dir, mmap=mmap).eval()

@@ -1,0 +1,192 @@
+"""``manifest.json`` of a packed model directory (docs/format.md, "Packed model directory")."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amtl_compress._io import atomic_write_text
+from amtl_compress.errors import PackedFormatError
+from amtl_compress.storage.quantize import PACKED_DTYPES
+
+MANIFEST_NAME = "manifest.json"
+REST_NAME = "rest.safetensors"
+MODEL_FORMAT_NAME = "amtl-packed-model"
+MODEL_FORMAT_VERSION = 1
+KINDS = ("Embedding", "EmbeddingBag")
+_FIX = "re-create the directory with `amtl-compress pack`"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class ManifestTable:
+    """One packed table as listed in the manifest.
+
+    Attributes:
+        file: file name inside the packed directory.
+        kind: ``Embedding`` or ``EmbeddingBag``, the module class that was packed.
+        num_embeddings: N.
+        embedding_dim: D.
+        dtype: packed dtype name.
+        sha256: hex SHA-256 of the whole file.
+    """
+
+    file: str
+    kind: str
+    num_embeddings: int
+    embedding_dim: int
+    dtype: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed ``manifest.json``.
+
+    Attributes:
+        model: the model spec (docs/design.md) the weights belong to.
+        tables: module path -> its packed table.
+        rest_file: file name of the other weights (``rest.safetensors``).
+        rest_sha256: hex SHA-256 of that file.
+    """
+
+    model: Any
+    tables: dict[str, ManifestTable]
+    rest_file: str
+    rest_sha256: str
+
+    def to_json(self) -> str:
+        """The manifest as written to disk (indented, keys in a fixed order, trailing newline)."""
+        doc = {
+            "format": MODEL_FORMAT_NAME,
+            "format_version": MODEL_FORMAT_VERSION,
+            "model": self.model,
+            "tables": {
+                path: {
+                    "file": t.file,
+                    "kind": t.kind,
+                    "num_embeddings": t.num_embeddings,
+                    "embedding_dim": t.embedding_dim,
+                    "dtype": t.dtype,
+                    "sha256": t.sha256,
+                }
+                for path, t in sorted(self.tables.items())
+            },
+            "rest": {"file": self.rest_file, "sha256": self.rest_sha256},
+        }
+        return json.dumps(doc, indent=2) + "\n"
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 16 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in ``chunk_bytes`` pieces (memory stays bounded)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Write ``directory/manifest.json`` atomically; ``pack`` calls it last, after every file."""
+    atomic_write_text(Path(directory) / MANIFEST_NAME, manifest.to_json())
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``directory/manifest.json``; every file it names must exist.
+
+    Raises:
+        PackedFormatError: (one line naming the directory or file) when the manifest is missing,
+            not JSON, of another format or version, has a malformed entry, or names a file that is
+            absent.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+
+    def fail(problem: str) -> PackedFormatError:
+        return PackedFormatError(f"`{path}`: {problem}; {_FIX}")
+
+    if not directory.is_dir():
+        raise PackedFormatError(
+            f"packed directory `{directory}` does not exist; pass a directory written by "
+            "`amtl-compress pack`"
+        )
+    if not path.is_file():
+        raise PackedFormatError(
+            f"`{directory}` has no `{MANIFEST_NAME}` (an incomplete or foreign directory); {_FIX}"
+        )
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(f"not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise fail("not a JSON object")
+    if doc.get("format") != MODEL_FORMAT_NAME:
+        raise fail(f"`format` is {doc.get('format')!r}, expected `{MODEL_FORMAT_NAME}`")
+    if doc.get("format_version") != MODEL_FORMAT_VERSION:
+        raise fail(
+            f"`format_version` {doc.get('format_version')!r} is not supported (this "
+            f"amtl-compress reads {MODEL_FORMAT_VERSION}); use the release that wrote it, or"
+        )
+    if "model" not in doc:
+        raise fail("`model` (the model spec) is missing")
+    tables = doc.get("tables")
+    if not isinstance(tables, dict):
+        raise fail("`tables` is missing or not an object")
+    parsed: dict[str, ManifestTable] = {}
+    for module_path, entry in tables.items():
+        parsed[module_path] = _parse_table(module_path, entry, directory, fail)
+    rest = doc.get("rest")
+    if not isinstance(rest, dict):
+        raise fail("`rest` is missing or not an object")
+    rest_file = _parse_file(rest.get("file"), "rest", directory, fail)
+    rest_sha = rest.get("sha256")
+    if not isinstance(rest_sha, str) or not _SHA256.fullmatch(rest_sha):
+        raise fail("`rest.sha256` is not 64 lowercase hex digits")
+    files = [t.file for t in parsed.values()] + [rest_file]
+    if len(set(files)) != len(files):
+        raise fail("two entries name the same file")
+    return Manifest(model=doc["model"], tables=parsed, rest_file=rest_file, rest_sha256=rest_sha)
+
+
+def _parse_table(
+    module_path: str, entry: Any, directory: Path, fail: Callable[[str], PackedFormatError]
+) -> ManifestTable:
+    where = f"`tables.{module_path}`"
+    if not module_path or not isinstance(entry, dict):
+        raise fail(f"{where} is not an object with a module path")
+    file = _parse_file(entry.get("file"), where, directory, fail)
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise fail(f"{where}.kind is {kind!r}, expected one of {list(KINDS)}")
+    n, d = entry.get("num_embeddings"), entry.get("embedding_dim")
+    if not _is_int(n) or n < 0 or not _is_int(d) or d < 1:
+        raise fail(f"{where} needs integer num_embeddings >= 0 and embedding_dim >= 1")
+    dtype = entry.get("dtype")
+    if dtype not in PACKED_DTYPES:
+        raise fail(f"{where}.dtype is {dtype!r}, expected one of {sorted(PACKED_DTYPES)}")
+    sha = entry.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise fail(f"{where}.sha256 is not 64 lowercase hex digits")
+    return ManifestTable(file, kind, n, d, dtype, sha)
+
+
+def _parse_file(
+    name: Any, where: str, directory: Path, fail: Callable[[str], PackedFormatError]
+) -> str:
+    # A plain name only: a manifest must never make the loader open files outside its directory.
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or name == MANIFEST_NAME:
+        raise fail(f"{where} names an invalid file {name!r}")
+    if not (directory / name).is_file():
+        raise fail(f"{where} names `{name}`, which is missing from the directory")
+    return name
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

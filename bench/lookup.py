@@ -1,0 +1,145 @@
+"""Time PackedEmbedding(Bag) against nn.Embedding(Bag) on the same ids (not a test).
+
+For each cell (D, B, id distribution, threads) the timed calls of ours and of the baseline are
+interleaved (alternating which goes first) and the ratio is median(ours) / median(baseline),
+so < 1 means the packed lookup is faster. The table has N rows whose kept lengths are tied to
+frequency (frequent rows keep more; mean about 37 % of D), as after AMTL fine-tuning.
+
+    .venv/bin/python bench/lookup.py            # the full grid (N = 1M, ~10 min on 2 cores)
+    .venv/bin/python bench/lookup.py --quick    # a small grid for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from amtl_compress.lookup import PackedEmbedding, PackedEmbeddingBag, pack_rows
+from amtl_compress.lookup.ops import load_kernel
+
+BAG_LEN = 20
+ZIPF_A = 1.1
+# With u = rank / N, L = ceil(D * (1 - u**GAMMA)) has mean D * GAMMA / (GAMMA + 1) = 0.37 D.
+GAMMA = 0.37 / 0.63
+
+
+def make_table(n: int, d: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(dense (N, D), zero tails; rank_to_row (N,); lengths (N,)); rank 0 is the most frequent."""
+    rank_to_row = torch.randperm(n, generator=gen)
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    by_rank = torch.ceil(d * (1 - u**GAMMA)).clamp(1, d).to(torch.int64)
+    lengths = torch.empty(n, dtype=torch.int64)
+    lengths[rank_to_row] = by_rank
+    dense = torch.randn(n, d, generator=gen)
+    dense = torch.where(torch.arange(d) < lengths[:, None], dense, 0.0)
+    return dense, rank_to_row, lengths
+
+
+def sample_ids(dist: str, count: int, rank_to_row: Tensor, gen: torch.Generator) -> Tensor:
+    n = rank_to_row.numel()
+    if dist == "uniform":
+        return torch.randint(0, n, (count,), generator=gen)
+    cdf = torch.cumsum(torch.arange(1, n + 1, dtype=torch.float64) ** -ZIPF_A, 0)
+    ranks = torch.searchsorted(cdf, torch.rand(count, generator=gen, dtype=torch.float64)
+                               * cdf[-1]).clamp(max=n - 1)
+    return rank_to_row[ranks]
+
+
+def time_pair(ours, base, repeats: int) -> tuple[float, float]:
+    """(median(ours) / median(base), median(base) in us per call), calls interleaved; each sample
+    times a block of calls."""
+    for fn in (ours, base):
+        fn()
+    start = time.perf_counter()
+    base()
+    once = max(time.perf_counter() - start, 1e-7)
+    block = max(1, min(1000, int(2e-3 / once)))  # ~2 ms per sample to beat timer noise
+    t_ours, t_base = [], []
+    for r in range(repeats):
+        order = ((ours, t_ours), (base, t_base)) if r % 2 == 0 else ((base, t_base), (ours, t_ours))
+        for fn, sink in order:
+            start = time.perf_counter()
+            for _ in range(block):
+                fn()
+            sink.append(time.perf_counter() - start)
+    base_median = statistics.median(t_base)
+    return statistics.median(t_ours) / base_median, 1e6 * base_median / block
+
+
+def bench_dim(n: int, d: int, batches: tuple[int, ...], dtype: str, repeats: int,
+              gen: torch.Generator) -> Iterator[tuple[float, float]]:
+    """Print one row per (distribution, B, threads) for embedding dim ``d``; yield the ratios."""
+    dense, rank_to_row, lengths = make_table(n, d, gen)
+    values, offsets = pack_rows(dense, lengths)
+    scale = bias = None
+    if dtype == "int8":  # symmetric per-row quantisation: value = q * scale (bias 0)
+        rows = torch.repeat_interleave(torch.arange(n), lengths)
+        scale = (dense.abs().amax(1) / 127).clamp(min=1e-12)
+        bias = torch.zeros(n)
+        values = torch.round(values / scale[rows]).to(torch.int8)
+    else:
+        values = values.to(getattr(torch, dtype))
+    emb = nn.Embedding.from_pretrained(dense)
+    bag = nn.EmbeddingBag.from_pretrained(dense, mode="sum")
+    packed = PackedEmbedding(values, offsets, d, scale=scale, bias=bias)
+    packed_bag = PackedEmbeddingBag(values, offsets, d, scale=scale, bias=bias, mode="sum")
+    kept = 100 * values.numel() / (n * d)  # kept values, % of the dense table
+    for dist in ("uniform", "zipf"):
+        for b in batches:
+            ids = sample_ids(dist, b, rank_to_row, gen)
+            bag_ids = sample_ids(dist, b * BAG_LEN, rank_to_row, gen)
+            bag_offsets = torch.arange(b) * BAG_LEN
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                r_emb, us_emb = time_pair(partial(packed, ids), partial(emb, ids), repeats)
+                r_bag, us_bag = time_pair(partial(packed_bag, bag_ids, bag_offsets),
+                                          partial(bag, bag_ids, bag_offsets), repeats)
+                print(f"{d:>4} {b:>6} {dist:>8} {threads:>3} {kept:>6.1f} {r_emb:>10.3f} "
+                      f"{us_emb:>9.1f} {r_bag:>9.3f} {us_bag:>9.1f}", flush=True)
+                yield r_emb, r_bag
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small grid: N=100k, fewer cells")
+    parser.add_argument("--rows", type=int, default=None, help="N (default 1M, 100k with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed samples per cell")
+    parser.add_argument("--dtype", default="float32",
+                        choices=["float32", "float16", "bfloat16", "int8"],
+                        help="packed values dtype (the torch baseline stays float32)")
+    args = parser.parse_args()
+    n = args.rows or (100_000 if args.quick else 1_000_000)
+    dims = (16, 128) if args.quick else (16, 64, 128)
+    batches = (512, 4096) if args.quick else (512, 4096, 65536)
+    repeats = args.repeats or (5 if args.quick else 9)
+    load_kernel()
+    gen = torch.Generator().manual_seed(0)
+    print(f"N={n} bag_len={BAG_LEN} values={args.dtype} repeats={repeats} "
+          f"torch={torch.__version__} cpu_capability={torch.backends.cpu.get_cpu_capability()}")
+    print("ratio = time(packed) / time(torch); < 1 is faster")
+    print("torch_us = median time of one torch call (microseconds)")
+    print(f"{'D':>4} {'B':>6} {'ids':>8} {'thr':>3} {'kept%':>6} {'embedding':>10} "
+          f"{'torch_us':>9} {'bag(sum)':>9} {'torch_us':>9}")
+    ratios: dict[str, list[float]] = {"embedding": [], "bag(sum)": []}
+    with torch.inference_mode():
+        for d in dims:
+            for r_emb, r_bag in bench_dim(n, d, batches, args.dtype, repeats, gen):
+                ratios["embedding"].append(r_emb)
+                ratios["bag(sum)"].append(r_bag)
+            gc.collect()
+    for op, rs in ratios.items():
+        geo = math.exp(statistics.fmean(math.log(r) for r in rs))
+        print(f"{op}: median {statistics.median(rs):.3f}  max {max(rs):.3f}  "
+              f"geomean {geo:.3f}  over {len(rs)} cells")
+
+
+if __name__ == "__main__":
+    main()

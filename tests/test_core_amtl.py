@@ -1,0 +1,302 @@
+"""The AMTL layer: masks (Eq. 1, 4-8), twins weighting (Eq. 2-3), warm start, persistence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amtl_compress.core.amtl import AMTL, AMTLConfig
+from amtl_compress.core.frequency import frequency_features
+from amtl_compress.errors import DataError
+
+D = 8
+
+
+def counts_fixture() -> torch.Tensor:
+    """int64 (40,) with repeated counts (U < N) and unseen rows."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(40, generator=g) ** 3 * 200).long()
+
+
+def scrambled(config: AMTLConfig | None = None, seed: int = 0) -> AMTL:
+    """An AMTL layer whose last layers are random, so rows get different lengths."""
+    torch.manual_seed(seed)
+    layer = AMTL(counts_fixture(), D, config or AMTLConfig())
+    with torch.no_grad():
+        for branch in (layer.h_aml, layer.l_aml):
+            if branch is not None:
+                branch[-1].weight.normal_(0, 2.0)
+                branch[-1].bias.normal_(0, 2.0)
+    return layer
+
+
+def is_prefix_mask(m: torch.Tensor, length: torch.Tensor) -> bool:
+    want = (torch.arange(m.shape[-1]) < length.unsqueeze(-1)).to(m.dtype)
+    return torch.equal(m, want)
+
+
+# ---- Eq. 1/6: prefix masks --------------------------------------------------------------
+
+
+def test_hard_mask_is_a_prefix_of_length_argmax_plus_one() -> None:
+    layer = scrambled().eval()
+    ids = torch.arange(40).reshape(5, 8)
+    m = layer.mask(ids)
+    assert m.shape == (5, 8, D) and m.dtype == torch.float32
+    lengths = layer.lengths()
+    assert lengths.dtype == torch.int64 and lengths.shape == (40,)
+    assert is_prefix_mask(m, lengths[ids])
+    argmax = layer.logits(layer.freq_index).argmax(-1)
+    assert torch.equal(lengths, argmax + 1)
+    assert len(set(lengths.tolist())) > 1  # the check is not vacuous
+    assert lengths.min() >= 1 and lengths.max() <= D
+
+
+def test_ste_forward_equals_hard_mask_exactly_and_has_gradients() -> None:
+    layer = scrambled().train()
+    ids = torch.randint(0, 40, (64,))
+    m = layer.mask(ids)
+    assert m.requires_grad
+    assert is_prefix_mask(m.detach(), layer.lengths()[ids])
+    # Eq. 8: the backward pass is that of the soft mask built from t_hat (Eq. 7)
+    weights = torch.randn(64, D)
+    (m * weights).sum().backward()
+    ste_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    freq = layer.freq_index[ids]
+    t_hat = torch.softmax(layer.logits(freq) / layer.temperature, -1)
+    soft = t_hat.flip(-1).cumsum(-1).flip(-1)
+    (soft * weights).sum().backward()
+    for ste, ref in zip(ste_grads, [p.grad for p in layer.parameters()], strict=True):
+        torch.testing.assert_close(ste, ref)
+
+
+def test_nste_forward_is_the_soft_mask_and_eval_is_hard() -> None:
+    layer = scrambled(AMTLConfig(straight_through=False), seed=1).train()
+    layer.temperature = 0.7
+    ids = torch.arange(40)
+    m = layer.mask(ids)
+    t_hat = torch.softmax(layer.logits(layer.freq_index) / 0.7, -1)
+    want = torch.stack([t_hat[:, j:].sum(-1) for j in range(D)], dim=-1)  # m_j = P(k >= j)
+    torch.testing.assert_close(m, want)
+    assert not torch.equal(m, (m > 0.5).float())  # really soft
+    layer.eval()
+    assert is_prefix_mask(layer.mask(ids), layer.lengths())
+
+
+def test_gradients_reach_both_branches() -> None:
+    layer = scrambled().train()
+    (layer.mask(torch.arange(40)) * torch.randn(40, D)).sum().backward()
+    for branch in (layer.h_aml, layer.l_aml):
+        assert branch[-1].weight.grad.abs().sum() > 0
+        assert branch[0].weight.grad.abs().sum() > 0
+
+
+def test_single_branch_ablation_has_one_branch() -> None:
+    layer = scrambled(AMTLConfig(twins=False))
+    assert layer.l_aml is None
+    assert all(name.startswith("h_aml.") for name, _ in layer.named_parameters())
+    u = torch.arange(layer.num_frequencies)
+    torch.testing.assert_close(layer.logits(u), layer.h_aml(layer.features))
+    (layer.mask(torch.arange(40)) * torch.randn(40, D)).sum().backward()
+    assert layer.h_aml[-1].weight.grad.abs().sum() > 0
+
+
+# ---- Eq. 2-3: twins weighted by alpha ------------------------------------------------------
+
+
+def test_alpha_increases_with_count() -> None:
+    layer = AMTL(counts_fixture(), D)
+    order = torch.argsort(layer.distinct_counts)
+    alpha = layer.alpha[order]
+    assert torch.all(alpha[1:] > alpha[:-1])
+    assert torch.all((alpha > 0) & (alpha < 1))
+
+
+def test_logits_are_alpha_weighted_branches() -> None:
+    layer = scrambled()
+    u = torch.tensor([0, 3, 5])
+    s = layer.features[u]
+    a = layer.alpha[u].unsqueeze(1)
+    want = a * layer.h_aml(s) + (1 - a) * layer.l_aml(s)
+    got = layer.logits(u)
+    assert got.shape == (3, D)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(layer.h_aml(s), layer.l_aml(s))  # the weighting matters
+
+
+# ---- warm start ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [1, 2, 16, 512])
+@pytest.mark.parametrize("config", [AMTLConfig(), AMTLConfig(twins=False, hidden_dims=())])
+def test_warm_start_is_full_length(dim: int, config: AMTLConfig) -> None:
+    counts = torch.cat([torch.zeros(5, dtype=torch.long), torch.randint(1, 10**6, (200,))])
+    layer = AMTL(counts, dim, config)
+    assert torch.equal(layer.lengths(), torch.full((205,), dim))
+    assert layer.realized_ratio() == 1.0
+    for training in (True, False):
+        layer.train(training)
+        assert torch.equal(layer.mask(torch.arange(205)), torch.ones(205, dim))
+
+
+def test_warm_start_gradient_reaches_last_layer_weights() -> None:
+    layer = AMTL(counts_fixture(), D).train()
+    layer.expected_ratio().backward()
+    assert layer.h_aml[-1].weight.grad.abs().sum() > 0
+    assert layer.l_aml[-1].weight.grad.abs().sum() > 0
+
+
+def test_init_margin_sets_the_logit_ramp() -> None:
+    layer = AMTL(counts_fixture(), 5, AMTLConfig(init_margin=2.0))
+    logits = layer.logits(torch.arange(layer.num_frequencies))
+    ramp = 2.0 * torch.log1p(torch.arange(5.0)) / torch.log(torch.tensor(5.0))
+    torch.testing.assert_close(logits, ramp.expand_as(logits))
+    steps = ramp.diff()
+    assert torch.all(steps > 0) and torch.all(steps.diff() < 0)  # increasing, concave
+
+
+# ---- only distinct frequencies go through the MLPs ----------------------------------------
+
+
+def test_mask_runs_branches_only_on_distinct_frequencies() -> None:
+    layer = scrambled()
+    seen: list[int] = []
+    layer.h_aml[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    layer.l_aml[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    ids = torch.tensor([[3, 3, 3, 7], [7, 3, 12, 3]])
+    distinct = torch.unique(layer.freq_index[ids]).numel()
+    m = layer.mask(ids)
+    assert seen == [distinct, distinct]
+    assert m.shape == (2, 4, D)
+    torch.testing.assert_close(m[0, 0], m[1, 3])  # gathered back per id
+
+
+def test_expected_and_realized_ratio_are_row_weighted() -> None:
+    layer = scrambled()
+    lengths = layer.lengths()
+    assert layer.realized_ratio() == pytest.approx(lengths.sum().item() / (40 * D))
+    t_hat = torch.softmax(layer.logits(layer.freq_index) / layer.temperature, -1)
+    per_row = (t_hat * torch.arange(1, D + 1)).sum(-1) / D
+    ratio = layer.expected_ratio()
+    assert ratio.requires_grad
+    assert ratio.item() == pytest.approx(per_row.mean().item(), rel=1e-5)
+
+
+def test_temperature_is_validated_and_used() -> None:
+    layer = scrambled()
+    hot = layer.expected_ratio().item()
+    layer.temperature = 0.01
+    cold = layer.expected_ratio().item()
+    assert cold == pytest.approx(layer.realized_ratio(), abs=1e-3)  # T -> 0: soft == hard
+    assert hot != pytest.approx(cold, abs=1e-3)
+    with pytest.raises(ValueError, match="temperature"):
+        layer.temperature = 0.0
+
+
+# ---- frequency features ---------------------------------------------------------------------
+
+
+def test_frequency_table_groups_rows_by_count() -> None:
+    counts = torch.tensor([5, 0, 5, 2, 0, 0, 9])
+    table = frequency_features(counts)
+    assert table.counts.tolist() == [0, 2, 5, 9]
+    assert table.rows_per_freq.tolist() == [3, 1, 2, 1]
+    assert torch.equal(table.counts[table.freq_index], counts)
+    assert table.features.shape == (4, 3) and table.features.dtype == torch.float32
+    assert table.alpha.dtype == torch.float32
+    w = table.rows_per_freq.double() / 7
+    # columns standardised over the rows
+    mean = (w[:, None] * table.features.double()).sum(0)
+    std = (w[:, None] * (table.features.double() - mean) ** 2).sum(0).sqrt()
+    torch.testing.assert_close(mean, torch.zeros(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(std, torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    # ranks: increasing with count; unseen flag only on count 0
+    assert torch.all(table.features[1:, 1] > table.features[:-1, 1])
+    assert table.features[0, 2] > 0 and torch.all(table.features[1:, 2] < 0)
+    # alpha = sigmoid(standardised log(1 + q)) (Eq. 3)
+    x = torch.log1p(table.counts.double())
+    z = (x - (w * x).sum()) / (w * (x - (w * x).sum()) ** 2).sum().sqrt()
+    torch.testing.assert_close(table.alpha, torch.sigmoid(z).float())
+
+
+def test_alpha_is_spread_around_half_for_power_law_counts() -> None:
+    counts = (10**5 / torch.arange(1, 5001, dtype=torch.float64) ** 1.1).long()
+    alpha = frequency_features(counts).alpha[frequency_features(counts).freq_index]
+    assert 0.3 < alpha.median() < 0.7
+    assert alpha.quantile(0.1) < 0.3 and alpha.quantile(0.9) > 0.7
+
+
+def test_one_distinct_count_gives_alpha_half_and_zero_features() -> None:
+    table = frequency_features(torch.full((6,), 3))
+    assert table.alpha.tolist() == [0.5]
+    assert torch.equal(table.features, torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize(
+    ("counts", "culprit"),
+    [
+        (torch.tensor([1.0, 2.0]), "integer dtype"),
+        (torch.tensor([[1, 2]]), "1-D"),
+        (torch.tensor([], dtype=torch.long), "non-empty"),
+        (torch.tensor([3, -1]), "non-negative"),
+    ],
+)
+def test_bad_counts_raise_data_error(counts: torch.Tensor, culprit: str) -> None:
+    with pytest.raises(DataError, match=culprit):
+        AMTL(counts, D)
+
+
+# ---- config and persistence ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AMTLConfig(),
+        AMTLConfig(hidden_dims=(), twins=False, straight_through=False, temperature=0.3),
+        AMTLConfig(hidden_dims=(64, 16, 8), init_margin=0.5),
+    ],
+)
+def test_config_json_round_trip(config: AMTLConfig) -> None:
+    back = AMTLConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert back == config
+    assert isinstance(back.hidden_dims, tuple)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "culprit"),
+    [
+        ({"hidden_dims": (32, 0)}, "hidden_dims"),
+        ({"hidden_dims": (32.0,)}, "hidden_dims"),
+        ({"twins": 1}, "twins"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"init_margin": -1.0}, "init_margin"),
+        ({"version": 2}, "version"),
+    ],
+)
+def test_config_validation(kwargs: dict, culprit: str) -> None:
+    with pytest.raises(ValueError, match=culprit):
+        AMTLConfig(**kwargs)
+
+
+def test_config_from_dict_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="tau"):
+        AMTLConfig.from_dict({"tau": 1.0})
+
+
+def test_state_dict_round_trip_restores_params_and_buffers() -> None:
+    layer = scrambled().eval()
+    state = layer.state_dict()
+    assert {"freq_index", "alpha", "features", "rows_per_freq", "distinct_counts"} <= set(state)
+    fresh = AMTL(counts_fixture(), D).eval()
+    assert not torch.equal(fresh.lengths(), layer.lengths())
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.lengths(), layer.lengths())
+    ids = torch.arange(40)
+    assert torch.equal(fresh.mask(ids), layer.mask(ids))
+    for name, tensor in state.items():
+        assert torch.equal(fresh.state_dict()[name], tensor)

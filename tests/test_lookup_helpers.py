@@ -1,0 +1,68 @@
+"""Shared builders and comparisons for the tests/test_lookup_*.py files (no tests here)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from amtl_compress.lookup import pack_rows
+
+
+def assert_bitwise(actual: Tensor, expected: Tensor) -> None:
+    """Equal bit patterns (so -0.0 != +0.0); two NaNs match whatever their payload."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype == torch.float32
+    both_nan = actual.isnan() & expected.isnan()
+    a = actual.view(torch.int32)[~both_nan]
+    e = expected.view(torch.int32)[~both_nan]
+    if not torch.equal(a, e):
+        bad = (a != e).nonzero()[:5].flatten().tolist()
+        raise AssertionError(f"{int((a != e).sum())} elements differ, e.g. flat positions {bad}: "
+                             f"{actual.flatten()[~both_nan.flatten()][bad].tolist()} vs "
+                             f"{expected.flatten()[~both_nan.flatten()][bad].tolist()}")
+
+
+def random_table(n: int, d: int, seed: int, *, specials: bool = False,
+                 min_length: int = 1) -> tuple[Tensor, Tensor]:
+    """(weight (N, D) float32, lengths (N,) int64 in [min_length, D]).
+
+    With ``specials`` some kept values are -0.0, +-inf or NaN, to pin down the sign-of-zero and
+    non-finite behaviour.
+    """
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, d, generator=g)
+    if specials:
+        pick = torch.rand(n, d, generator=g)
+        weight[pick < 0.08] = -0.0
+        weight[(pick >= 0.08) & (pick < 0.1)] = float("inf")
+        weight[(pick >= 0.1) & (pick < 0.11)] = float("-inf")
+        weight[(pick >= 0.11) & (pick < 0.12)] = float("nan")
+    lengths = torch.randint(min_length, d + 1, (n,), generator=g)
+    return weight, lengths
+
+
+def dense_of(values: Tensor, offsets: Tensor, d: int, scale: Tensor | None = None,
+             bias: Tensor | None = None) -> Tensor:
+    """The dense (N, D) float32 table a packed table stands for: dequantised prefix, +0.0 tail."""
+    n = offsets.numel() - 1
+    lengths = offsets[1:] - offsets[:-1]
+    keep = torch.arange(d) < lengths[:, None]
+    dense = torch.zeros(n, d)
+    kept = values.float()
+    if scale is not None and bias is not None:
+        rows = torch.repeat_interleave(torch.arange(n), lengths)
+        kept = kept * scale[rows] + bias[rows]
+    dense[keep] = kept
+    return dense
+
+
+def packed(weight: Tensor, lengths: Tensor, dtype: torch.dtype = torch.float32, seed: int = 0
+           ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(values, offsets, scale, bias) of ``weight`` kept to ``lengths`` in ``dtype``."""
+    values, offsets = pack_rows(weight, lengths)
+    if dtype == torch.int8:
+        g = torch.Generator().manual_seed(seed)
+        n = lengths.numel()
+        q = torch.randint(-128, 128, (values.numel(),), generator=g, dtype=torch.int8)
+        return q, offsets, torch.rand(n, generator=g) * 0.1, torch.randn(n, generator=g)
+    return values.to(dtype), offsets, None, None

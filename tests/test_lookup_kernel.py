@@ -1,0 +1,227 @@
+"""The compiled kernel == the pure-torch reference == torch on the dense zero-tailed table.
+
+float32 is compared bitwise (-0.0 vs +0.0 counts, NaN payloads do not); float16/bfloat16/int8 are
+compared bitwise against torch on the dequantised dense table. Every vector ISA of the kernel is
+exercised through AMTL_COMPRESS_ISA (on a CPU without one, the cap falls back to the best there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_lookup_helpers import assert_bitwise, dense_of, packed, random_table
+
+from amtl_compress.lookup import ops
+from amtl_compress.lookup.reference import (
+    packed_embedding_bag_reference,
+    packed_embedding_reference,
+)
+
+ISAS = ("portable", "avx2", "avx512")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel() -> None:
+    ops.load_kernel()  # the first run builds it (~1 min), later runs load the cache
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("AMTL_COMPRESS_ISA", request.param)
+    return request.param
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> dict:
+    n = draw(st.integers(1, 40))
+    d = draw(st.sampled_from([1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 70, 129]))
+    return {"n": n, "d": d, "seed": draw(st.integers(0, 2**31 - 1)),
+            "specials": draw(st.booleans()), "min_length": draw(st.sampled_from([0, 1]))}
+
+
+@st.composite
+def bags(draw: st.DrawFn, n: int) -> dict:
+    """Jagged bags over ids in [0, n): repeated ids, empty bags, maybe include_last_offset."""
+    sizes = draw(st.lists(st.integers(0, 12), min_size=0, max_size=12))
+    ids = draw(st.lists(st.integers(0, n - 1), min_size=sum(sizes), max_size=sum(sizes)))
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    include_last = draw(st.booleans())
+    offsets = starts if include_last else starts[:-1]
+    return {"input": torch.tensor(ids, dtype=torch.int64),
+            "offsets": torch.tensor(offsets, dtype=torch.int64), "include_last": include_last}
+
+
+def _table(t: dict, dtype: torch.dtype = torch.float32):
+    weight, lengths = random_table(t["n"], t["d"], t["seed"], specials=t["specials"],
+                                   min_length=t["min_length"])
+    values, offsets, scale, bias = packed(weight, lengths, dtype, seed=t["seed"])
+    return values, offsets, scale, bias, dense_of(values, offsets, t["d"], scale, bias)
+
+
+@SETTINGS
+@given(t=tables(), data=st.data())
+def test_embedding_matches_reference_and_dense(isa: str, t: dict, data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES))
+    values, offsets, scale, bias, dense = _table(t, dtype)
+    shape = data.draw(st.sampled_from([(0,), (5,), (3, 4), (2, 3, 2), ()]))
+    ids = torch.randint(0, t["n"], shape, generator=torch.Generator().manual_seed(t["seed"]))
+    ids = ids.to(data.draw(st.sampled_from([torch.int64, torch.int32])))
+    out = ops.packed_embedding(values, offsets, scale, bias, ids, t["d"])
+    assert out.shape == (*shape, t["d"])
+    assert_bitwise(out, F.embedding(ids, dense))
+    assert_bitwise(out, packed_embedding_reference(values, offsets, scale, bias, ids, t["d"]))
+
+
+@SETTINGS
+@given(t=tables(), data=st.data())
+def test_bag_matches_reference_and_dense(isa: str, t: dict, data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES))
+    values, offsets, scale, bias, dense = _table(t, dtype)
+    b = data.draw(bags(t["n"]))
+    mode = data.draw(st.sampled_from(["sum", "mean", "max"]))
+    padding_idx = data.draw(st.one_of(st.none(), st.integers(0, t["n"] - 1)))
+    weights = None
+    if mode == "sum" and data.draw(st.booleans()):
+        g = torch.Generator().manual_seed(t["seed"] + 1)
+        weights = torch.randn(b["input"].numel(), generator=g)
+        if t["specials"] and weights.numel():  # signed zeros and non-finite weights
+            weights[::3] = -0.0
+            weights[1::7] = float("inf")
+    ids = b["input"].to(data.draw(st.sampled_from([torch.int64, torch.int32])))
+    args = (ids, b["offsets"], weights, mode, t["d"], padding_idx, b["include_last"])
+    out = ops.packed_embedding_bag(values, offsets, scale, bias, *args)
+    expected = F.embedding_bag(ids.long(), dense, b["offsets"], mode=mode,
+                               per_sample_weights=weights, padding_idx=padding_idx,
+                               include_last_offset=b["include_last"])
+    assert_bitwise(out, expected)
+    assert_bitwise(out, packed_embedding_bag_reference(values, offsets, scale, bias, *args))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_chunks_match_dense(isa: str, threads: int) -> None:
+    # Enough work for several parallel chunks, so chunk edges (and prefetch limits) are crossed.
+    weight, lengths = random_table(3000, 24, seed=7)
+    values, offsets, _, _ = packed(weight, lengths)
+    dense = dense_of(values, offsets, 24)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 3000, (20_000,), generator=g)
+    bag_offsets = torch.sort(torch.randint(0, 20_001, (900,), generator=g)).values
+    bag_offsets[0] = 0
+    weights = torch.randn(20_000, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_bitwise(ops.packed_embedding(values, offsets, None, None, ids, 24),
+                       F.embedding(ids, dense))
+        for mode, w in (("sum", None), ("sum", weights), ("mean", None), ("max", None)):
+            out = ops.packed_embedding_bag(values, offsets, None, None, ids, bag_offsets, w, mode,
+                                           24, None, False)
+            assert_bitwise(out, F.embedding_bag(ids, dense, bag_offsets, mode=mode,
+                                                per_sample_weights=w))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_weighted_sum_mirrors_both_torch_roundings() -> None:
+    # -1 * 1 + (1 + 2^-23) * (1 - 2^-24): fused (fma) keeps the residue 2^-24 - 2^-47, a separate
+    # multiply rounds the product to 1.0 first and the sum is 0. torch fuses without padding_idx
+    # and not with it; the kernel must follow both.
+    values = torch.tensor([-1.0, 1.0 + 2**-23, 0.0])
+    offsets = torch.tensor([0, 1, 2, 3])
+    dense = dense_of(values, offsets, 1)
+    ids, bag_offsets = torch.tensor([0, 1]), torch.tensor([0])
+    w = torch.tensor([1.0, 1.0 - 2**-24])
+    results = {}
+    for pad in (None, 2):  # row 2 is never looked up: only the arithmetic path changes
+        out = ops.packed_embedding_bag(values, offsets, None, None, ids, bag_offsets, w, "sum", 1,
+                                       pad, False)
+        assert_bitwise(out, F.embedding_bag(ids, dense, bag_offsets, mode="sum",
+                                            per_sample_weights=w, padding_idx=pad))
+        results[pad] = out.item()
+    assert results == {None: 2**-24 - 2**-47, 2: 0.0}
+
+
+def test_out_of_range_ids_raise_index_error(isa: str) -> None:
+    values, offsets = torch.ones(6), torch.tensor([0, 2, 6])
+    for bad in (torch.tensor([0, 2]), torch.tensor([-1]), torch.tensor([1, 2**40])):
+        with pytest.raises(IndexError, match=r"outside \[0, 2\)"):
+            ops.packed_embedding(values, offsets, None, None, bad, 4)
+        with pytest.raises(IndexError, match=r"outside \[0, 2\)"):
+            ops.packed_embedding_bag(values, offsets, None, None, bad, torch.tensor([0]), None,
+                                     "sum", 4, None, False)
+    with pytest.raises(IndexError, match="id 5 at position 1"):  # the first bad position
+        ops.packed_embedding(values, offsets, None, None, torch.tensor([0, 5, -3, 9]), 4)
+
+
+@pytest.mark.parametrize("corrupt", [
+    [0, 2, 10**12],        # end far past len(values)
+    [0, 2, 7],             # end one past len(values)
+    [0, -4, 6],            # negative start
+    [0, 5, 3],             # decreasing (negative length)
+    [0, 1, 6],             # length 5 > D = 4
+    [-(2**62), 2, 6],      # start far below 0
+])
+def test_corrupt_offsets_raise_without_reading_out_of_bounds(isa: str, corrupt: list) -> None:
+    values, offsets = torch.ones(6), torch.tensor(corrupt)
+    ids = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        ops.packed_embedding(values, offsets, None, None, ids, 4)
+    for mode in ("sum", "max"):
+        with pytest.raises(ValueError, match="corrupt offsets for row"):
+            ops.packed_embedding_bag(values, offsets, None, None, ids, torch.tensor([0, 2]), None,
+                                     mode, 4, None, False)
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        packed_embedding_reference(values, offsets, None, None, ids, 4)
+
+
+def test_corrupt_int8_table_never_indexes_scale_with_a_bad_id() -> None:
+    q, offsets = torch.ones(6, dtype=torch.int8), torch.tensor([0, 2, 6])
+    scale, bias = torch.ones(2), torch.zeros(2)
+    with pytest.raises(IndexError):
+        ops.packed_embedding(q, offsets, scale, bias, torch.tensor([2**40]), 4)
+
+
+@pytest.mark.parametrize("bag_offsets, include_last, match", [
+    ([1, 2], False, "offsets\\[0\\] must be 0"),
+    ([0, 3, 2], False, "non-decreasing"),
+    ([0, 5], False, "must be <= len\\(input\\) = 4"),
+    ([0, 2, 3], True, "must equal len\\(input\\) = 4"),
+    ([], True, "at least 1 element"),
+])
+def test_bad_bag_offsets_raise_value_error(bag_offsets: list, include_last: bool,
+                                           match: str) -> None:
+    values, offsets = torch.ones(6), torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match=match):
+        ops.packed_embedding_bag(values, offsets, None, None, torch.tensor([0, 1, 1, 0]),
+                                 torch.tensor(bag_offsets, dtype=torch.int64), None, "sum", 4,
+                                 None, include_last)
+
+
+def test_argument_errors() -> None:
+    values, offsets = torch.ones(6), torch.tensor([0, 2, 6])
+    ids, bag_offsets = torch.tensor([0, 1]), torch.tensor([0])
+    with pytest.raises(NotImplementedError, match="only supported for mode='sum'"):
+        ops.packed_embedding_bag(values, offsets, None, None, ids, bag_offsets, torch.ones(2),
+                                 "mean", 4, None, False)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ops.packed_embedding_bag(values, offsets, None, None, ids, bag_offsets, None, "min", 4,
+                                 None, False)
+    with pytest.raises(ValueError, match="padding_idx must be in"):
+        ops.packed_embedding_bag(values, offsets, None, None, ids, bag_offsets, None, "sum", 4,
+                                 2, False)
+    with pytest.raises(TypeError, match="int8 `values` need"):
+        ops.packed_embedding(values.to(torch.int8), offsets, None, None, ids, 4)
+    with pytest.raises(TypeError, match="only used with int8"):
+        ops.packed_embedding(values, offsets, torch.ones(2), torch.ones(2), ids, 4)
+    with pytest.raises(TypeError, match="contiguous 1-D"):
+        ops.packed_embedding(torch.ones(12)[::2], offsets, None, None, ids, 4)
+    with pytest.raises(TypeError, match="ids must be int32 or int64"):
+        ops.packed_embedding(values, offsets, None, None, ids.float(), 4)

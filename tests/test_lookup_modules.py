@@ -1,0 +1,207 @@
+"""PackedEmbedding / PackedEmbeddingBag: drop-in behaviour, errors, buffers, state_dict, mmap."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from test_lookup_helpers import assert_bitwise, dense_of, packed, random_table
+from torch import nn
+
+from amtl_compress.errors import PackedFormatError
+from amtl_compress.lookup import PackedEmbedding, PackedEmbeddingBag, ops
+
+
+def _modules(n: int = 30, d: int = 12, seed: int = 0, **bag_kwargs):
+    weight, lengths = random_table(n, d, seed)
+    values, offsets, _, _ = packed(weight, lengths)
+    dense = dense_of(values, offsets, d)
+    return (PackedEmbedding(values, offsets, d, name="embeddings.user_id"),
+            PackedEmbeddingBag(values, offsets, d, name="embeddings.items", **bag_kwargs), dense)
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(ops.KERNEL_ENV, request.param)
+    monkeypatch.setattr(ops, "_warned_reference", True)  # the warning has its own test
+    return request.param
+
+
+@settings(max_examples=25, deadline=None)
+@given(bag_len=st.integers(0, 6), bags=st.integers(0, 7), seed=st.integers(0, 1000),
+       mode=st.sampled_from(["sum", "mean", "max"]), padding_idx=st.sampled_from([None, 3, -1]))
+def test_2d_input_pools_fixed_length_bags_like_torch(bag_len: int, bags: int, seed: int,
+                                                     mode: str, padding_idx: int | None) -> None:
+    _, bag, dense = _modules(mode=mode, padding_idx=padding_idx)
+    ids = torch.randint(0, 30, (bags, bag_len), generator=torch.Generator().manual_seed(seed))
+    expected = nn.EmbeddingBag.from_pretrained(dense, mode=mode, padding_idx=padding_idx)
+    if bag_len == 0:  # torch cannot build offsets for 0-length bags; ours gives zero rows
+        assert torch.equal(bag(ids), torch.zeros(bags, 12))
+    else:
+        assert_bitwise(bag(ids), expected(ids))
+
+
+def test_embedding_is_a_drop_in_for_nn_embedding(kernel: str) -> None:
+    emb, _, dense = _modules()
+    ids = torch.tensor([[0, 29, 5], [5, 5, 1]], dtype=torch.int32)
+    assert_bitwise(emb(ids), nn.Embedding.from_pretrained(dense)(ids))
+    assert emb.num_embeddings == 30 and emb.embedding_dim == 12
+    assert torch.equal(emb.lengths, emb.offsets[1:] - emb.offsets[:-1])
+    assert list(emb.parameters()) == []
+    assert {name for name, _ in emb.named_buffers()} == {"values", "offsets"}
+
+
+def test_bag_forward_matches_nn_embedding_bag(kernel: str) -> None:
+    _, bag, dense = _modules(mode="sum", include_last_offset=True)
+    ids, offsets = torch.tensor([1, 2, 2, 7, 0]), torch.tensor([0, 2, 2, 5])
+    w = torch.rand(5)
+    ref = nn.EmbeddingBag.from_pretrained(dense, mode="sum", include_last_offset=True)
+    assert_bitwise(bag(ids, offsets), ref(ids, offsets))
+    assert_bitwise(bag(ids, offsets, per_sample_weights=w), ref(ids, offsets, w))
+    assert torch.equal(bag(ids, offsets)[1], torch.zeros(12))  # the empty bag
+
+
+def test_negative_padding_idx_counts_from_the_end(kernel: str) -> None:
+    _, bag, dense = _modules(mode="mean", padding_idx=-1)
+    assert bag.padding_idx == 29
+    ids, offsets = torch.tensor([29, 3, 29, 29]), torch.tensor([0, 2])
+    ref = nn.EmbeddingBag.from_pretrained(dense, mode="mean", padding_idx=-1)
+    assert_bitwise(bag(ids, offsets), ref(ids, offsets))
+    assert torch.equal(bag(ids, offsets)[1], torch.zeros(12))  # a bag of only padding
+
+
+def test_out_of_range_ids_name_the_table(kernel: str) -> None:
+    emb, bag, _ = _modules()
+    with pytest.raises(IndexError, match=r"table `embeddings.user_id`: id 30 is outside \[0, 30\)"):
+        emb(torch.tensor([3, 30, 31]))
+    with pytest.raises(IndexError, match=r"table `embeddings.items`: id -2 is outside \[0, 30\)"):
+        bag(torch.tensor([-2, 4]), torch.tensor([0]))
+
+
+def test_forward_errors_match_torch_wording(kernel: str) -> None:
+    _, bag, _ = _modules(mode="mean")
+    ids = torch.tensor([1, 2, 3])
+    with pytest.raises(NotImplementedError, match="only supported for mode='sum'"):
+        bag(ids, torch.tensor([0]), per_sample_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="offsets has to be a 1D Tensor but got None"):
+        bag(ids)
+    with pytest.raises(ValueError, match="if input is 2D, then offsets has to be None"):
+        bag(ids.view(1, 3), torch.tensor([0]))
+    with pytest.raises(ValueError, match="must have the same shape as the input"):
+        bag(ids, torch.tensor([0]), per_sample_weights=torch.ones(2))
+    with pytest.raises(ValueError, match="input has to be 1D or 2D"):
+        bag(ids.view(1, 1, 3))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda v, o, s, b: (v, o[:-1], s, b), "must start at 0 and end at len\\(values\\)"),
+    (lambda v, o, s, b: (v, o.flip(0), s, b), "must start at 0"),
+    (lambda v, o, s, b: (v, torch.tensor([0, 13, 12, 24]), s, b), "non-decreasing, row 1"),
+    (lambda v, o, s, b: (v, torch.tensor([0, 13, 14, 24]), s, b), "row 0 keeps 13 values"),
+    (lambda v, o, s, b: (v, o.int(), s, b), "`offsets` must be a non-empty 1-D int64"),
+    (lambda v, o, s, b: (v.double(), o, s, b), "`values` must be a 1-D"),
+    (lambda v, o, s, b: (v.to(torch.int8), o, s, b), "int8 `values` need `scale`"),
+    (lambda v, o, s, b: (v, o, torch.ones(3), torch.ones(3)), "only used with int8"),
+])
+def test_invalid_tables_raise_packed_format_error(change, match: str) -> None:
+    values, offsets = torch.arange(24.0), torch.tensor([0, 10, 12, 24])
+    v, o, s, b = change(values, offsets, None, None)
+    with pytest.raises(PackedFormatError, match=f"table `t`: .*{match}"):
+        PackedEmbedding(v, o, 12, scale=s, bias=b, name="t")
+
+
+def test_state_dict_round_trip_takes_incoming_sizes(tmp_path) -> None:
+    src_emb, src_bag, dense = _modules(n=30, d=12, seed=1, mode="max")
+    dst_emb, dst_bag, _ = _modules(n=7, d=12, seed=2, mode="max")
+    save_file(src_bag.state_dict(), tmp_path / "bag.safetensors")
+    dst_bag.load_state_dict(load_file(tmp_path / "bag.safetensors"))
+    dst_emb.load_state_dict(src_emb.state_dict())
+    ids, offsets = torch.tensor([29, 0, 3, 3]), torch.tensor([0, 1])
+    assert dst_bag.num_embeddings == 30
+    assert_bitwise(dst_bag(ids, offsets), F.embedding_bag(ids, dense, offsets, mode="max"))
+    assert_bitwise(dst_emb(ids), F.embedding(ids, dense))
+
+
+def test_state_dict_switches_dtype_and_reports_key_problems() -> None:
+    weight, lengths = random_table(9, 5, seed=3)
+    q, offsets, scale, bias = packed(weight, lengths, torch.int8)
+    int8 = PackedEmbedding(q, offsets, 5, scale=scale, bias=bias)
+    fp32_emb, _, _ = _modules(n=4, d=5)
+    fp32_emb.load_state_dict(int8.state_dict())  # fp32 module takes an int8 table (+ scale/bias)
+    ids = torch.arange(9)
+    assert_bitwise(fp32_emb(ids), F.embedding(ids, dense_of(q, offsets, 5, scale, bias)))
+    state = int8.state_dict()
+    del state["scale"]
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "scale"'):
+        fp32_emb.load_state_dict(state)
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "extra"'):
+        fp32_emb.load_state_dict({**int8.state_dict(), "extra": torch.ones(1)})
+    bad = {**int8.state_dict(), "offsets": torch.tensor([0, 100])}
+    with pytest.raises(PackedFormatError, match="must start at 0 and end at len"):
+        fp32_emb.load_state_dict(bad)
+    assert_bitwise(fp32_emb(ids), int8(ids))  # a failed load leaves the module as it was
+
+
+def test_nested_state_dict_prefixes() -> None:
+    emb, bag, _ = _modules()
+    model = nn.ModuleDict({"a": emb, "b": bag})
+    fresh = nn.ModuleDict({"a": _modules(n=3)[0], "b": _modules(n=3)[1]})
+    fresh.load_state_dict(model.state_dict())
+    assert fresh["a"].num_embeddings == fresh["b"].num_embeddings == 30
+
+
+@pytest.mark.parametrize("mode", ["r", "c"])
+def test_memory_mapped_values_are_only_read(tmp_path, mode: str) -> None:
+    weight, lengths = random_table(50, 16, seed=4)
+    values, offsets, _, _ = packed(weight, lengths)
+    path = tmp_path / "values.bin"
+    values.numpy().tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode=mode, shape=(values.numel(),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that "r" maps are read-only
+        mapped_values = torch.from_numpy(mapped)
+    emb = PackedEmbedding(mapped_values, offsets, 16)
+    bag = PackedEmbeddingBag(mapped_values, offsets, 16, mode="sum")
+    assert emb.values.data_ptr() == mapped_values.data_ptr()  # no copy was made
+    ids = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(0))
+    dense = dense_of(values, offsets, 16)
+    assert_bitwise(emb(ids), F.embedding(ids, dense))
+    assert_bitwise(bag(ids, torch.tensor([0, 10])),
+                   F.embedding_bag(ids, dense, torch.tensor([0, 10]), mode="sum"))
+    assert np.array_equal(np.fromfile(path, dtype=np.float32), values.numpy())
+
+
+def test_to_device_keeps_buffers_and_results() -> None:
+    emb, bag, dense = _modules()
+    assert emb.to("cpu") is emb and emb.values.device.type == "cpu"
+    ids = torch.tensor([1, 2])
+    assert_bitwise(emb(ids), F.embedding(ids, dense))
+    if torch.cuda.is_available():  # pragma: no cover - exercised on GPU machines only
+        expected = bag(ids, torch.tensor([0]))
+        cuda = bag.to("cuda")
+        assert_bitwise(cuda(ids.cuda(), torch.tensor([0]).cuda()).cpu(), expected)
+
+
+def test_reference_switch_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    emb, _, dense = _modules()
+    monkeypatch.setenv(ops.KERNEL_ENV, "reference")
+    monkeypatch.setattr(ops, "_warned_reference", False)
+    with pytest.warns(RuntimeWarning, match="AMTL_COMPRESS_KERNEL=reference"):
+        emb(torch.tensor([1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_bitwise(emb(torch.tensor([2])), F.embedding(torch.tensor([2]), dense))
+    monkeypatch.setenv(ops.KERNEL_ENV, "fast")
+    with pytest.raises(ops.KernelBuildError, match="must be `compiled` or `reference`"):
+        emb(torch.tensor([1]))
+
+
+def test_repr_names_the_table() -> None:
+    _, bag, _ = _modules(mode="sum")
+    assert "name='embeddings.items'" in repr(bag) and "mode='sum'" in repr(bag)
