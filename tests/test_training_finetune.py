@@ -46,7 +46,8 @@ def test_run_directory_contents(synthetic, baseline, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["before"]) == {"auc", "logloss"} and len(metrics["epochs"]) == 2
     table = metrics["tables"]["embeddings.user_id"]
-    assert table["avg_kept_dim"] == pytest.approx(float(lengths["embeddings.user_id"].double().mean()))
+    expected = float(lengths["embeddings.user_id"].double().mean())
+    assert table["avg_kept_dim"] == pytest.approx(expected)
     config = json.loads((out / "config.json").read_text())
     assert FinetuneConfig.from_dict(config["finetune"]) == _config()
     assert result.metrics == metrics
