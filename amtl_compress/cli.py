@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from amtl_compress._text import format_table
 from amtl_compress.errors import AmtlError
 
 app = typer.Typer(
@@ -65,12 +66,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 
 
 def _echo_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for j, row in enumerate(rows):
-        typer.echo("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                             enumerate(zip(row, widths, strict=True))).rstrip())
-        if j == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    typer.echo(format_table(rows))
 
 
 @_command

@@ -1,7 +1,8 @@
 """``amtl-compress demo``: the whole path on MovieLens-100k in a few minutes on 2 CPU cores.
 
 Train the reference DLRM (the fixed-dimension baseline), fine-tune AMTL on user_id and item_id at
-a memory budget, and compare both on the held-out test split.
+a memory budget, pack the result in float32 and int8, and compare all of them on the held-out
+test split.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from amtl_compress.checkpoint import load_model
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
+from amtl_compress.storage.load import load_packed_model
+from amtl_compress.storage.pack import pack
 from amtl_compress.training.finetune import FinetuneConfig, finetune
 from amtl_compress.training.loop import evaluate
 from amtl_compress.training.train import TrainConfig, train_dlrm
@@ -26,7 +29,12 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
 ) -> list[list[str]]:
-    """Run the demo into ``out``; returns the before/after table as rows of strings."""
+    """Run the demo into ``out``; returns the comparison table as rows of strings.
+
+    Table bytes count the user_id and item_id tables only: dense float32 for the trained and
+    the fine-tuned (masked, not yet packed) models, the packed files' values + offsets (+ int8
+    scale/bias) for the packed ones.
+    """
     out = Path(out)
     source = Path(data_dir) if data_dir is not None else fetch_movielens_100k()
     ctr = build_ctr_dataset(source, out / "data", seed=seed)
@@ -40,19 +48,28 @@ def run_demo(
         FinetuneConfig(fields={f: f for f in DEMO_FIELDS}, target_ratio=target_ratio, seed=seed),
         resume=False, overwrite=True, progress=progress,
     )
+    reports = {
+        dtype: pack(result.run_dir, out / f"packed-{dtype}", dtype=dtype, overwrite=True,
+                    progress=progress)
+        for dtype in ("float32", "int8")
+    }
     test = TabularData.open(ctr.test)
-    rows = [["model (test split)", "AUC", "logloss", *(f"avg dim {f}" for f in DEMO_FIELDS),
-             "memory ratio"]]
-    base_model, _ = load_model(base)
-    dim = ctr.dlrm_config().embedding_dim
-    scores = evaluate(base_model, test.batches(4096))
-    rows.append(["FBE (trained)", f"{scores['auc']:.4f}", f"{scores['logloss']:.4f}",
-                 *(f"{dim:.2f}" for _ in DEMO_FIELDS), "1.000"])
-    tuned, _ = load_model(result.run_dir / "model.safetensors")
-    scores = evaluate(tuned, test.batches(4096))
     tables = result.metrics["tables"]
-    avg = {t["column"]: t["avg_kept_dim"] for t in tables.values()}
-    rows.append([f"AMTL (budget {target_ratio:g})", f"{scores['auc']:.4f}",
-                 f"{scores['logloss']:.4f}", *(f"{avg[f]:.2f}" for f in DEMO_FIELDS),
-                 f"{result.metrics['memory_ratio']:.3f}"])
+    dense_bytes = sum(t["rows"] * t["dim"] * 4 for t in tables.values())
+    avg = {t["column"]: f"{t['avg_kept_dim']:.2f}" for t in tables.values()}
+    dim = str(ctr.dlrm_config().embedding_dim)
+    models = [
+        ("FBE (trained)", load_model(base)[0], [dim] * len(DEMO_FIELDS), dense_bytes),
+        (f"AMTL (budget {target_ratio:g})", load_model(result.run_dir / "model.safetensors")[0],
+         [avg[f] for f in DEMO_FIELDS], dense_bytes),
+    ]
+    for dtype, report in reports.items():
+        models.append((f"  packed {dtype}", load_packed_model(report.out_dir),
+                       [avg[f] for f in DEMO_FIELDS], report.bytes_after))
+    rows = [["model (test split)", "AUC", "logloss", *(f"avg dim {f}" for f in DEMO_FIELDS),
+             "table bytes", "bytes ratio"]]
+    for name, model, dims, nbytes in models:
+        scores = evaluate(model, test.batches(4096))
+        rows.append([name, f"{scores['auc']:.4f}", f"{scores['logloss']:.4f}", *dims,
+                     f"{nbytes:,}", f"{nbytes / dense_bytes:.3f}"])
     return rows

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amtl_compress._io import atomic_directory, atomic_path, atomic_save_safetensors
+from amtl_compress._text import format_table
 from amtl_compress.errors import AmtlError, OutputExistsError, PackedFormatError, RunDirError
 from amtl_compress.storage.format import SOURCE_DTYPES, kept_values, table_header
 from amtl_compress.storage.header import DTYPES, Header, read_header, read_tensor
@@ -116,17 +117,7 @@ class PackReport:
             "total", f"{sum(t.rows for t in self.tables):,}", "", "",
             _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.1%}",
         ])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = []
-        for j, row in enumerate(rows):
-            cells = [
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            ]
-            lines.append("  ".join(cells).rstrip())
-            if j == 0 or j == len(rows) - 2:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return format_table(rows, rules_after=(0, len(rows) - 2))
 
 
 def _human(n: int) -> str:

@@ -317,6 +317,9 @@ struct Vec {
   static AMTL_INLINE Lanes lanes(int64_t rem) { return rem; }
   static AMTL_INLINE __m256i mask_k(Lanes l, int64_t k) { return mask(l - k * W); }
   static AMTL_INLINE R load(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  // AVX2 has no 8/16-bit masked loads: other dtypes are converted into a scratch row first.
+  static constexpr bool kConverts = false;
+  static AMTL_INLINE R load(const float* p, __m256i m, float, float) { return load(p, m); }
   static AMTL_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static AMTL_INLINE void store(float* p, R v, int64_t n) { _mm256_maskstore_ps(p, mask(n), v); }
   static AMTL_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
@@ -334,7 +337,7 @@ struct Vec {
 
 namespace avx512 {
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi2")
 
 struct Vec {
   static constexpr int64_t W = 16;
@@ -357,6 +360,21 @@ struct Vec {
     return _mm512_cmplt_epi32_mask(index, l);
   }
   static AMTL_INLINE R load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  // Typed masked loads converted to float32 in registers (exact for float16/bfloat16; int8 is
+  // q * scale + bias with two roundings, and +0.0, not bias, in the lanes outside the row).
+  static constexpr bool kConverts = true;
+  static AMTL_INLINE R load(const float* p, __mmask16 m, float, float) { return load(p, m); }
+  static AMTL_INLINE R load(const c10::Half* p, __mmask16 m, float, float) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+  static AMTL_INLINE R load(const c10::BFloat16* p, __mmask16 m, float, float) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static AMTL_INLINE R load(const int8_t* p, __mmask16 m, float scale, float bias) {
+    const R q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+    return _mm512_maskz_add_ps(m, _mm512_mul_ps(q, _mm512_set1_ps(scale)), _mm512_set1_ps(bias));
+  }
   static AMTL_INLINE R zero() { return _mm512_setzero_ps(); }
   static AMTL_INLINE R broadcast(float v) { return _mm512_set1_ps(v); }
   // Lanes >= n read no memory and are +0.0 (zero-masked load); always masked, see avx2::Vec.
@@ -384,7 +402,8 @@ Isa detect_isa() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
-  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) {
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2")) {
     return Isa::kAvx512;
   }
   if (avx2) return Isa::kAvx2;

@@ -60,56 +60,80 @@ struct Acc {
   typename Vec::R v[NV];
 };
 
-// Vector k of a row whose prefix has `rem` values left from `x`: +0.0 lanes past the prefix.
-// A vector wholly past the prefix still issues its (all-off) load, at x + lim, the row's last
-// value, where lim = max(rem - 1, 0): min() compiles to a cmov, where `?:` on the pointer became
-// an unpredictable branch.
-AMTL_INLINE typename Vec::R row_vector(const float* x, int64_t lim, typename Vec::Lanes lanes,
-                                      int64_t k) {
-  return Vec::load(x + std::min<int64_t>(k * Vec::W, lim), Vec::mask_k(lanes, k));
-}
-
 AMTL_INLINE int64_t last_index(int64_t rem) { return std::max<int64_t>(rem - 1, 0); }
 
+// The prefix of one row seen from column c0, as vectors of W float32 (+0.0 past the prefix). E is
+// float, or the packed dtype where Vec converts in registers. A vector wholly past the prefix still
+// issues its (all-off) load, at p + lim, the row's last value: min() compiles to a cmov, where `?:`
+// on the pointer became an unpredictable branch.
+template <typename E>
+struct Row {
+  const E* p;
+  int64_t rem;  // values left from p (may be <= 0)
+  int64_t lim;
+  typename Vec::Lanes lanes;
+  float scale, bias;  // int8 only
+
+  AMTL_INLINE Row(const E* p_, int64_t rem_, float scale_ = 1.0f, float bias_ = 0.0f)
+      : p(p_), rem(rem_), lim(last_index(rem_)), lanes(Vec::lanes(rem_)), scale(scale_),
+        bias(bias_) {}
+
+  AMTL_INLINE typename Vec::R vec(int64_t k) const {
+    return Vec::load(p + std::min<int64_t>(k * Vec::W, lim), Vec::mask_k(lanes, k), scale, bias);
+  }
+};
+
+// Calls fn(Row<...>) for row id (start s, n values) seen from column c0: in place when the values
+// are float32 or Vec converts them, else through `scratch`.
+template <typename T, typename Fn>
+AMTL_INLINE void with_row(const Table<T>& t, int64_t id, int64_t s, int64_t n, int64_t c0,
+                          float* scratch, Fn&& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    fn(Row<float>(t.values + s + c0, n - c0));
+  } else if constexpr (Vec::kConverts) {
+    if constexpr (std::is_same_v<T, int8_t>) {
+      const float scale = n > 0 ? t.scale[id] : 0.0f;  // failed ids have n == 0: not indexed
+      const float bias = n > 0 ? t.bias[id] : 0.0f;
+      fn(Row<T>(t.values + s + c0, n - c0, scale, bias));
+    } else {
+      fn(Row<T>(t.values + s + c0, n - c0));
+    }
+  } else {
+    fn(Row<float>(row_floats(t, id, s, n, scratch) + c0, n - c0));
+  }
+}
+
 struct SumOp {
-  template <int NV>
-  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool, float) {
-    const typename Vec::Lanes l = Vec::lanes(rem);
-    const int64_t lim = last_index(rem);
-    for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], row_vector(x, lim, l, k));
+  template <int NV, typename E>
+  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float) {
+    for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], r.vec(k));
   }
 };
 
 // torch's weighted sum without padding_idx (fbgemm): one rounding, w * x + acc.
 struct FusedOp {
-  template <int NV>
-  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool, float w) {
+  template <int NV, typename E>
+  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float w) {
     const typename Vec::R wv = Vec::broadcast(w);
-    const typename Vec::Lanes l = Vec::lanes(rem);
-    const int64_t lim = last_index(rem);
-    for (int k = 0; k < NV; ++k) a.v[k] = Vec::fma(wv, row_vector(x, lim, l, k), a.v[k]);
+    for (int k = 0; k < NV; ++k) a.v[k] = Vec::fma(wv, r.vec(k), a.v[k]);
   }
 };
 
 // torch's weighted sum with padding_idx (its scalar loop): acc + x * w, two roundings.
 struct SeparateOp {
-  template <int NV>
-  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool, float w) {
+  template <int NV, typename E>
+  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float w) {
     const typename Vec::R wv = Vec::broadcast(w);
-    const typename Vec::Lanes l = Vec::lanes(rem);
-    const int64_t lim = last_index(rem);
-    for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], Vec::mul(row_vector(x, lim, l, k), wv));
+    for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], Vec::mul(r.vec(k), wv));
   }
 };
 
 // torch's max: the first row is taken as is, then `x > acc ? x : acc` per column.
 struct MaxOp {
-  template <int NV>
-  static AMTL_INLINE void apply(Acc<NV>& a, const float* x, int64_t rem, bool first, float) {
-    const typename Vec::Lanes l = Vec::lanes(rem);
-    const int64_t lim = last_index(rem);
+  template <int NV, typename E>
+  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool first, float) {
     for (int k = 0; k < NV; ++k) {
-      const typename Vec::R v = row_vector(x, lim, l, k);
+      const typename Vec::R v = r.vec(k);
       a.v[k] = first ? v : Vec::max_keep(v, a.v[k]);
     }
   }
@@ -131,13 +155,12 @@ void embedding_chunk_nv(const Table<T> t, const index_t* ids, int64_t begin, int
       fail.bad_row.record(j);
       s = n = 0;
     }
-    const float* x = row_floats(t, id, s, n, scratch.data());  // n == 0 reads nothing
-    const typename Vec::Lanes l = Vec::lanes(n);
-    const int64_t lim = last_index(n);
     float* o = out + j * dim;
-    int64_t k = 0;
-    for (; (k + 1) * Vec::W <= dim; ++k) Vec::store(o + k * Vec::W, row_vector(x, lim, l, k));
-    if (k * Vec::W < dim) Vec::store(o + k * Vec::W, row_vector(x, lim, l, k), dim - k * Vec::W);
+    with_row(t, id, s, n, 0, scratch.data(), [&](const auto& r) {  // n == 0 reads nothing
+      int64_t k = 0;
+      for (; (k + 1) * Vec::W <= dim; ++k) Vec::store(o + k * Vec::W, r.vec(k));
+      if (k * Vec::W < dim) Vec::store(o + k * Vec::W, r.vec(k), dim - k * Vec::W);
+    });
   }
 }
 
@@ -184,8 +207,9 @@ void bag_chunk_nv(const Table<T> t, const BagArgs<index_t> a, int64_t b_begin, i
           fail.bad_row.record(j);
           continue;
         }
-        const float* x = row_floats(t, id, s, n, scratch.data());
-        Op::apply(acc, x + c0, n - c0, count == 0, a.weights ? a.weights[j] : 0.0f);
+        const float w = a.weights ? a.weights[j] : 0.0f;
+        with_row(t, id, s, n, c0, scratch.data(),
+                 [&](const auto& r) { Op::apply(acc, r, count == 0, w); });
         ++count;
       }
       if (a.mode == Mode::kMean) {
