@@ -44,20 +44,14 @@ def _apply_mask(rows: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask != 0, rows * mask, 0.0)
 
 
-class MaskedEmbedding(nn.Module):
-    """``nn.Embedding`` whose row i keeps only its first k_i + 1 dims (Eq. 1: e_hat = m * e).
+class _MaskedTable(nn.Module):
+    """What both wrappers share: ``base_layer`` + ``amtl`` and the base's table attributes."""
 
-    Same call as the base: ids int64 of any shape -> float (*ids.shape, D) in the base's dtype.
-    ``padding_idx`` behaves as in the base (that row is looked up, then masked like any other).
+    _kind: type[nn.Module]
 
-    Args:
-        base_layer: the wrapped table, (N, D).
-        amtl: the AMTL layer built for that table's N rows and D dims.
-    """
-
-    def __init__(self, base_layer: nn.Embedding, amtl: AMTL):
+    def __init__(self, base_layer: nn.Module, amtl: AMTL):
         super().__init__()
-        _check_pair(base_layer, amtl, nn.Embedding)
+        _check_pair(base_layer, amtl, self._kind)
         self.base_layer = base_layer
         self.amtl = amtl
 
@@ -78,12 +72,27 @@ class MaskedEmbedding(nn.Module):
     def padding_idx(self) -> int | None:
         return self.base_layer.padding_idx
 
+
+class MaskedEmbedding(_MaskedTable):
+    """``nn.Embedding`` whose row i keeps only its first k_i + 1 dims (Eq. 1: e_hat = m * e).
+
+    Same call as the base: ids int64 of any shape -> float (*ids.shape, D) in the base's dtype.
+    ``padding_idx`` behaves as in the base (that row is looked up, then masked like any other).
+
+    Args:
+        base_layer: the wrapped table, (N, D).
+        amtl: the AMTL layer built for that table's N rows and D dims.
+    """
+
+    _kind = nn.Embedding
+
+
     def forward(self, input: Tensor) -> Tensor:
         """ids (any shape) -> masked rows (*ids.shape, D)."""
         return _apply_mask(self.base_layer(input), self.amtl.mask(input))
 
 
-class MaskedEmbeddingBag(nn.Module):
+class MaskedEmbeddingBag(_MaskedTable):
     """``nn.EmbeddingBag`` that masks each looked-up row (Eq. 1) BEFORE pooling.
 
     Same call and semantics as the base: ``input`` 1-D (nnz,) with ``offsets`` (B,) or, with
@@ -100,28 +109,8 @@ class MaskedEmbeddingBag(nn.Module):
         amtl: the AMTL layer built for that table's N rows and D dims.
     """
 
-    def __init__(self, base_layer: nn.EmbeddingBag, amtl: AMTL):
-        super().__init__()
-        _check_pair(base_layer, amtl, nn.EmbeddingBag)
-        self.base_layer = base_layer
-        self.amtl = amtl
+    _kind = nn.EmbeddingBag
 
-    @property
-    def weight(self) -> nn.Parameter:
-        """The base table (N, D), unmasked."""
-        return self.base_layer.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.base_layer.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base_layer.embedding_dim
-
-    @property
-    def padding_idx(self) -> int | None:
-        return self.base_layer.padding_idx
 
     @property
     def mode(self) -> str:
