@@ -161,7 +161,8 @@ def load_model(
     """Build the model a checkpoint belongs to and load its weights strictly.
 
     The model comes from ``factory`` (``"package.module:function"``) if given, else from the
-    spec in the checkpoint's metadata.
+    spec in the checkpoint's metadata. A table with a ``<path>.rotation`` key in the file (a run
+    fine-tuned with ``AMTLConfig(ordering="pca")``) becomes a ``RotatedEmbedding(Bag)``.
 
     Returns:
         (model, spec): the model in eval mode on the CPU, and the spec that rebuilds it.
@@ -193,6 +194,10 @@ def load_model(
             "metadata): pass --model package.module:factory"
         )
     model = build_model(spec)
+    # A model fine-tuned with dimension ordering saves `<table>.rotation` (surgery/rotation.py).
+    from amtl_compress.surgery.rotation import rotate_tables_, rotations_in
+
+    rotate_tables_(model, rotations_in(state, model))
     _check_fits(model, state, path)
     model.load_state_dict(state, strict=True)
     return model.eval(), spec

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -116,7 +117,7 @@ def finetune(
     ] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
-    lr: Annotated[float, typer.Option(help="Learning rate of the model's weights.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate of the model's weights.")] = 1e-2,
     amtl_lr: Annotated[
         float, typer.Option(help="Initial learning rate of the AMTL layers (decays to 0).")
     ] = 3e-3,
@@ -125,6 +126,20 @@ def finetune(
         Optional[float],  # noqa: UP045
         typer.Option(help="Anneal T geometrically to this value."),
     ] = None,
+    ordering: Annotated[
+        str,
+        typer.Option(
+            help="`pca`: rotate each table onto its principal axes first so the kept prefix "
+            "holds the most information (docs/amtl.md); `none`: the paper's raw dims."
+        ),
+    ] = "pca",
+    budget_weight: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the budget's price term in the loss (shortens rows the task does "
+            "not use); 0 = price on the selection only."
+        ),
+    ] = 1.0,
     single_branch: Annotated[
         bool, typer.Option("--single-branch", help="Ablation AML: one branch, no twins.")
     ] = False,
@@ -139,6 +154,9 @@ def finetune(
         bool, typer.Option(help="Continue an interrupted run from `<out>.resume`.")
     ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    save_every: Annotated[
+        int, typer.Option(min=1, help="Optimiser steps between resumable-state saves.")
+    ] = 200,
     label: LabelOpt = "label",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -148,22 +166,41 @@ def finetune(
     Example: amtl-compress finetune base.safetensors --data train.parquet --valid valid.parquet
     --field user_id --field item_id --target-ratio 0.4 --out runs/amtl1
     """
-    from amtl_compress.core.amtl import AMTLConfig
-    from amtl_compress.training.finetune import FinetuneConfig, parse_field
-    from amtl_compress.training.finetune import finetune as run_finetune
+    # Everything, imports included, is inside the try: Ctrl-C may land anywhere.
+    try:
+        from amtl_compress.core.amtl import AMTLConfig
+        from amtl_compress.training.finetune import CollapseWarning, FinetuneConfig, parse_field
+        from amtl_compress.training.finetune import finetune as run_finetune
 
-    fields = dict(parse_field(f) for f in field)
-    config = FinetuneConfig(
-        fields=fields, epochs=epochs, batch_size=batch_size, lr=lr, amtl_lr=amtl_lr,
-        final_temperature=final_temperature, target_ratio=target_ratio, seed=seed, label=label,
-        amtl=AMTLConfig(
-            twins=not single_branch, straight_through=not no_ste, temperature=temperature
-        ),
-    )
-    result = run_finetune(
-        checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
-        resume=resume, overwrite=overwrite, progress=not quiet,
-    )
+        fields = dict(parse_field(f) for f in field)
+        config = FinetuneConfig(
+            fields=fields, epochs=epochs, batch_size=batch_size, lr=lr, amtl_lr=amtl_lr,
+            final_temperature=final_temperature, target_ratio=target_ratio, seed=seed,
+            label=label, save_every=save_every, budget_weight=budget_weight, amtl=AMTLConfig(
+                twins=not single_branch, straight_through=not no_ste, temperature=temperature,
+                ordering=ordering,
+            ),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CollapseWarning)  # reported below, on one line
+            result = run_finetune(
+                checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
+                resume=resume, overwrite=overwrite, progress=not quiet,
+            )
+    except KeyboardInterrupt:
+        # No import here: Ctrl-C may have cut `import torch` short, and importing it again
+        # would crash. The file name is training/state.py's `state.safetensors`.
+        state = out.with_name(out.name + ".resume")
+        if (state / "state.safetensors").is_file():
+            typer.echo(
+                f"Interrupted; progress is saved in `{state}`: rerun the same command to resume "
+                "(or add --no-resume to start over)", err=True,
+            )
+        else:
+            typer.echo("Interrupted before the first saved step; nothing to resume.", err=True)
+        raise typer.Exit(130) from None
+    if result.metrics["collapsed"]:
+        typer.echo(f"Warning: {CollapseWarning(result.metrics['collapsed'])}", err=True)
     _print_finetune_metrics(result.metrics)
     typer.echo(f"wrote {result.run_dir}")
 

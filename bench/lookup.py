@@ -7,6 +7,7 @@ frequency (frequent rows keep more; mean about 37 % of D), as after AMTL fine-tu
 
     .venv/bin/python bench/lookup.py            # the full grid (N = 1M, ~10 min on 2 cores)
     .venv/bin/python bench/lookup.py --quick    # a small grid for a smoke run
+    .venv/bin/python bench/lookup.py --ns-per-id  # ns per id of the bag op, per values dtype
 """
 
 from __future__ import annotations
@@ -78,15 +79,7 @@ def bench_dim(n: int, d: int, batches: tuple[int, ...], dtype: str, repeats: int
               gen: torch.Generator) -> Iterator[tuple[float, float]]:
     """Print one row per (distribution, B, threads) for embedding dim ``d``; yield the ratios."""
     dense, rank_to_row, lengths = make_table(n, d, gen)
-    values, offsets = pack_rows(dense, lengths)
-    scale = bias = None
-    if dtype == "int8":  # symmetric per-row quantisation: value = q * scale (bias 0)
-        rows = torch.repeat_interleave(torch.arange(n), lengths)
-        scale = (dense.abs().amax(1) / 127).clamp(min=1e-12)
-        bias = torch.zeros(n)
-        values = torch.round(values / scale[rows]).to(torch.int8)
-    else:
-        values = values.to(getattr(torch, dtype))
+    values, offsets, scale, bias = packed_values(dense, lengths, dtype)
     emb = nn.Embedding.from_pretrained(dense)
     bag = nn.EmbeddingBag.from_pretrained(dense, mode="sum")
     packed = PackedEmbedding(values, offsets, d, scale=scale, bias=bias)
@@ -107,6 +100,50 @@ def bench_dim(n: int, d: int, batches: tuple[int, ...], dtype: str, repeats: int
                 yield r_emb, r_bag
 
 
+def packed_values(dense: Tensor, lengths: Tensor, dtype: str
+                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(values, offsets, scale, bias) of a zero-tailed dense table kept to ``lengths``."""
+    values, offsets = pack_rows(dense, lengths)
+    if dtype != "int8":
+        return values.to(getattr(torch, dtype)), offsets, None, None
+    # Symmetric per-row quantisation: value = q * scale (bias 0).
+    rows = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    scale = (dense.abs().amax(1) / 127).clamp(min=1e-12)
+    q = torch.round(values / scale[rows]).to(torch.int8)
+    return q, offsets, scale, torch.zeros_like(scale)
+
+
+def ns_per_id(rows: int, dims: tuple[int, ...], gen: torch.Generator) -> None:
+    """Print ns per id of the bag operators alone (1 thread, 4096 bags of 20 uniform ids)."""
+    torch.set_num_threads(1)
+    dtypes = ("float32", "float16", "bfloat16", "int8")
+    print(f"ns per id, 1 thread, 4096 bags of {BAG_LEN} uniform ids, median of 15 calls")
+    print(f"{'D':>4} {'N':>8} {'torch':>7} " + " ".join(f"{t:>8}" for t in dtypes))
+    for n in (rows, 10_000):
+        for d in dims:
+            dense, rank_to_row, lengths = make_table(n, d, gen)
+            ids = sample_ids("uniform", 4096 * BAG_LEN, rank_to_row, gen)
+            offsets = torch.arange(4096) * BAG_LEN
+            bag = nn.EmbeddingBag.from_pretrained(dense, mode="sum")
+            cells = [median_ns(partial(bag, ids, offsets), ids.numel())]
+            for dtype in dtypes:
+                values, row_offsets, scale, bias = packed_values(dense, lengths, dtype)
+                packed_bag = PackedEmbeddingBag(values, row_offsets, d, scale=scale, bias=bias,
+                                                mode="sum")
+                cells.append(median_ns(partial(packed_bag, ids, offsets), ids.numel()))
+            print(f"{d:>4} {n:>8} " + " ".join(f"{c:>8.2f}" for c in cells), flush=True)
+
+
+def median_ns(fn, count: int) -> float:
+    fn()
+    samples = []
+    for _ in range(15):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e9 * statistics.median(samples) / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small grid: N=100k, fewer cells")
@@ -115,6 +152,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32",
                         choices=["float32", "float16", "bfloat16", "int8"],
                         help="packed values dtype (the torch baseline stays float32)")
+    parser.add_argument("--ns-per-id", action="store_true",
+                        help="instead: ns per id of the bag operator per values dtype, 1 thread")
     args = parser.parse_args()
     n = args.rows or (100_000 if args.quick else 1_000_000)
     dims = (16, 128) if args.quick else (16, 64, 128)
@@ -122,6 +161,10 @@ def main() -> None:
     repeats = args.repeats or (5 if args.quick else 9)
     load_kernel()
     gen = torch.Generator().manual_seed(0)
+    if args.ns_per_id:
+        with torch.inference_mode():
+            ns_per_id(n, dims, gen)
+        return
     print(f"N={n} bag_len={BAG_LEN} values={args.dtype} repeats={repeats} "
           f"torch={torch.__version__} cpu_capability={torch.backends.cpu.get_cpu_capability()}")
     print("ratio = time(packed) / time(torch); < 1 is faster")

@@ -278,7 +278,7 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("short", offsets_are([0, 1, 2, 6]), r"offsets\[N\] = 6 but `values` holds 7 entries"),
     ("no format", meta("format", None), r"metadata key\(s\) `format` missing"),
     ("wrong format", meta("format", "other"), "metadata `format` is `other`"),
-    ("version", meta("format_version", "2"), "format_version `2` is not supported"),
+    ("version", meta("format_version", "3"), "format_version `3` is not supported"),
     ("N unparsable", meta("num_embeddings", "three"), "`num_embeddings` is `three`, not a"),
     ("D zero", meta("embedding_dim", "0"), "`embedding_dim` is 0, must be >= 1"),
     ("N mismatch", meta("num_embeddings", "4"), r"`offsets` has shape \[4\], expected \[5\]"),

@@ -13,6 +13,8 @@ from amtl_compress.core.frequency import frequency_features
 from amtl_compress.errors import ConfigError
 
 _CONFIG_VERSIONS = (1,)
+#: AMTLConfig.ordering values (surgery/rotation.py implements "pca").
+_ORDERINGS = ("none", "pca")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class AMTLConfig:
             longer, more confident start. The ramp is concave so that a memory budget's linear
             price on length (core/budget.py) can select every intermediate length at the start;
             a linear ramp would tie all lengths at one price.
+        ordering: ``"none"`` = mask the table's own dims (the paper); ``"pca"`` = at attach,
+            rotate the table onto its principal axes so the kept prefix holds the most energy,
+            and rotate each looked-up row back (surgery/rotation.py; outputs unchanged at full
+            length up to float rounding). Not for EmbeddingBags with mode max.
         version: format version of this config, for reading old run directories.
 
     Raises:
@@ -47,6 +53,7 @@ class AMTLConfig:
     straight_through: bool = True
     temperature: float = 1.0
     init_margin: float = 4.0
+    ordering: str = "none"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -75,6 +82,10 @@ class AMTLConfig:
                     f"AMTLConfig `{name}` must be a finite number > 0, got {value!r}; e.g. 1.0"
                 )
             object.__setattr__(self, name, float(value))
+        if self.ordering not in _ORDERINGS:
+            raise ConfigError(
+                f"AMTLConfig `ordering` must be one of {list(_ORDERINGS)}, got {self.ordering!r}"
+            )
         if self.version not in _CONFIG_VERSIONS:
             raise ConfigError(
                 f"AMTLConfig `version` {self.version!r} is not supported (known: "

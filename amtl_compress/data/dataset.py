@@ -228,9 +228,13 @@ def _read_table(path: Path, fmt: FileFormat, csv_kinds: dict[str, ColumnKind]) -
     except pa.ArrowInvalid as exc:
         if "Empty CSV file" in str(exc):
             raise DataError(f"`{path}` is empty: write a header line and rows") from None
-        raise DataError(f"cannot read `{path}` as {fmt}: {_first_line(exc)}") from None
+        raise DataError(
+            f"cannot read `{path}` as {fmt} ({_first_line(exc)}); write the file again"
+        ) from None
     except OSError as exc:
-        raise DataError(f"cannot read `{path}` as {fmt}: {_first_line(exc)}") from None
+        raise DataError(
+            f"cannot read `{path}` as {fmt} ({_first_line(exc)}); write the file again"
+        ) from None
 
 
 def _labels(arr: pa.Array, src: str, label: str) -> torch.Tensor:

@@ -91,6 +91,9 @@ class _PackedTable(nn.Module):
         self.register_buffer("offsets", offsets.detach().contiguous())
         self.register_buffer("scale", None if scale is None else scale.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        # (offsets buffer, is it an inference tensor, its version, the kernel's copy of it): see
+        # _kernel_offsets.
+        self._offsets_cache: tuple[Tensor, bool, int, Tensor] | None = None
 
     @property
     def _table_name(self) -> str:
@@ -105,6 +108,27 @@ class _PackedTable(nn.Module):
     def lengths(self) -> Tensor:
         """(N,) int64: kept values per row, ``offsets[1:] - offsets[:-1]`` (L_i = k_i + 1)."""
         return self.offsets[1:] - self.offsets[:-1]
+
+    def _kernel_offsets(self, offsets: Tensor, values: Tensor) -> Tensor:
+        """``offsets`` as the compiled kernel reads it: an int32 copy when len(values) < 2^31.
+
+        Half the bytes of the (N + 1,) index each lookup goes through, so more of it stays in
+        cache. Derived in memory only (state_dict keeps the int64 buffer) and rebuilt when the
+        buffer is replaced or edited in place (its version counter moves; inference-mode tensors
+        have none and are keyed by identity). The kernel bounds-checks every row it reads either
+        way, so a stale copy could never make it read outside ``values``.
+        """
+        cached = self._offsets_cache
+        # Inference-mode tensors have no version counter (reading it raises, slowly): keyed by
+        # identity alone, a flag the cache keeps so the hot path asks nothing else.
+        if cached is not None and cached[0] is offsets and (cached[1] or
+                                                            cached[2] == offsets._version):
+            return cached[3]
+        inference = offsets.is_inference()
+        version = -1 if inference else offsets._version
+        derived = offsets.to(torch.int32) if values.numel() < 2**31 else offsets
+        self._offsets_cache = (offsets, inference, version, derived)
+        return derived
 
     def _index_error(self, ids: Tensor, exc: IndexError) -> IndexError:
         """``exc`` restated with the table name and N (``exc`` itself if no id is out of range)."""
@@ -182,7 +206,8 @@ class PackedEmbedding(_PackedTable):
             if ops.use_reference(values):
                 return packed_embedding_reference(values, b["offsets"], b["scale"], b["bias"],
                                                   input, self.embedding_dim)
-            return ops.compiled_ops()[0](values, b["offsets"], b["scale"], b["bias"], input,
+            offsets = self._kernel_offsets(b["offsets"], values)
+            return ops.compiled_ops()[0](values, offsets, b["scale"], b["bias"], input,
                                          self.embedding_dim)
         except IndexError as exc:
             raise self._index_error(input, exc) from None
@@ -264,12 +289,16 @@ class PackedEmbeddingBag(_PackedTable):
                 "mode='sum' or don't pass per_sample_weights.")
         b = self._buffers
         values = b["values"]
-        args = (values, b["offsets"], b["scale"], b["bias"], input, offsets, per_sample_weights,
-                self.mode, self.embedding_dim, self.padding_idx, include_last_offset)
         try:
             if ops.use_reference(values):
-                return packed_embedding_bag_reference(*args)
-            return ops.compiled_ops()[1](*args)
+                return packed_embedding_bag_reference(
+                    values, b["offsets"], b["scale"], b["bias"], input, offsets,
+                    per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
+                    include_last_offset)
+            return ops.compiled_ops()[1](
+                values, self._kernel_offsets(b["offsets"], values), b["scale"], b["bias"], input,
+                offsets, per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
+                include_last_offset)
         except IndexError as exc:
             raise self._index_error(input, exc) from None
 

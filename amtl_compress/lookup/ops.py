@@ -34,10 +34,11 @@ CACHE_ENV = "AMTL_COMPRESS_CACHE"
 _LIBRARY_NAME = "amtl_compress_lookup"
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "lookup.cpp",)  # compiled; it includes the headers beside it
-# -O3 but no -march: the cache may be shared between machines. The source carries an AVX2+FMA
-# clone of its arithmetic picked at run time. -ffp-contract=off keeps a*b+c two roundings, which
-# the bitwise match with torch needs. -fopenmp makes at::parallel_for (inline, OpenMP) parallel;
-# the resulting libgomp.so.1 dependency resolves to the copy torch has already loaded.
+# -O3 but no -march: the cache may be shared between machines. The source compiles its vector
+# code for AVX2 and for AVX-512 itself (#pragma GCC target) and picks one at run time.
+# -ffp-contract=off keeps a*b+c two roundings, which the bitwise match with torch needs. -fopenmp
+# makes at::parallel_for (inline, OpenMP) parallel; the resulting libgomp.so.1 dependency resolves
+# to the copy torch has already loaded.
 _CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
@@ -57,6 +58,14 @@ def kernel_mode() -> str:
     return mode
 
 
+# os.environ.get costs 0.3-0.7 us (it encodes the key); the modules ask on every call, so they
+# look in the mapping os.environ keeps (and updates on every change) with the key pre-encoded.
+_ENV_DATA: Any = getattr(os.environ, "_data", None)
+_ENV_KEY: Any = os.environ.encodekey(KERNEL_ENV) if hasattr(os.environ, "encodekey") else None
+_ENV_COMPILED: Any = (os.environ.encodevalue("compiled") if hasattr(os.environ, "encodevalue")
+                      else None)
+
+
 def use_reference(values: Tensor) -> bool:
     """True where the modules use the pure-torch reference for a table whose ``values`` these are:
     non-CPU devices, or ``AMTL_COMPRESS_KERNEL=reference`` (which warns once per process).
@@ -64,6 +73,10 @@ def use_reference(values: Tensor) -> bool:
     global _warned_reference
     if not values.is_cpu:
         return True
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        if raw is None or raw == _ENV_COMPILED:  # the per-call fast path
+            return False
     if kernel_mode() == "compiled":
         return False
     if not _warned_reference:
@@ -190,7 +203,7 @@ def load_kernel() -> Path:
     except KernelBuildError as exc:
         _state["error"] = exc
         raise
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # e.g. a damaged cached library
         err = KernelBuildError(f"could not load the lookup kernel `{library}` ({exc}); delete "
                                f"`{final}` to rebuild it, or set {KERNEL_ENV}=reference")
         _state["error"] = err

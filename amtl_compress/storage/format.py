@@ -37,6 +37,10 @@ from amtl_compress.storage.quantize import PACKED_DTYPES
 
 FORMAT_NAME = "amtl-packed-table"
 FORMAT_VERSION = "1"
+#: Version of a table that carries a ``rotation`` (dimension ordering, docs/format.md).
+ROTATED_FORMAT_VERSION = "2"
+#: Versions this reader accepts.
+FORMAT_VERSIONS = (FORMAT_VERSION, ROTATED_FORMAT_VERSION)
 #: Metadata keys every packed table carries (all values are strings).
 REQUIRED_METADATA = (
     "format",
@@ -75,6 +79,8 @@ class PackedTable:
         dtype: name of ``values``' dtype (``float32``, ``float16``, ``bfloat16``, ``int8``).
         field: the module path the table belongs to (e.g. ``embeddings.user_id``).
         metadata: the file's full ``__metadata__`` map.
+        rotation: (D, D) float32 R applied to every zero-padded row (``row @ R``), version 2
+            files only; None in version 1.
     """
 
     values: torch.Tensor
@@ -86,6 +92,7 @@ class PackedTable:
     dtype: str
     field: str
     metadata: dict[str, str]
+    rotation: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -129,27 +136,37 @@ def table_header(
     field: str,
     source_dtype: str,
     source_sha256: str,
+    rotated: bool = False,
 ) -> tuple[bytes, dict[str, int]]:
     """The header bytes of a packed table and each tensor's absolute file offset.
 
-    Data order is offsets, then (int8) bias and scale, then values: largest alignment first, so
-    every tensor starts at a multiple of its itemsize (the header is padded to 8 bytes).
+    Data order is offsets, then (version 2) rotation, then (int8) bias and scale, then values:
+    largest alignment first, so every tensor starts at a multiple of its itemsize (the header is
+    padded to 8 bytes). ``rotated`` writes a version 2 header with a (D, D) ``rotation``.
     """
     n = num_embeddings
     entries: list[tuple[str, str, tuple[int, ...]]] = [("offsets", "I64", (n + 1,))]
+    if rotated:
+        entries.append(("rotation", "F32", (embedding_dim, embedding_dim)))
     if dtype == "int8":
         entries += [("bias", "F32", (n,)), ("scale", "F32", (n,))]
     entries.append(("values", CODE_OF[PACKED_DTYPES[dtype]], (num_values,)))
-    metadata = _metadata(n, embedding_dim, dtype, field, source_dtype, source_sha256)
+    metadata = _metadata(n, embedding_dim, dtype, field, source_dtype, source_sha256, rotated)
     return encode_header(entries, metadata)
 
 
 def _metadata(
-    n: int, embedding_dim: int, dtype: str, field: str, source_dtype: str, source_sha256: str
+    n: int,
+    embedding_dim: int,
+    dtype: str,
+    field: str,
+    source_dtype: str,
+    source_sha256: str,
+    rotated: bool = False,
 ) -> dict[str, str]:
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": ROTATED_FORMAT_VERSION if rotated else FORMAT_VERSION,
         "field": field,
         "num_embeddings": str(n),
         "embedding_dim": str(embedding_dim),
@@ -180,6 +197,7 @@ def write_packed_table(
     source_dtype: str = "float32",
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    rotation: torch.Tensor | None = None,
 ) -> None:
     """Write an in-memory packed table to ``path`` atomically (``pack`` streams instead).
 
@@ -192,6 +210,7 @@ def write_packed_table(
         source_sha256: hex SHA-256 of the source table (:func:`source_digest`).
         source_dtype: dtype name of the source table.
         scale, bias: (N,) float32, required for int8 and forbidden otherwise.
+        rotation: (D, D) float32 applied after re-padding; writes a version 2 file.
 
     Raises:
         PackedFormatError: the tensors would violate docs/format.md.
@@ -208,14 +227,19 @@ def write_packed_table(
         tensors["scale"] = scale
     if bias is not None:
         tensors["bias"] = bias
-    metadata = _metadata(max(n, 0), embedding_dim, dtype, field, source_dtype, source_sha256)
+    rotated = rotation is not None
+    if rotation is not None:
+        tensors["rotation"] = rotation
+    metadata = _metadata(
+        max(n, 0), embedding_dim, dtype, field, source_dtype, source_sha256, rotated
+    )
 
     def fail(problem: str) -> PackedFormatError:
         return PackedFormatError(f"cannot write `{path}`: {problem}; fix the tensors passed in")
 
     _validate(tensors, metadata, fail)
     prefix, starts = table_header(
-        n, embedding_dim, values.numel(), dtype, field, source_dtype, source_sha256
+        n, embedding_dim, values.numel(), dtype, field, source_dtype, source_sha256, rotated
     )
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(prefix)
@@ -249,7 +273,7 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
 
     meta = header.metadata
     _validate_metadata(meta, fail)
-    expected = {"values", "offsets"} | ({"scale", "bias"} if meta["dtype"] == "int8" else set())
+    expected = _expected_tensors(meta)
     missing = sorted(expected - header.tensors.keys())
     if missing:
         raise fail(f"missing tensor(s) {', '.join(f'`{m}`' for m in missing)}")
@@ -277,7 +301,17 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
         dtype=meta["dtype"],
         field=meta["field"],
         metadata=meta,
+        rotation=tensors.get("rotation"),
     )
+
+
+def _expected_tensors(meta: dict[str, str]) -> set[str]:
+    expected = {"values", "offsets"}
+    if meta["dtype"] == "int8":
+        expected |= {"scale", "bias"}
+    if meta["format_version"] == ROTATED_FORMAT_VERSION:
+        expected.add("rotation")
+    return expected
 
 
 def _validate(
@@ -287,7 +321,7 @@ def _validate(
 ) -> None:
     """All checks of docs/format.md on in-memory tensors (the writer's side)."""
     _validate_metadata(meta, fail)
-    expected = {"values", "offsets"} | ({"scale", "bias"} if meta["dtype"] == "int8" else set())
+    expected = _expected_tensors(meta)
     if tensors.keys() != expected:
         raise fail(f"tensors must be exactly {sorted(expected)}, got {sorted(tensors)}")
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -302,10 +336,11 @@ def _validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatE
         raise fail(f"metadata key(s) {', '.join(f'`{k}`' for k in missing)} missing")
     if meta["format"] != FORMAT_NAME:
         raise fail(f"metadata `format` is `{meta['format']}`, expected `{FORMAT_NAME}`")
-    if meta["format_version"] != FORMAT_VERSION:
+    if meta["format_version"] not in FORMAT_VERSIONS:
         raise fail(
             f"format_version `{meta['format_version']}` is not supported (this amtl-compress "
-            f"reads version {FORMAT_VERSION}); use the amtl-compress release that wrote it, or"
+            f"reads versions {', '.join(FORMAT_VERSIONS)}); use the amtl-compress release that "
+            "wrote it, or"
         )
     for key in ("num_embeddings", "embedding_dim"):
         if not _DECIMAL.fullmatch(meta[key]):
@@ -340,7 +375,13 @@ def _validate_layout(
         raise fail(f"tensor `values` has dtype {codes['values']}, metadata says {values_code}")
     if len(shapes["values"]) != 1:
         raise fail(f"tensor `values` has shape {list(shapes['values'])}, must be 1-D")
-    want = {"offsets": ("I64", (n + 1,)), "scale": ("F32", (n,)), "bias": ("F32", (n,))}
+    d = int(meta["embedding_dim"])
+    want = {
+        "offsets": ("I64", (n + 1,)),
+        "scale": ("F32", (n,)),
+        "bias": ("F32", (n,)),
+        "rotation": ("F32", (d, d)),
+    }
     for name, (code, shape) in want.items():
         if name not in shapes:
             continue
@@ -384,3 +425,5 @@ def _validate_data(
             raise fail("tensor `scale` or `bias` holds a non-finite value")
         if (scale < 0).any():
             raise fail("tensor `scale` holds a negative value")
+    if "rotation" in tensors and not torch.isfinite(tensors["rotation"]).all():
+        raise fail("tensor `rotation` holds a non-finite value")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from amtl_compress.errors import CheckpointError, PackedFormatError
 from amtl_compress.storage.format import PackedTable, read_packed_table
 from amtl_compress.storage.header import read_header, read_tensor
-from amtl_compress.storage.manifest import Manifest, file_sha256, read_manifest
+from amtl_compress.storage.manifest import Manifest, ManifestTable, file_sha256, read_manifest
 
 _FIX = "re-create the directory with `amtl-compress pack`"
 
@@ -29,7 +30,8 @@ def load_packed(
     ``PackedEmbeddingBag`` (``mode``, ``padding_idx`` and ``include_last_offset`` are taken from
     the replaced module). Every other tensor of the model's state_dict must be in
     ``rest.safetensors`` and vice versa. Everything is validated before the model is touched, so
-    a failure leaves it unchanged.
+    a failure leaves it unchanged. A directory that ``pack --overwrite`` replaces during the read
+    is read again, so the model gets one complete version, never a mix (docs/reliability.md).
 
     Args:
         model: the model the directory was packed from, e.g. ``build_model(manifest.model)``.
@@ -39,7 +41,9 @@ def load_packed(
             large tables). Header and offsets validation always runs.
 
     Returns:
-        ``model``, whose packed tables now return float32 (.., D) rows zero-padded past L_i.
+        ``model``, whose packed tables now return float32 (.., D) rows zero-padded past L_i
+        (times the table's ``rotation`` for a version 2 table: a ``RotatedLookup`` around the
+        packed module).
 
     Raises:
         PackedFormatError: the directory or a file violates docs/format.md, or (verify) a
@@ -47,25 +51,19 @@ def load_packed(
         CheckpointError: the model does not fit the directory (missing or wrong module, N/D or
             kind mismatch, missing/unexpected/misshapen weights).
     """
-    from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
-
     packed_dir = Path(packed_dir)
-    manifest = read_manifest(packed_dir)
-    if verify:
-        _verify_checksums(packed_dir, manifest)
+    return _apply(model, packed_dir, *_read_snapshot(packed_dir, mmap, verify))
 
-    tables: dict[str, PackedTable] = {}
-    for path, entry in manifest.tables.items():
-        file = packed_dir / entry.file
-        table = read_packed_table(file, mmap=mmap)
-        listed = (path, entry.num_embeddings, entry.embedding_dim, entry.dtype)
-        found = (table.field, table.num_embeddings, table.embedding_dim, table.dtype)
-        if listed != found:
-            raise PackedFormatError(
-                f"`{file}` holds (field, N, D, dtype) = {found} but `manifest.json` lists "
-                f"{listed}; {_FIX}"
-            )
-        tables[path] = table
+
+def _apply(
+    model: nn.Module,
+    packed_dir: Path,
+    manifest: Manifest,
+    tables: dict[str, PackedTable],
+    rest: dict[str, torch.Tensor],
+) -> nn.Module:
+    """Check that one read version of a packed directory fits ``model``, then put it in."""
+    from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
 
     replacements: dict[str, nn.Module] = {}
     for path, table in tables.items():
@@ -83,8 +81,12 @@ def load_packed(
             replacements[path] = PackedEmbedding(
                 table.values, table.offsets, table.embedding_dim, **common
             )
+        if table.rotation is not None:
+            # Version 2 (docs/format.md): the padded rows are rotated back, as in fine-tuning.
+            from amtl_compress.surgery.rotation import with_rotation
 
-    rest = _read_rest(packed_dir / manifest.rest_file)
+            replacements[path] = with_rotation(replacements[path], table.rotation)
+
     _check_rest(model, rest, set(tables), packed_dir / manifest.rest_file)
 
     # Validation is over: from here on the model changes.
@@ -94,6 +96,65 @@ def load_packed(
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
     return model
+
+
+#: How often a reader retries when ``pack --overwrite`` replaced the directory while it read.
+_READ_ATTEMPTS = 5
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_snapshot(
+    packed_dir: Path, mmap: bool, verify: bool
+) -> tuple[Manifest, dict[str, PackedTable], dict[str, torch.Tensor]]:
+    """Read the manifest, every table and the rest weights of one complete version.
+
+    ``pack --overwrite`` swaps a new directory in under the same name while this may be reading;
+    a read that straddles the swap would mix files of two versions. So the directory's inode is
+    compared before and after, and the read is repeated when it changed (mapped files of the old
+    version stay valid after it is deleted).
+    """
+    for attempt in range(_READ_ATTEMPTS):
+        before = _identity(packed_dir)
+        try:
+            manifest = read_manifest(packed_dir)
+            if verify:
+                _verify_checksums(packed_dir, manifest)
+            tables = {path: _read_table(packed_dir, path, entry, mmap)
+                      for path, entry in manifest.tables.items()}
+            rest = _read_rest(packed_dir / manifest.rest_file)
+        except (PackedFormatError, OSError):
+            now = _identity(packed_dir)
+            if attempt + 1 < _READ_ATTEMPTS and (now != before or now is None):
+                if now is None:  # between the two renames of a replace without renameat2
+                    time.sleep(0.05)
+                continue
+            raise
+        if _identity(packed_dir) == before:
+            return manifest, tables, rest
+    raise PackedFormatError(
+        f"`{packed_dir}` was replaced {_READ_ATTEMPTS} times while being read; retry once "
+        "`amtl-compress pack` has finished"
+    )
+
+
+def _read_table(packed_dir: Path, path: str, entry: ManifestTable, mmap: bool) -> PackedTable:
+    file = packed_dir / entry.file
+    table = read_packed_table(file, mmap=mmap)
+    listed = (path, entry.num_embeddings, entry.embedding_dim, entry.dtype)
+    found = (table.field, table.num_embeddings, table.embedding_dim, table.dtype)
+    if listed != found:
+        raise PackedFormatError(
+            f"`{file}` holds (field, N, D, dtype) = {found} but `manifest.json` lists "
+            f"{listed}; {_FIX}"
+        )
+    return table
 
 
 def _verify_checksums(packed_dir: Path, manifest: Manifest) -> None:
@@ -195,6 +256,9 @@ def load_packed_model(
     """
     from amtl_compress.models.factory import build_model
 
-    spec = {"kind": "factory", "factory": factory} if factory else read_manifest(packed_dir).model
-    model = build_model(spec)
-    return load_packed(model, packed_dir, mmap=mmap).eval()
+    packed_dir = Path(packed_dir)
+    # One read serves both the spec and the weights, so a concurrent replace cannot pair the
+    # old version's model with the new version's tables.
+    snapshot = _read_snapshot(packed_dir, mmap, verify=False)
+    spec = {"kind": "factory", "factory": factory} if factory else snapshot[0].model
+    return _apply(build_model(spec), packed_dir, *snapshot).eval()

@@ -23,6 +23,8 @@ KINDS = ("Embedding", "EmbeddingBag")
 _FIX = "re-create the directory with `amtl-compress pack`"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: Names of the temporary siblings that ``_io.atomic_directory`` builds an output under.
+_TEMPORARY = re.compile(r"\..+\.(tmp|old)")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,13 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise PackedFormatError(
             f"packed directory `{directory}` does not exist; pass a directory written by "
             "`amtl-compress pack`"
+        )
+    if _TEMPORARY.fullmatch(directory.name):
+        # A finished temporary (manifest written, rename not yet done) would look complete, but
+        # its writer may still be running or may have died before checking everything.
+        raise PackedFormatError(
+            f"`{directory}` is the temporary directory of a `pack` that is running or was "
+            "interrupted; load its final name, or delete it and pack again"
         )
     if not path.is_file():
         raise PackedFormatError(

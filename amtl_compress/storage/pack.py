@@ -58,7 +58,8 @@ class TableReport:
         embedding_dim: D.
         avg_kept: mean kept length sum(L_i) / N (values per row).
         bytes_before: N * D * 4, the dense float32 table.
-        bytes_after: bytes of values + offsets (+ scale and bias for int8), header excluded.
+        bytes_after: bytes of values + offsets (+ scale and bias for int8, + the D x D rotation
+            of a version 2 table), header excluded.
         dtype: packed dtype name.
         file: the written file.
         sha256: hex SHA-256 of the written file.
@@ -139,9 +140,10 @@ def pack(
     """Pack every AMTL table of a run directory into ``out_dir`` (docs/format.md).
 
     Tables are the keys of ``run_dir/lengths.safetensors``; their ``<path>.weight`` tensors in
-    ``model.safetensors`` become ``<path>.safetensors`` files; every other tensor goes to
-    ``rest.safetensors``; ``manifest.json`` is written last. The directory is built as a hidden
-    temporary sibling and renamed into place only when complete.
+    ``model.safetensors`` become ``<path>.safetensors`` files (with ``<path>.rotation``, if the
+    run used dimension ordering, as the file's ``rotation``: format version 2); every other
+    tensor goes to ``rest.safetensors``; ``manifest.json`` is written last. The directory is
+    built as a hidden temporary sibling and renamed into place only when complete.
 
     Args:
         run_dir: directory written by ``finetune`` (docs/design.md).
@@ -184,14 +186,15 @@ def pack(
     reports: list[TableReport] = []
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            rotations = _read_rotations(model_header, model_file, shapes)
             for path in sorted(lengths):
                 reports.append(
                     pack_table(
                         model_file, f"{path}.weight", lengths[path], tmp / files[path], dtype,
-                        path, progress=progress,
+                        path, progress=progress, rotation=rotations.get(path),
                     )
                 )
-            packed = {f"{p}.weight" for p in lengths}
+            packed = {f"{p}.weight" for p in lengths} | {f"{p}.rotation" for p in rotations}
             rest = {
                 name: read_tensor(model_file, entry)
                 for name, entry in model_header.tensors.items()
@@ -229,6 +232,7 @@ def pack_table(
     *,
     chunk_bytes: int | None = None,
     progress: bool = False,
+    rotation: torch.Tensor | None = None,
 ) -> TableReport:
     """Stream one (N, D) table from a safetensors file into a packed table file (atomically).
 
@@ -247,6 +251,8 @@ def pack_table(
         chunk_bytes: source bytes per chunk (at least one row per chunk); default
             ``DEFAULT_CHUNK_BYTES``.
         progress: tqdm bar on stderr counting rows.
+        rotation: float32 (D, D) the lookups apply after re-padding (dimension ordering); the
+            file becomes format version 2 and its size grows by D * D * 4 bytes.
 
     Raises:
         RunDirError: the source tensor is missing, not a 2-D float table, does not match
@@ -271,7 +277,18 @@ def pack_table(
     offsets = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
     num_values = int(offsets[-1])
-    prefix, starts = table_header(n, d, num_values, dtype, field, source_dtype, "0" * 64)
+    rotated = rotation is not None
+    if rotation is not None and (
+        tuple(rotation.shape) != (d, d) or rotation.dtype != torch.float32
+        or not bool(torch.isfinite(rotation).all())
+    ):
+        raise RunDirError(
+            f"rotation of `{field}` is {rotation.dtype}{list(rotation.shape)}, expected finite "
+            f"float32[{d}, {d}]; {_RUN_FIX}"
+        )
+    prefix, starts = table_header(
+        n, d, num_values, dtype, field, source_dtype, "0" * 64, rotated
+    )
 
     torch_src, np_src = DTYPES[entry.dtype]
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -294,6 +311,9 @@ def pack_table(
     ):
         out.write(prefix)
         out.write(_as_bytes(offsets))
+        if rotation is not None:
+            out.seek(starts["rotation"])
+            out.write(_as_bytes(rotation.contiguous()))
         out.seek(starts["values"])  # int8 bias/scale go in this gap once every row is encoded
         src.seek(entry.offset)
         for start in range(0, n, chunk_rows):
@@ -314,7 +334,9 @@ def pack_table(
             out.seek(starts["scale"])
             out.write(_as_bytes(torch.cat(scales) if scales else torch.zeros(0)))
         source_sha256 = digest.hexdigest()
-        final_prefix, _ = table_header(n, d, num_values, dtype, field, source_dtype, source_sha256)
+        final_prefix, _ = table_header(
+            n, d, num_values, dtype, field, source_dtype, source_sha256, rotated
+        )
         if len(final_prefix) != len(prefix):  # the digest has a fixed width; guard the invariant
             raise RuntimeError("packed header changed size after hashing")
         out.seek(0)
@@ -322,7 +344,7 @@ def pack_table(
         out.flush()
 
     values_bytes = num_values * PACKED_DTYPES[dtype].itemsize
-    side_bytes = 8 * n if dtype == "int8" else 0
+    side_bytes = (8 * n if dtype == "int8" else 0) + (4 * d * d if rotated else 0)
     return TableReport(
         field=field,
         rows=n,
@@ -505,6 +527,17 @@ def _module_kinds(
                 f"builds {list(dims)}; {_RUN_FIX}"
             )
     return kinds
+
+
+def _read_rotations(
+    header: Header, model_file: Path, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Table path -> its ``<path>.rotation`` tensor in the run's model file, if it has one."""
+    return {
+        path: read_tensor(model_file, header.tensors[f"{path}.rotation"])
+        for path in shapes
+        if f"{path}.rotation" in header.tensors
+    }
 
 
 def _file_names(paths: list[str]) -> dict[str, str]:

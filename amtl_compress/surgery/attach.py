@@ -10,6 +10,12 @@ from torch import Tensor, nn
 from amtl_compress.core.amtl import AMTL, AMTLConfig
 from amtl_compress.errors import SurgeryError
 from amtl_compress.surgery.masked import MaskedEmbedding, MaskedEmbeddingBag
+from amtl_compress.surgery.rotation import (
+    check_rotatable,
+    principal_axes,
+    unrotated,
+    with_rotation,
+)
 from amtl_compress.surgery.targets import find_embedding_modules
 
 _Masked = (MaskedEmbedding, MaskedEmbeddingBag)
@@ -56,7 +62,10 @@ def attach_amtl_(
     on an error the model is unchanged. Each AMTL layer is moved to its table's device; its
     dtype is the table's if that is float32/float64, else float32 (the argmax over D logits
     needs the precision; the 0/1 mask is cast to the table's dtype exactly). Thanks to the warm
-    start (see :class:`~amtl_compress.core.amtl.AMTL`), the model's outputs do not change.
+    start (see :class:`~amtl_compress.core.amtl.AMTL`), the model's outputs do not change
+    (bitwise with ``ordering="none"``; up to float rounding with ``"pca"``, which rotates each
+    table's weight in place onto its principal axes, see surgery/rotation.py). A table rotated by
+    an earlier run (``RotatedEmbedding``) keeps its rotation.
 
     Args:
         model: the user model.
@@ -101,16 +110,25 @@ def attach_amtl_(
                 f"module `{path}` (target `{target}`) is the same table as {others}; "
                 "AMTL cannot wrap a table registered under several paths"
             )
+        if config.ordering == "pca":
+            check_rotatable(path, table)
         checked[path] = (table, _check_counts(target, path, table, counts[target]))
 
     wrappers: dict[str, nn.Module] = {}
     for path, (table, table_counts) in checked.items():
+        # A table rotated by an earlier run stays rotated: its rotation moves into the wrapper.
+        table, rotation = unrotated(table)
         weight = table.weight
+        if config.ordering == "pca":
+            with torch.no_grad():
+                axes = principal_axes(weight).to(weight.device)
+                weight.copy_(weight @ axes.T.to(weight.dtype))  # W' = W Q, Q = R^T
+            rotation = axes if rotation is None else axes @ rotation.to(axes.device)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         amtl = AMTL(table_counts.detach().cpu(), table.embedding_dim, config)
         amtl = amtl.to(device=weight.device, dtype=dtype)
         kind = MaskedEmbedding if isinstance(table, nn.Embedding) else MaskedEmbeddingBag
-        wrappers[path] = kind(table, amtl)
+        wrappers[path] = kind(table, amtl, rotation)
     for path, wrapper in wrappers.items():
         _set_submodule(model, path, wrapper)
     return matched
@@ -145,7 +163,10 @@ def detach_amtl(model: nn.Module, merge: bool = True) -> tuple[nn.Module, dict[s
         model: a model prepared by :func:`attach_amtl_`.
         merge: if True, each table's row i is set to exactly 0.0 past its length (dims
             ``>= lengths[i]``), so the plain model computes what the masked model computed in
-            eval mode. If False the raw weights are left as they are.
+            eval mode. If False the raw weights are left as they are. A wrapper with a
+            rotation puts back a ``RotatedEmbedding(Bag)`` (same weight, ``rotation`` buffer),
+            so the model still computes the same outputs and its state_dict gains
+            ``<path>.rotation``.
 
     Returns:
         (model, {module path: lengths int64 (N,) on the CPU, each k_i + 1 in [1, D]}). A model
@@ -159,6 +180,8 @@ def detach_amtl(model: nn.Module, merge: bool = True) -> tuple[nn.Module, dict[s
             dims = torch.arange(table.embedding_dim, device=row_lengths.device)
             dropped = dims >= row_lengths.unsqueeze(1)
             table.weight.masked_fill_(dropped.to(table.weight.device), 0.0)
+        if wrapper.rotation is not None:
+            table = with_rotation(table, wrapper.rotation)
         _set_submodule(model, path, table)
         lengths[path] = row_lengths.cpu()
     return model, lengths

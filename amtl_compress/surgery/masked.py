@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from amtl_compress.core.amtl import AMTL
 from amtl_compress.errors import SurgeryError
+from amtl_compress.surgery.rotation import check_rotatable, rotate_rows
 
 
 def _check_pair(base_layer: nn.Module, amtl: AMTL, kind: type[nn.Module]) -> None:
@@ -45,15 +46,30 @@ def _apply_mask(rows: Tensor, mask: Tensor) -> Tensor:
 
 
 class _MaskedTable(nn.Module):
-    """What both wrappers share: ``base_layer`` + ``amtl`` and the base's table attributes."""
+    """What both wrappers share: ``base_layer`` + ``amtl`` and the base's table attributes.
+
+    ``rotation`` (optional float32 (D, D) R, a buffer; None if absent) turns on dimension
+    ordering (surgery/rotation.py): the wrapper returns its masked output times R.
+    """
 
     _kind: type[nn.Module]
+    rotation: Tensor | None
 
-    def __init__(self, base_layer: nn.Module, amtl: AMTL):
+    def __init__(self, base_layer: nn.Module, amtl: AMTL, rotation: Tensor | None = None):
         super().__init__()
         _check_pair(base_layer, amtl, self._kind)
+        if rotation is not None:
+            check_rotatable("base_layer", base_layer)
+            d = base_layer.embedding_dim
+            if tuple(rotation.shape) != (d, d):
+                raise SurgeryError(
+                    f"`rotation` must be ({d}, {d}) for a table of width {d}, got "
+                    f"{tuple(rotation.shape)}; build it with `principal_axes(table.weight)`"
+                )
+            rotation = rotation.detach().to(base_layer.weight.device, torch.float32).contiguous()
         self.base_layer = base_layer
         self.amtl = amtl
+        self.register_buffer("rotation", rotation)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -82,14 +98,15 @@ class MaskedEmbedding(_MaskedTable):
     Args:
         base_layer: the wrapped table, (N, D).
         amtl: the AMTL layer built for that table's N rows and D dims.
+        rotation: optional float32 (D, D); the masked rows are returned as ``e_hat @ R``.
     """
 
     _kind = nn.Embedding
 
-
     def forward(self, input: Tensor) -> Tensor:
-        """ids (any shape) -> masked rows (*ids.shape, D)."""
-        return _apply_mask(self.base_layer(input), self.amtl.mask(input))
+        """ids (any shape) -> masked (then rotated) rows (*ids.shape, D)."""
+        rows = _apply_mask(self.base_layer(input), self.amtl.mask(input))
+        return rows if self.rotation is None else rotate_rows(rows, self.rotation)
 
 
 class MaskedEmbeddingBag(_MaskedTable):
@@ -107,6 +124,8 @@ class MaskedEmbeddingBag(_MaskedTable):
     Args:
         base_layer: the wrapped table, (N, D).
         amtl: the AMTL layer built for that table's N rows and D dims.
+        rotation: optional float32 (D, D) applied to each pooled bag (sum and mean commute with
+            it; mode max is rejected).
     """
 
     _kind = nn.EmbeddingBag
@@ -141,7 +160,7 @@ class MaskedEmbeddingBag(_MaskedTable):
         if base.padding_idx is not None:
             positions = torch.where(ids == base.padding_idx, nnz, positions)
             padding_idx = nnz
-        return F.embedding_bag(
+        pooled = F.embedding_bag(
             positions.reshape(input.shape),
             table,
             None if offsets is None else offsets.long(),
@@ -150,3 +169,4 @@ class MaskedEmbeddingBag(_MaskedTable):
             include_last_offset=base.include_last_offset,
             padding_idx=padding_idx,
         )
+        return pooled if self.rotation is None else rotate_rows(pooled, self.rotation)

@@ -12,7 +12,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from amtl_compress.core.amtl import AMTLConfig
 from amtl_compress.core.budget import apply_budget_
 from amtl_compress.data.counts import count_frequencies, read_counts
 from amtl_compress.data.dataset import TabularData
-from amtl_compress.errors import AmtlError, OutputExistsError, RunDirError
+from amtl_compress.errors import AmtlError, OutputExistsError, RunDirError, TrainingError
 from amtl_compress.surgery.attach import (
     amtl_layers,
     amtl_parameters,
@@ -37,7 +40,7 @@ from amtl_compress.surgery.attach import (
 )
 from amtl_compress.surgery.targets import find_embedding_modules
 from amtl_compress.training.loop import bce_step, evaluate
-from amtl_compress.training.state import load_state, save_state
+from amtl_compress.training.state import has_state, load_state, save_state
 
 #: How close the realized memory ratio must land to ``target_ratio`` for an epoch to count as
 #: meeting the budget.
@@ -53,28 +56,36 @@ class FinetuneConfig:
             module path, a path suffix (``user_id`` matches ``embeddings.user_id``) or a regex.
         epochs: passes over the training data.
         batch_size: rows per optimiser step.
-        lr: Adam learning rate of the model's own parameters (embeddings and MLPs).
+        lr: Adam learning rate of the model's own parameters (embeddings and MLPs). 1e-2
+            recovers the AUC lost to the cut dims within the 3 epochs (MovieLens-100k validation
+            AUC at budget 0.4: 0.7697 at 1e-3, 0.7754 at 3e-3, 0.7767 at 1e-2; docs/amtl.md).
         amtl_lr: initial Adam learning rate of the AMTL layers; it decays linearly to 0.
         final_temperature: if set, T is annealed geometrically from ``amtl.temperature`` to this
             value over the run.
         target_ratio: if set, kept values / (N*D) each AMTL table must reach (within 0.02).
+        budget_weight: with ``target_ratio``, the Lagrangian term ``budget_weight * sum_t mu_t *
+            expected_ratio_t`` (core/budget.py) is added to the loss, so every row, not only the
+            rows a batch touches, feels the price of its length; 0 = the price acts on the
+            selection only. >= 0.
         seed: seeds parameter init of AMTL and the data order.
         label: name of the label column.
         save_every: optimiser steps between resumable-state saves.
-        amtl: the AMTL layer's own configuration.
+        amtl: the AMTL layer's own configuration; by default with ``ordering="pca"``
+            (dimension ordering, surgery/rotation.py), the recipe docs/benchmarks.md measured.
     """
 
     fields: dict[str, str] = field(default_factory=dict)
     epochs: int = 3
     batch_size: int = 1024
-    lr: float = 1e-3
+    lr: float = 1e-2
     amtl_lr: float = 3e-3
     final_temperature: float | None = None
     target_ratio: float | None = None
+    budget_weight: float = 1.0
     seed: int = 0
     label: str = "label"
     save_every: int = 200
-    amtl: AMTLConfig = field(default_factory=AMTLConfig)
+    amtl: AMTLConfig = field(default_factory=lambda: AMTLConfig(ordering="pca"))
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -86,6 +97,8 @@ class FinetuneConfig:
             raise ValueError("final_temperature must be > 0")
         if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
+        if not self.budget_weight >= 0:
+            raise ValueError(f"budget_weight must be >= 0, got {self.budget_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -144,6 +157,8 @@ def _table_report(
             "dim": d,
             "avg_kept_dim": float(lens.double().mean()),
             "memory_ratio": float(lens.sum()) / (n * d),
+            # Every row cut to one value: the layer collapsed (see CollapseWarning).
+            "collapsed": bool(n and d > 1 and int(lens.max()) == 1),
         }
         kept += int(lens.sum())
         total += n * d
@@ -226,7 +241,7 @@ def finetune(
         "best": None,
         "config": config_json,
     }
-    if resume and (state_dir / "state.json").exists():
+    if resume and has_state(state_dir):
         saved = load_state(state_dir, model, optimizer)
         if saved.get("config") != config_json:
             raise RunDirError(
@@ -238,6 +253,14 @@ def finetune(
         shutil.rmtree(state_dir)
     if config.target_ratio is not None:
         ratios = apply_budget_(layers, config.target_ratio)  # train under the budget from step 0
+    penalty = None
+    if config.target_ratio is not None and config.budget_weight > 0:
+
+        def penalty() -> torch.Tensor:
+            # The Lagrangian's memory term: its gradient shortens rows the task does not defend
+            # (rare rows barely appear in batches, so without it they keep their start length).
+            term = sum(layer.price * layer.expected_ratio() for layer in layers.values())
+            return config.budget_weight * term
 
     step = progress_state["step"]
     bar = tqdm(
@@ -246,34 +269,54 @@ def finetune(
     )
     running = None
     model.train()
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        batches = train_data.batches(
-            config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch
-        )
-        for i, (features, labels) in enumerate(batches):
-            if i < skip:
-                continue  # already done before the interruption
-            for layer in layers.values():
-                layer.temperature = _temperature_at(config, step, total_steps)
-            # The AMTL learning rate decays linearly to 0: under STE the hard lengths keep
-            # flipping while it is large, and the budget can only be met once they settle.
-            optimizer.param_groups[1]["lr"] = config.amtl_lr * (1 - step / total_steps)
-            loss = bce_step(model, optimizer, features, labels)
-            if config.target_ratio is not None:
-                ratios = apply_budget_(layers, config.target_ratio)
-            running = loss if running is None else 0.98 * running + 0.02 * loss
-            step += 1
-            postfix = {"loss": f"{running:.4f}", "epoch": epoch + 1}
-            if config.target_ratio is not None:
-                postfix["ratio"] = f"{sum(ratios.values()) / len(ratios):.3f}"
-            bar.set_postfix(postfix)
-            bar.update(1)
-            if step % steps_per_epoch == 0:
-                _end_epoch(model, layers, valid_data, config, progress_state, step, state_dir)
-            if step % config.save_every == 0 or step % steps_per_epoch == 0:
-                progress_state["step"] = step
-                save_state(state_dir, model, optimizer, progress_state)
+    with _DeferredInterrupt() as interrupt:
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            batches = train_data.batches(
+                config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch
+            )
+            for i, (features, labels) in enumerate(batches):
+                if i < skip:
+                    continue  # already done before the interruption
+                for layer in layers.values():
+                    layer.temperature = _temperature_at(config, step, total_steps)
+                # The AMTL learning rate decays linearly to 0: under STE the hard lengths keep
+                # flipping while it is large, and the budget can only be met once they settle.
+                optimizer.param_groups[1]["lr"] = config.amtl_lr * (1 - step / total_steps)
+                try:
+                    loss = bce_step(model, optimizer, features, labels, penalty)
+                except TrainingError as exc:
+                    # bce_step did not apply the faulty step: keep this state resumable, unless
+                    # the weights themselves went bad, then the last save stays the good one.
+                    if _all_finite(model):
+                        progress_state["step"] = step
+                        save_state(state_dir, model, optimizer, progress_state)
+                        where = f"the state before step {step + 1} is saved in `{state_dir}`"
+                    else:
+                        where = f"the last good state is in `{state_dir}`"
+                    reason = str(exc).split(";")[0]
+                    raise TrainingError(
+                        f"{reason} at step {step + 1}; {where} - lower the learning rate "
+                        "(--lr / --amtl-lr) or check the data for extreme values"
+                    ) from None
+                if config.target_ratio is not None:
+                    ratios = apply_budget_(layers, config.target_ratio)
+                running = loss if running is None else 0.98 * running + 0.02 * loss
+                step += 1
+                postfix = {"loss": f"{running:.4f}", "epoch": epoch + 1}
+                if config.target_ratio is not None:
+                    postfix["ratio"] = f"{sum(ratios.values()) / len(ratios):.3f}"
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if step % steps_per_epoch == 0:
+                    _end_epoch(model, layers, valid_data, config, progress_state, step, state_dir)
+                if step % config.save_every == 0 or step % steps_per_epoch == 0:
+                    progress_state["step"] = step
+                    save_state(state_dir, model, optimizer, progress_state)
+                if interrupt.requested:  # Ctrl-C: stop between steps with a resumable state
+                    progress_state["step"] = step
+                    save_state(state_dir, model, optimizer, progress_state)
+                    raise KeyboardInterrupt
     bar.close()
 
     best = progress_state["best"]
@@ -290,6 +333,9 @@ def finetune(
     model, lengths = detach_amtl(model, merge=True)
     after = evaluate(model, valid_data.batches(config.batch_size))
     per_table, ratio = _table_report(lengths, column_of, dims)
+    collapsed = [path for path, table in per_table.items() if table["collapsed"]]
+    if collapsed:
+        warnings.warn(CollapseWarning(collapsed), stacklevel=2)
     metrics = {
         "before": before,
         "after": after,
@@ -298,6 +344,7 @@ def finetune(
         "tables": per_table,
         "memory_ratio": ratio,
         "target_ratio": config.target_ratio,
+        "collapsed": collapsed,
     }
     run_config = {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -352,3 +399,53 @@ def _end_epoch(
 
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -math.inf
+
+
+class CollapseWarning(UserWarning):
+    """Fine-tuning cut every row of a table to length 1: the AMTL layer collapsed.
+
+    Such a table keeps one value per row, which is rarely what the budget asked for; it usually
+    means the memory price or the learning rate of the AMTL layers was too high.
+    """
+
+    def __init__(self, tables: list[str]) -> None:
+        self.tables = tables
+        names = ", ".join(f"`{t}`" for t in tables)
+        super().__init__(
+            f"AMTL collapsed every row of {names} to length 1; raise --target-ratio or lower "
+            "--amtl-lr and fine-tune again"
+        )
+
+
+class _DeferredInterrupt:
+    """Turn the first Ctrl-C (SIGINT) into a flag that the loop checks between steps.
+
+    An interrupt in the middle of an optimiser step would leave half-updated weights; deferring
+    it lets the loop save a state that resumes exactly. A second Ctrl-C interrupts at once.
+    Only the main thread can install signal handlers; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

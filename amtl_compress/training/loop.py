@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +44,12 @@ def bce_step(
     optimizer: torch.optim.Optimizer,
     features: dict[str, torch.Tensor],
     labels: torch.Tensor,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> float:
-    """One optimiser step on the binary cross-entropy; returns the loss.
+    """One optimiser step on the binary cross-entropy (plus ``penalty()``); returns the BCE.
+
+    ``penalty``, if given, returns a scalar tensor added to the loss before ``backward`` (the
+    memory budget's Lagrangian term, training/finetune.py).
 
     Raises:
         TrainingError: the loss is NaN or inf. The step is not applied, so the model keeps its
@@ -54,11 +58,12 @@ def bce_step(
     optimizer.zero_grad(set_to_none=True)
     logits = model(features).reshape(-1)
     loss = F.binary_cross_entropy_with_logits(logits, labels.float())
-    if not torch.isfinite(loss):
+    total = loss if penalty is None else loss + penalty()
+    if not torch.isfinite(total):
         raise TrainingError(
-            f"the training loss became {float(loss)}; the last good state is kept - "
+            f"the training loss became {float(loss.detach())}; the last good state is kept - "
             "lower the learning rate (--lr / --amtl-lr) or check the data for extreme values"
         )
-    loss.backward()
+    total.backward()
     optimizer.step()
     return float(loss.detach())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from amtl_compress._io import atomic_save_safetensors, atomic_write_text
@@ -18,6 +19,7 @@ from amtl_compress.errors import RunDirError
 
 _STATE_TENSORS = "state.safetensors"
 _STATE_JSON = "state.json"
+_PROGRESS_KEY = "amtl_compress.progress"
 
 
 def _flatten_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -48,10 +50,11 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     progress: dict[str, Any],
 ) -> None:
-    """Write the resumable state of a run into ``directory`` (tensors first, JSON last).
+    """Write the resumable state of a run into ``directory`` in one atomic file write.
 
-    The JSON names the tensor file's step, so a crash between the two writes is detected on load
-    rather than silently mixing two steps.
+    The progress JSON travels in the tensor file's metadata, so a process killed at any point
+    leaves either the previous state or the new one, never a mix of two steps. ``state.json``
+    is a readable copy written afterwards; :func:`load_state` does not depend on it.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,29 +62,44 @@ def save_state(
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
-    atomic_save_safetensors(tensors, directory / _STATE_TENSORS, {"step": str(progress["step"])})
-    atomic_write_text(
-        directory / _STATE_JSON, json.dumps({"optimizer": opt_meta, **progress}, indent=1)
+    text = json.dumps({"optimizer": opt_meta, **progress}, indent=1)
+    atomic_save_safetensors(
+        tensors, directory / _STATE_TENSORS, {"step": str(progress["step"]), _PROGRESS_KEY: text}
     )
+    atomic_write_text(directory / _STATE_JSON, text)
+
+
+def has_state(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a state written by :func:`save_state`."""
+    return (Path(directory) / _STATE_TENSORS).is_file()
 
 
 def load_state(
     directory: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore what :func:`save_state` wrote; returns the ``progress`` dict."""
+    """Restore what :func:`save_state` wrote into ``model`` and ``optimizer``.
+
+    Returns:
+        The ``progress`` dict given to :func:`save_state`.
+
+    Raises:
+        RunDirError: the state is unreadable or inconsistent (names the directory).
+    """
     directory = Path(directory)
     try:
-        meta = json.loads((directory / _STATE_JSON).read_text(encoding="utf-8"))
+        with safe_open(str(directory / _STATE_TENSORS), framework="pt") as f:
+            stored = dict(f.metadata() or {})
         tensors = load_file(str(directory / _STATE_TENSORS))
-    except (OSError, ValueError) as exc:
+        if _PROGRESS_KEY in stored:
+            meta = json.loads(stored[_PROGRESS_KEY])
+        else:  # written before the progress moved into the tensor file
+            meta = json.loads((directory / _STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError, SafetensorError) as exc:
         raise RunDirError(
-            f"cannot read the resume state in `{directory}` ({exc}); "
+            f"cannot read the resume state in `{directory}` ({_first_line(exc)}); "
             "delete that directory to start the run from the beginning"
         ) from exc
-    with open(directory / _STATE_TENSORS, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    if header.get("__metadata__", {}).get("step") != str(meta["step"]):
+    if stored.get("step") != str(meta.get("step")):
         raise RunDirError(
             f"the resume state in `{directory}` is inconsistent (tensors and progress are from "
             "different steps); delete that directory to start the run from the beginning"
@@ -94,3 +112,8 @@ def load_state(
     )
     torch.set_rng_state(tensors["rng.torch"])
     return meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -72,74 +72,90 @@ namespace {
 // batches stay on the calling thread.
 constexpr int64_t kGrainFloats = 32768;
 // Prefetch distance in ids: row lines are prefetched kAhead ids before they are read, offsets
-// 2 * kAhead ids before (so reading them to address the row prefetch does not stall).
+// kAheadOffsets ids before (so reading them to address the row prefetch does not stall).
 constexpr int64_t kAhead = 16;
+constexpr int64_t kAheadOffsets = 2 * kAhead;
 
 // ---------------------------------------------------------------------------------------------
 // The packed table and per-row access.
 // ---------------------------------------------------------------------------------------------
 
-template <typename T>
+// OffT is the offsets type: int64 (the format), or int32 when len(values) < 2^31 (the modules
+// derive such a copy once, which halves the index the lookups walk through).
+template <typename T, typename OffT = int64_t>
 struct Table {
   const T* values;
   int64_t num_values;
-  const int64_t* offsets;  // (rows + 1,)
-  int64_t rows;            // N
-  const float* scale;      // (N,) for int8, else nullptr
-  const float* bias;       // (N,) for int8, else nullptr
-  int64_t dim;             // D
+  const OffT* offsets;  // (rows + 1,)
+  int64_t rows;         // N
+  const float* scale;   // (N,) for int8, else nullptr
+  const float* bias;    // (N,) for int8, else nullptr
+  int64_t dim;          // D
 
   // Start and length of row `id` (already checked to be in [0, N)); false if the offsets are
-  // corrupt, so nothing outside `values` is ever read.
-  bool row(int64_t id, int64_t* start, int64_t* length) const {
+  // corrupt, so nothing outside `values` is ever read. Unsigned compares: 0 <= s <= e <= len and
+  // e - s <= D in three compares and one branch.
+  AMTL_INLINE bool row(int64_t id, int64_t* start, int64_t* length) const {
     const int64_t s = offsets[id];
     const int64_t e = offsets[id + 1];
-    if (s < 0 || e < s || e > num_values || e - s > dim) return false;
+    const bool bad = (static_cast<uint64_t>(e) > static_cast<uint64_t>(num_values)) |
+                     (static_cast<uint64_t>(s) > static_cast<uint64_t>(e)) | (e - s > dim);
+    if (__builtin_expect(bad, 0)) return false;
     *start = s;
     *length = e - s;
     return true;
   }
 
-  template <int kLines>
+  // Needs rows >= 1 (the vector kernels handle an empty table before prefetching). Addresses are
+  // computed as integers: prefetches never fault, so a bad id or corrupt offsets only waste a hint.
+  template <int kLines, bool kPastEnd>
   AMTL_INLINE void prefetch_row(int64_t id) const {
-    if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(rows)) return;
-    const int64_t s = offsets[id];
-    const int64_t e = offsets[id + 1];
-    const uintptr_t first = reinterpret_cast<uintptr_t>(values + s);
-    const uintptr_t last = reinterpret_cast<uintptr_t>(values + e) - 1;
-    // Prefetches never fault, so corrupt offsets only waste a hint here. The first line goes to
-    // L1, the rest to L2 (prefetcht0 for all of them measured slower for D = 128). kLines
-    // prefetches clamped to the last line cover a row of up to (kLines - 1) * 64 bytes without a
-    // branch on its length.
+    const int64_t i = static_cast<uint64_t>(id) < static_cast<uint64_t>(rows) ? id : 0;  // cmov
+    const uintptr_t base = reinterpret_cast<uintptr_t>(values);
+    const uintptr_t first = base + static_cast<uintptr_t>(static_cast<int64_t>(offsets[i])) *
+                                       sizeof(T);
+    // kPastEnd: the last vector of a row reads (masked) up to 64 - sizeof(T) bytes past its end,
+    // and this CPU fetches the lines of masked-off lanes too: prefetch that line as well.
+    const uintptr_t last = base + static_cast<uintptr_t>(static_cast<int64_t>(offsets[i + 1])) *
+                                      sizeof(T) + (kPastEnd ? 64 - sizeof(T) : 0) - 1;
+    // The first line goes to L1, the rest to L2 (prefetcht0 for all of them measured slower for
+    // D = 128). kLines prefetches clamped to the last line cover a row of up to (kLines - 1) * 64
+    // bytes without a branch on its length.
     prefetch(reinterpret_cast<const void*>(first));
-    for (int i = 1; i < kLines; ++i) {
-      prefetch_l2(reinterpret_cast<const void*>(std::min<uintptr_t>(first + 64 * i, last)));
+    for (int k = 1; k < kLines; ++k) {
+      prefetch_l2(reinterpret_cast<const void*>(std::min<uintptr_t>(first + 64 * k, last)));
+    }
+    if constexpr (std::is_same_v<T, int8_t>) {  // the row's scale and bias: two more lines
+      prefetch(scale + i);
+      prefetch(bias + i);
     }
   }
 
-  void prefetch_offsets(int64_t id) const {
-    if (id < 0 || id >= rows) return;
-    prefetch(offsets + id);
-    prefetch(offsets + id + 1);
+  // One hint: offsets[id + 1] shares the line except at a line boundary.
+  AMTL_INLINE void prefetch_offsets(int64_t id) const {
+    prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(offsets) +
+                                           static_cast<uintptr_t>(id) * sizeof(OffT)));
   }
 };
 
 // Row prefix as float32: float rows are used in place, the others are converted into `scratch`.
-AMTL_INLINE const float* row_as_float(const Table<float>& t, int64_t, int64_t s, int64_t,
+template <typename OffT>
+AMTL_INLINE const float* row_as_float(const Table<float, OffT>& t, int64_t, int64_t s, int64_t,
                                       float*) {
   return t.values + s;
 }
 
-template <typename T>
-AMTL_INLINE const float* row_as_float(const Table<T>& t, int64_t, int64_t s, int64_t n,
+template <typename T, typename OffT>
+AMTL_INLINE const float* row_as_float(const Table<T, OffT>& t, int64_t, int64_t s, int64_t n,
                                       float* scratch) {
   const T* src = t.values + s;
   for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(src[d]);
   return scratch;
 }
 
-AMTL_INLINE const float* row_as_float(const Table<int8_t>& t, int64_t id, int64_t s, int64_t n,
-                                      float* scratch) {
+template <typename OffT>
+AMTL_INLINE const float* row_as_float(const Table<int8_t, OffT>& t, int64_t id, int64_t s,
+                                      int64_t n, float* scratch) {
   if (n <= 0) return scratch;  // also for failed ids: never index scale/bias with them
   const int8_t* src = t.values + s;
   const float scale = t.scale[id];
@@ -170,8 +186,8 @@ struct Failures {
   FirstFailure bad_row;  // position of an id whose row has corrupt offsets
 };
 
-template <typename T, typename index_t>
-void raise_failures(const Table<T>& t, const index_t* ids, const Failures& fail) {
+template <typename T, typename OffT, typename index_t>
+void raise_failures(const Table<T, OffT>& t, const index_t* ids, const Failures& fail) {
   if (fail.bad_id.any()) {
     const int64_t j = fail.bad_id.pos();
     TORCH_CHECK_INDEX(false, "id ", static_cast<int64_t>(ids[j]), " at position ", j,
@@ -179,8 +195,9 @@ void raise_failures(const Table<T>& t, const index_t* ids, const Failures& fail)
   }
   if (fail.bad_row.any()) {
     const int64_t id = ids[fail.bad_row.pos()];
-    TORCH_CHECK_VALUE(false, "corrupt offsets for row ", id, ": [", t.offsets[id], ", ",
-                      t.offsets[id + 1], ") is not within [0, ", t.num_values,
+    TORCH_CHECK_VALUE(false, "corrupt offsets for row ", id, ": [",
+                      static_cast<int64_t>(t.offsets[id]), ", ",
+                      static_cast<int64_t>(t.offsets[id + 1]), ") is not within [0, ", t.num_values,
                       "] or is longer than ", t.dim);
   }
 }
@@ -213,8 +230,8 @@ struct BagArgs {
 
 namespace portable {
 
-template <typename T, typename index_t>
-void embedding_chunk(const Table<T>& t, const index_t* ids, int64_t begin, int64_t end,
+template <typename T, typename OffT, typename index_t>
+void embedding_chunk(const Table<T, OffT>& t, const index_t* ids, int64_t begin, int64_t end,
                      float* out, Failures& fail) {
   const int64_t dim = t.dim;
   for (int64_t j = begin; j < end; ++j) {
@@ -235,8 +252,8 @@ void embedding_chunk(const Table<T>& t, const index_t* ids, int64_t begin, int64
   }
 }
 
-template <typename T, typename index_t>
-void bag_chunk(const Table<T>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
+template <typename T, typename OffT, typename index_t>
+void bag_chunk(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
                float* out, Failures& fail) {
   const int64_t dim = t.dim;
   std::vector<float> scratch(std::is_same_v<T, float> ? 0 : dim);
@@ -445,8 +462,8 @@ const char* isa_name(Isa isa) {
 // Parallel drivers.
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, typename index_t>
-void embedding_kernel(const Table<T>& t, const index_t* ids, int64_t n, float* out) {
+template <typename T, typename OffT, typename index_t>
+void embedding_kernel(const Table<T, OffT>& t, const index_t* ids, int64_t n, float* out) {
   Failures fail;
   const Isa isa = active_isa();
   const int64_t grain = std::max<int64_t>(1, kGrainFloats / t.dim);
@@ -465,8 +482,8 @@ void embedding_kernel(const Table<T>& t, const index_t* ids, int64_t n, float* o
   raise_failures(t, ids, fail);
 }
 
-template <typename T, typename index_t>
-void bag_kernel(const Table<T>& t, const BagArgs<index_t>& a, int64_t num_bags, float* out) {
+template <typename T, typename OffT, typename index_t>
+void bag_kernel(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t num_bags, float* out) {
   Failures fail;
   const Isa isa = active_isa();
   const int64_t mean_bag = num_bags > 0 ? std::max<int64_t>(1, a.nnz / num_bags) : 1;
@@ -495,7 +512,9 @@ void check_table(const at::Tensor& values, const at::Tensor& offsets,
   TORCH_CHECK_TYPE(values.dim() == 1 && values.is_contiguous(),
                    "`values` must be a contiguous 1-D tensor (call .contiguous()), got ",
                    values.dim(), "-D");
-  TORCH_CHECK_TYPE(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+  // int32 offsets are the modules' derived copy (len(values) < 2^31); the format's are int64.
+  TORCH_CHECK_TYPE(offsets.dim() == 1 &&
+                       (offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt) &&
                        offsets.is_contiguous() && offsets.numel() >= 1,
                    "`offsets` must be a contiguous, non-empty 1-D int64 tensor (N + 1,)");
   TORCH_CHECK_VALUE(embedding_dim >= 1, "`embedding_dim` must be >= 1, got ", embedding_dim);
@@ -516,32 +535,36 @@ void check_table(const at::Tensor& values, const at::Tensor& offsets,
   }
 }
 
-template <typename T>
-Table<T> make_table(const at::Tensor& values, const at::Tensor& offsets,
-                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                    int64_t embedding_dim) {
+template <typename T, typename OffT>
+Table<T, OffT> make_table(const at::Tensor& values, const at::Tensor& offsets,
+                          const std::optional<at::Tensor>& scale,
+                          const std::optional<at::Tensor>& bias, int64_t embedding_dim) {
   const bool quantized = std::is_same_v<T, int8_t>;
-  return Table<T>{values.const_data_ptr<T>(),
+  return Table<T, OffT>{values.const_data_ptr<T>(),
                   values.numel(),
-                  offsets.const_data_ptr<int64_t>(),
+                  offsets.const_data_ptr<OffT>(),
                   offsets.numel() - 1,
                   quantized ? scale->const_data_ptr<float>() : nullptr,
                   quantized ? bias->const_data_ptr<float>() : nullptr,
                   embedding_dim};
 }
 
-// Calls fn(T{}) with T the C++ type of the packed values.
+// Calls fn(T{}, OffT{}) with T the C++ type of the packed values, OffT that of the offsets.
 template <typename Fn>
-void dispatch_values(at::ScalarType dtype, Fn&& fn) {
+void dispatch_values(at::ScalarType dtype, at::ScalarType offsets_dtype, Fn&& fn) {
+  auto with_offsets = [&](auto tag) {
+    if (offsets_dtype == at::kInt) return fn(tag, int32_t{});
+    return fn(tag, int64_t{});
+  };
   switch (dtype) {
     case at::kFloat:
-      return fn(float{});
+      return with_offsets(float{});
     case at::kHalf:
-      return fn(c10::Half{});
+      return with_offsets(c10::Half{});
     case at::kBFloat16:
-      return fn(c10::BFloat16{});
+      return with_offsets(c10::BFloat16{});
     case at::kChar:
-      return fn(int8_t{});
+      return with_offsets(int8_t{});
     default:
       TORCH_CHECK_TYPE(false, "`values` must be float32, float16, bfloat16 or int8, got ", dtype);
   }
@@ -558,11 +581,12 @@ at::Tensor packed_embedding(const at::Tensor& values, const at::Tensor& offsets,
   std::vector<int64_t> out_sizes(ids.sizes().begin(), ids.sizes().end());
   out_sizes.push_back(embedding_dim);
   at::Tensor out = at::empty(out_sizes, values.options().dtype(at::kFloat));
-  dispatch_values(values.scalar_type(), [&](auto tag) {
+  dispatch_values(values.scalar_type(), offsets.scalar_type(), [&](auto tag, auto off_tag) {
     using T = decltype(tag);
-    const Table<T> t = make_table<T>(values, offsets, scale, bias, embedding_dim);
+    using OffT = decltype(off_tag);
+    const Table<T, OffT> t = make_table<T, OffT>(values, offsets, scale, bias, embedding_dim);
     AT_DISPATCH_INDEX_TYPES(ids_c.scalar_type(), "packed_embedding", [&] {
-      embedding_kernel<T, index_t>(t, ids_c.const_data_ptr<index_t>(), ids_c.numel(),
+      embedding_kernel<T, OffT, index_t>(t, ids_c.const_data_ptr<index_t>(), ids_c.numel(),
                                    out.mutable_data_ptr<float>());
     });
   });
@@ -637,9 +661,10 @@ at::Tensor packed_embedding_bag(const at::Tensor& values, const at::Tensor& offs
   const Weights weighting =
       !weighted ? Weights::kNone : (padding_idx.has_value() ? Weights::kSeparate : Weights::kFused);
 
-  dispatch_values(values.scalar_type(), [&](auto tag) {
+  dispatch_values(values.scalar_type(), offsets.scalar_type(), [&](auto tag, auto off_tag) {
     using T = decltype(tag);
-    const Table<T> t = make_table<T>(values, offsets, scale, bias, embedding_dim);
+    using OffT = decltype(off_tag);
+    const Table<T, OffT> t = make_table<T, OffT>(values, offsets, scale, bias, embedding_dim);
     AT_DISPATCH_INDEX_TYPES(input_c.scalar_type(), "packed_embedding_bag", [&] {
       const index_t* boffs = bag_offsets_c.const_data_ptr<index_t>();
       check_bag_offsets(boffs, n_offsets, input_c.numel(), include_last_offset);
@@ -651,7 +676,7 @@ at::Tensor packed_embedding_bag(const at::Tensor& values, const at::Tensor& offs
                                   weighting,
                                   m,
                                   pad};
-      bag_kernel<T, index_t>(t, args, num_bags, out.mutable_data_ptr<float>());
+      bag_kernel<T, OffT, index_t>(t, args, num_bags, out.mutable_data_ptr<float>());
     });
   });
   return out;

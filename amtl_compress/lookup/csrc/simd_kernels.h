@@ -7,25 +7,32 @@
 // Ids are walked in order with a two-level software prefetch: the offsets of the id 2 * kAhead
 // positions ahead, and the row lines of the id kAhead positions ahead (whose offsets are in cache
 // by then).
+//
 // Rows are read with masked loads over their L-value prefix: lanes past L are +0.0, exactly the
-// zero tail of the dense table, so every mode does the dense arithmetic on every column. Nothing
-// here branches on a row length (those branches are unpredictable): vectors that lie wholly past
-// the row get an all-off mask AND are pointed back at the row start, because an all-off masked
-// load to a far address still costs like a cache miss on the CPUs measured (AMD Zen 4).
+// zero tail of the dense table, so every mode does the dense arithmetic on every column while
+// memory is read for the prefix only. Nothing here branches on a row length (such branches
+// mispredict, and each misprediction also squashes the loads of the next ids already in flight):
+// vectors wholly past the row get an all-off mask AND are pointed back inside the row, because an
+// all-off masked load to a far address still costs like a cache miss on the CPU measured (AMD
+// Zen 4). AVX-512 converts float16 / bfloat16 / int8 in registers from masked 16/8-bit loads;
+// AVX2 has no such loads and converts each row into a scratch buffer first.
+//
 // Bags accumulate a block of NV vectors (NV * W columns) in registers over all ids of the bag,
 // block after block; per column the additions run in input order, as in torch.
 
 // No include guard and no #include: this file is included once per ISA namespace.
 
-// Row prefix as float32 for the vector loops. float rows are read in place; the others are
-// converted into `scratch` (n floats) here, inside the ISA region, so the conversion loops are
-// vectorised too (float16 with F16C; bfloat16 is a shift; int8 is q * scale + bias, two roundings
-// as -ffp-contract=off keeps it). n == 0 (and failed ids) read nothing.
-AMTL_INLINE const float* row_floats(const Table<float>& t, int64_t, int64_t s, int64_t, float*) {
+// Row prefix as float32 in `scratch` (n floats), for an ISA without converting loads (AVX2). The
+// loops are compiled inside the ISA region, so they vectorise (float16 with F16C; bfloat16 is a
+// shift; int8 is q * scale + bias, two roundings as -ffp-contract=off keeps it). n == 0 (and failed
+// ids) read nothing.
+template <typename OffT>
+AMTL_INLINE const float* row_floats(const Table<float, OffT>& t, int64_t, int64_t s, int64_t, float*) {
   return t.values + s;
 }
 
-AMTL_INLINE const float* row_floats(const Table<c10::Half>& t, int64_t, int64_t s, int64_t n,
+template <typename OffT>
+AMTL_INLINE const float* row_floats(const Table<c10::Half, OffT>& t, int64_t, int64_t s, int64_t n,
                                     float* scratch) {
   const uint16_t* src = reinterpret_cast<const uint16_t*>(t.values + s);
   int64_t i = 0;
@@ -37,7 +44,8 @@ AMTL_INLINE const float* row_floats(const Table<c10::Half>& t, int64_t, int64_t 
   return scratch;
 }
 
-AMTL_INLINE const float* row_floats(const Table<c10::BFloat16>& t, int64_t, int64_t s, int64_t n,
+template <typename OffT>
+AMTL_INLINE const float* row_floats(const Table<c10::BFloat16, OffT>& t, int64_t, int64_t s, int64_t n,
                                     float* scratch) {
   const uint16_t* src = reinterpret_cast<const uint16_t*>(t.values + s);
   uint32_t* dst = reinterpret_cast<uint32_t*>(scratch);
@@ -45,7 +53,8 @@ AMTL_INLINE const float* row_floats(const Table<c10::BFloat16>& t, int64_t, int6
   return scratch;
 }
 
-AMTL_INLINE const float* row_floats(const Table<int8_t>& t, int64_t id, int64_t s, int64_t n,
+template <typename OffT>
+AMTL_INLINE const float* row_floats(const Table<int8_t, OffT>& t, int64_t id, int64_t s, int64_t n,
                                     float* scratch) {
   if (n <= 0) return scratch;  // also for failed ids: never index scale/bias with them
   const int8_t* src = t.values + s;
@@ -85,8 +94,8 @@ struct Row {
 
 // Calls fn(Row<...>) for row id (start s, n values) seen from column c0: in place when the values
 // are float32 or Vec converts them, else through `scratch`.
-template <typename T, typename Fn>
-AMTL_INLINE void with_row(const Table<T>& t, int64_t id, int64_t s, int64_t n, int64_t c0,
+template <typename T, typename OffT, typename Fn>
+AMTL_INLINE void with_row(const Table<T, OffT>& t, int64_t id, int64_t s, int64_t n, int64_t c0,
                           float* scratch, Fn&& fn) {
   if constexpr (std::is_same_v<T, float>) {
     fn(Row<float>(t.values + s + c0, n - c0));
@@ -104,6 +113,7 @@ AMTL_INLINE void with_row(const Table<T>& t, int64_t id, int64_t s, int64_t n, i
 }
 
 struct SumOp {
+  static constexpr bool kWeighted = false;
   template <int NV, typename E>
   static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float) {
     for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], r.vec(k));
@@ -112,6 +122,7 @@ struct SumOp {
 
 // torch's weighted sum without padding_idx (fbgemm): one rounding, w * x + acc.
 struct FusedOp {
+  static constexpr bool kWeighted = true;
   template <int NV, typename E>
   static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float w) {
     const typename Vec::R wv = Vec::broadcast(w);
@@ -121,6 +132,7 @@ struct FusedOp {
 
 // torch's weighted sum with padding_idx (its scalar loop): acc + x * w, two roundings.
 struct SeparateOp {
+  static constexpr bool kWeighted = true;
   template <int NV, typename E>
   static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float w) {
     const typename Vec::R wv = Vec::broadcast(w);
@@ -130,6 +142,7 @@ struct SeparateOp {
 
 // torch's max: the first row is taken as is, then `x > acc ? x : acc` per column.
 struct MaxOp {
+  static constexpr bool kWeighted = false;
   template <int NV, typename E>
   static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool first, float) {
     for (int k = 0; k < NV; ++k) {
@@ -139,14 +152,20 @@ struct MaxOp {
   }
 };
 
-template <int NV, typename T, typename index_t>
-void embedding_chunk_nv(const Table<T> t, const index_t* ids, int64_t begin, int64_t end,
+template <int NV, typename T, typename OffT, typename index_t>
+void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begin, int64_t end,
                         float* out, Failures& fail) {
+  if (begin >= end) return;
+  if (t.rows == 0) {  // every id is out of range (and prefetch_row needs a row)
+    fail.bad_id.record(begin);
+    return;
+  }
   const int64_t dim = t.dim;
-  std::vector<float> scratch(std::is_same_v<T, float> ? 0 : dim);
+  const int64_t last = end - 1;
+  std::vector<float> scratch(std::is_same_v<T, float> || Vec::kConverts ? 0 : dim);
   for (int64_t j = begin; j < end; ++j) {
-    if (j + 2 * kAhead < end) t.prefetch_offsets(ids[j + 2 * kAhead]);
-    if (j + kAhead < end) t.template prefetch_row<NV + 1>(ids[j + kAhead]);
+    t.prefetch_offsets(ids[std::min(j + kAheadOffsets, last)]);
+    t.template prefetch_row<NV + 1, false>(ids[std::min(j + kAhead, last)]);
     const int64_t id = ids[j];
     int64_t s = 0, n = 0;
     if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(t.rows)) {
@@ -166,8 +185,8 @@ void embedding_chunk_nv(const Table<T> t, const index_t* ids, int64_t begin, int
 
 // NV: vectors per row block; a row of D floats spans at most NV * W * 4 / 64 + 1 = NV + 1 lines
 // for AVX-512 (fewer for AVX2 and narrower dtypes: the extra prefetches hit the last line).
-template <typename T, typename index_t>
-void embedding_chunk(const Table<T>& t, const index_t* ids, int64_t begin, int64_t end,
+template <typename T, typename OffT, typename index_t>
+void embedding_chunk(const Table<T, OffT>& t, const index_t* ids, int64_t begin, int64_t end,
                      float* out, Failures& fail) {
   const int64_t vectors = (t.dim + Vec::W - 1) / Vec::W;
   if (vectors <= 1) return embedding_chunk_nv<1>(t, ids, begin, end, out, fail);
@@ -176,12 +195,17 @@ void embedding_chunk(const Table<T>& t, const index_t* ids, int64_t begin, int64
   return embedding_chunk_nv<8>(t, ids, begin, end, out, fail);
 }
 
-template <int NV, typename Op, typename T, typename index_t>
-void bag_chunk_nv(const Table<T> t, const BagArgs<index_t> a, int64_t b_begin, int64_t b_end,
+template <int NV, typename Op, typename T, typename OffT, typename index_t>
+void bag_chunk_nv(const Table<T, OffT> t, const BagArgs<index_t> a, int64_t b_begin, int64_t b_end,
                   float* out, Failures& fail) {
   const int64_t dim = t.dim;
-  std::vector<float> scratch(std::is_same_v<T, float> ? 0 : dim);
   const int64_t limit = a.bag_start(b_end);
+  if (t.rows == 0) {  // every id is out of range (and prefetch_row needs a row)
+    if (a.bag_start(b_begin) < limit) fail.bad_id.record(a.bag_start(b_begin));
+    return;
+  }
+  const int64_t last = limit - 1;
+  std::vector<float> scratch(std::is_same_v<T, float> || Vec::kConverts ? 0 : dim);
   const index_t* input = a.input;
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t s_bag = a.bag_start(b);
@@ -193,8 +217,8 @@ void bag_chunk_nv(const Table<T> t, const BagArgs<index_t> a, int64_t b_begin, i
       int64_t count = 0;
       for (int64_t j = s_bag; j < e_bag; ++j) {
         if (c0 == 0) {
-          if (j + 2 * kAhead < limit) t.prefetch_offsets(input[j + 2 * kAhead]);
-          if (j + kAhead < limit) t.template prefetch_row<NV + 1>(input[j + kAhead]);
+          t.prefetch_offsets(input[std::min(j + kAheadOffsets, last)]);
+          t.template prefetch_row<NV + 1, true>(input[std::min(j + kAhead, last)]);
         }
         const int64_t id = input[j];
         if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(t.rows)) {
@@ -207,7 +231,7 @@ void bag_chunk_nv(const Table<T> t, const BagArgs<index_t> a, int64_t b_begin, i
           fail.bad_row.record(j);
           continue;
         }
-        const float w = a.weights ? a.weights[j] : 0.0f;
+        const float w = Op::kWeighted ? a.weights[j] : 0.0f;
         with_row(t, id, s, n, c0, scratch.data(),
                  [&](const auto& r) { Op::apply(acc, r, count == 0, w); });
         ++count;
@@ -228,8 +252,8 @@ void bag_chunk_nv(const Table<T> t, const BagArgs<index_t> a, int64_t b_begin, i
   }
 }
 
-template <typename Op, typename T, typename index_t>
-void bag_chunk_op(const Table<T>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
+template <typename Op, typename T, typename OffT, typename index_t>
+void bag_chunk_op(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
                   float* out, Failures& fail) {
   // Fewest vectors that cover D (up to 8 per block): small D wastes no masked loads.
   const int64_t vectors = (t.dim + Vec::W - 1) / Vec::W;
@@ -239,8 +263,8 @@ void bag_chunk_op(const Table<T>& t, const BagArgs<index_t>& a, int64_t b_begin,
   return bag_chunk_nv<8, Op>(t, a, b_begin, b_end, out, fail);
 }
 
-template <typename T, typename index_t>
-void bag_chunk(const Table<T>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
+template <typename T, typename OffT, typename index_t>
+void bag_chunk(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
                float* out, Failures& fail) {
   if (a.mode == Mode::kMax) return bag_chunk_op<MaxOp>(t, a, b_begin, b_end, out, fail);
   switch (a.weighting) {
