@@ -6,10 +6,13 @@ Results go to stdout, progress bars and logs to stderr. Known errors print one l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -51,6 +54,28 @@ def _command(func: Callable[..., None]) -> Callable[..., None]:
             raise typer.Exit(130) from None
 
     return app.command(func.__name__.rstrip("_"))(wrapper)
+
+
+@contextlib.contextmanager
+def _interrupt_after_imports() -> Iterator[None]:
+    """Hold Ctrl-C while heavy modules import, then raise it.
+
+    An import cut short by KeyboardInterrupt can leave a half-initialised module in
+    ``sys.modules`` (seen with numpy during ``import torch``); where a library swallows that
+    interrupt, the run goes on and crashes later with an unrelated error. Outside the main
+    thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 ModelOpt = Annotated[
@@ -168,9 +193,18 @@ def finetune(
     """
     # Everything, imports included, is inside the try: Ctrl-C may land anywhere.
     try:
-        from amtl_compress.core.amtl import AMTLConfig
-        from amtl_compress.training.finetune import CollapseWarning, FinetuneConfig, parse_field
-        from amtl_compress.training.finetune import finetune as run_finetune
+        with _interrupt_after_imports():
+            import numpy  # noqa: F401 - imported here so that no later import can be cut short
+            import pyarrow.parquet  # noqa: F401
+            import safetensors.torch  # noqa: F401
+
+            from amtl_compress.core.amtl import AMTLConfig
+            from amtl_compress.training.finetune import (
+                CollapseWarning,
+                FinetuneConfig,
+                parse_field,
+            )
+            from amtl_compress.training.finetune import finetune as run_finetune
 
         fields = dict(parse_field(f) for f in field)
         config = FinetuneConfig(

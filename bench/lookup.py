@@ -76,7 +76,8 @@ def time_pair(ours, base, repeats: int) -> tuple[float, float]:
 
 
 def bench_dim(n: int, d: int, batches: tuple[int, ...], dtype: str, repeats: int,
-              gen: torch.Generator) -> Iterator[tuple[float, float]]:
+              gen: torch.Generator, thread_counts: tuple[int, ...] = (1, 2)
+              ) -> Iterator[tuple[float, float]]:
     """Print one row per (distribution, B, threads) for embedding dim ``d``; yield the ratios."""
     dense, rank_to_row, lengths = make_table(n, d, gen)
     values, offsets, scale, bias = packed_values(dense, lengths, dtype)
@@ -90,7 +91,7 @@ def bench_dim(n: int, d: int, batches: tuple[int, ...], dtype: str, repeats: int
             ids = sample_ids(dist, b, rank_to_row, gen)
             bag_ids = sample_ids(dist, b * BAG_LEN, rank_to_row, gen)
             bag_offsets = torch.arange(b) * BAG_LEN
-            for threads in (1, 2):
+            for threads in thread_counts:
                 torch.set_num_threads(threads)
                 r_emb, us_emb = time_pair(partial(packed, ids), partial(emb, ids), repeats)
                 r_bag, us_bag = time_pair(partial(packed_bag, bag_ids, bag_offsets),
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32",
                         choices=["float32", "float16", "bfloat16", "int8"],
                         help="packed values dtype (the torch baseline stays float32)")
+    parser.add_argument("--threads", default="1,2",
+                        help="comma-separated thread counts per cell (default 1,2)")
     parser.add_argument("--ns-per-id", action="store_true",
                         help="instead: ns per id of the bag operator per values dtype, 1 thread")
     args = parser.parse_args()
@@ -174,7 +177,8 @@ def main() -> None:
     ratios: dict[str, list[float]] = {"embedding": [], "bag(sum)": []}
     with torch.inference_mode():
         for d in dims:
-            for r_emb, r_bag in bench_dim(n, d, batches, args.dtype, repeats, gen):
+            threads = tuple(int(t) for t in args.threads.split(","))
+            for r_emb, r_bag in bench_dim(n, d, batches, args.dtype, repeats, gen, threads):
                 ratios["embedding"].append(r_emb)
                 ratios["bag(sum)"].append(r_bag)
             gc.collect()

@@ -178,37 +178,40 @@ def freq_rule(budget: float, dim: int) -> Callable[[str, Tensor], Tensor]:
 
 
 def mde_layout(counts: Tensor, budget: float, dim: int) -> tuple[Tensor, Tensor, list[int]]:
-    """MDE blocks by frequency rank (equal row counts), block dims D (p_k / p_0)^alpha with alpha
+    """MDE blocks by frequency rank (equal row counts) with block dims
+    ``max(1, round(h (p_k / p_0)^alpha))`` (Ginart et al.'s power-law rule, p_k the block's mean
+    access count): the largest head width h <= D for which some alpha in [0, 8] fits, alpha
     bisected so that block tables + projections <= budget N D values.
 
-    Returns (lengths (N,), block id (N,), block dims)."""
+    Returns (lengths (N,), block id (N,), block dims, most frequent block first)."""
     n = counts.numel()
     order = torch.argsort(counts, descending=True, stable=True)
     block = torch.empty(n, dtype=torch.int64)
     for k, rows in enumerate(torch.tensor_split(order, MDE_BLOCKS)):
         block[rows] = k
-    # p_k: the mean access probability of a row in block k (+1 smoothing keeps unseen rows finite)
+    # +1 smoothing keeps blocks of unseen rows at a finite, positive probability
     p = torch.stack([(counts[block == k].double() + 1).mean() for k in range(MDE_BLOCKS)])
     sizes = torch.bincount(block, minlength=MDE_BLOCKS)
+    limit = budget * n * dim
 
-    def dims(alpha: float) -> list[int]:
-        return [max(1, min(dim, round(dim * float(p[k] / p[0]) ** alpha)))
+    def dims(alpha: float, head: int) -> list[int]:
+        return [max(1, min(head, round(head * float(p[k] / p[0]) ** alpha)))
                 for k in range(MDE_BLOCKS)]
 
-    def cost(alpha: float) -> int:
+    def cost(ds: list[int]) -> int:
         # a block at full width needs no projection
-        return sum(int(sizes[k]) * d + (d * dim if d < dim else 0)
-                   for k, d in enumerate(dims(alpha)))
+        return sum(int(sizes[k]) * d + (d * dim if d < dim else 0) for k, d in enumerate(ds))
 
-    lo, hi = 0.0, 8.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if cost(mid) <= budget * n * dim else (mid, hi)
-    best = dims(hi)
-    if cost(hi) > budget * n * dim:  # even alpha = 8 is too dear: shrink the head block too
-        best = [max(1, int(budget * dim))] * MDE_BLOCKS
-    lengths = torch.tensor(best, dtype=torch.int64)[block]
-    return lengths, block, best
+    for head in range(dim, 0, -1):
+        if cost(dims(8.0, head)) > limit:
+            continue
+        lo, hi = 0.0, 8.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if cost(dims(mid, head)) <= limit else (mid, hi)
+        best = dims(hi, head)
+        return torch.tensor(best, dtype=torch.int64)[block], block, best
+    raise ValueError(f"budget {budget} is below one dim per row plus projections")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,6 +130,36 @@ def test_parallel_chunks_match_dense(isa: str, threads: int) -> None:
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int32_offsets_give_the_same_bits(isa: str, dtype: torch.dtype) -> None:
+    # The modules hand the kernel an int32 copy of the offsets; it must read rows identically.
+    weight, lengths = random_table(300, 40, seed=5, specials=True)
+    values, offsets, scale, bias = packed(weight, lengths, dtype, seed=5)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 300, (2000,), generator=g)
+    bag_offsets = torch.arange(0, 2000, 20)
+    narrow = offsets.to(torch.int32)
+    assert_bitwise(ops.packed_embedding(values, narrow, scale, bias, ids, 40),
+                   ops.packed_embedding(values, offsets, scale, bias, ids, 40))
+    for mode in ("sum", "mean", "max"):
+        args = (ids, bag_offsets, None, mode, 40, None, False)
+        assert_bitwise(ops.packed_embedding_bag(values, narrow, scale, bias, *args),
+                       ops.packed_embedding_bag(values, offsets, scale, bias, *args))
+
+
+@pytest.mark.parametrize("corrupt", [[0, 2, 2**31 - 1], [0, 2, 7], [0, -4, 6], [0, 5, 3],
+                                     [0, 1, 6], [-(2**31), 2, 6]])
+def test_corrupt_int32_offsets_raise_without_reading_out_of_bounds(isa: str,
+                                                                   corrupt: list) -> None:
+    values, offsets = torch.ones(6), torch.tensor(corrupt, dtype=torch.int32)
+    ids = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        ops.packed_embedding(values, offsets, None, None, ids, 4)
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        ops.packed_embedding_bag(values, offsets, None, None, ids, torch.tensor([0, 2]), None,
+                                 "sum", 4, None, False)
+
+
 def test_weighted_sum_mirrors_both_torch_roundings() -> None:
     # -1 * 1 + (1 + 2^-23) * (1 - 2^-24): fused (fma) keeps the residue 2^-24 - 2^-47, a separate
     # multiply rounds the product to 1.0 first and the sum is 0. torch fuses without padding_idx

@@ -15,7 +15,7 @@ from test_lookup_helpers import assert_bitwise, dense_of, packed, random_table
 from torch import nn
 
 from amtl_compress.errors import PackedFormatError
-from amtl_compress.lookup import PackedEmbedding, PackedEmbeddingBag, ops
+from amtl_compress.lookup import PackedEmbedding, PackedEmbeddingBag, ops, pack_rows
 
 
 def _modules(n: int = 30, d: int = 12, seed: int = 0, **bag_kwargs):
@@ -146,6 +146,31 @@ def test_state_dict_switches_dtype_and_reports_key_problems() -> None:
     with pytest.raises(PackedFormatError, match="must start at 0 and end at len"):
         fp32_emb.load_state_dict(bad)
     assert_bitwise(fp32_emb(ids), int8(ids))  # a failed load leaves the module as it was
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_kernel_offsets_follow_the_buffer(inference: bool) -> None:
+    # The compiled path reads a derived int32 copy of `offsets`; it must never go stale, and it
+    # must not show up in the state_dict.
+    with torch.inference_mode(inference):
+        emb, bag, dense = _modules(n=30, d=12, seed=4, mode="sum")
+    ids = torch.arange(30)
+    assert_bitwise(emb(ids), F.embedding(ids, dense))
+    assert set(emb.state_dict()) == {"values", "offsets"}
+    assert emb.state_dict()["offsets"].dtype == torch.int64
+    other_emb, other_bag, other_dense = _modules(n=30, d=12, seed=5, mode="sum")
+    for module in (emb, bag):
+        module.load_state_dict(other_emb.state_dict())
+    assert_bitwise(emb(ids), F.embedding(ids, other_dense))
+    assert_bitwise(bag(ids, torch.tensor([0, 7])),
+                   F.embedding_bag(ids, other_dense, torch.tensor([0, 7]), mode="sum"))
+    if not inference:  # an in-place edit of the buffers is seen (the version counter moves)
+        lengths = emb.lengths
+        rolled = torch.cat([other_dense[1:], other_dense[:1]])
+        values, offsets = pack_rows(rolled, torch.cat([lengths[1:], lengths[:1]]))
+        emb.offsets.copy_(offsets)  # same N and len(values): only the row boundaries move
+        emb.values.copy_(values)
+        assert_bitwise(emb(ids), F.embedding(ids, rolled))
 
 
 def test_nested_state_dict_prefixes() -> None:

@@ -280,7 +280,9 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("wrong format", meta("format", "other"), "metadata `format` is `other`"),
     ("version", meta("format_version", "3"), "format_version `3` is not supported"),
     ("N unparsable", meta("num_embeddings", "three"), "`num_embeddings` is `three`, not a"),
-    ("D zero", meta("embedding_dim", "0"), "`embedding_dim` is 0, must be >= 1"),
+    ("D zero", meta("embedding_dim", "0"), r"`embedding_dim` is 0, must be in \[1, 65536\]"),
+    # Consistent with every row length, but a lookup would allocate a (B, D) output of ~800 GB.
+    ("D huge", meta("embedding_dim", "99999999999"), "`embedding_dim` is 99999999999, must be in"),
     ("N mismatch", meta("num_embeddings", "4"), r"`offsets` has shape \[4\], expected \[5\]"),
     ("dtype name", meta("dtype", "fp8"), "metadata `dtype` is `fp8`"),
     ("int8 no scale", meta("dtype", "int8"), r"missing tensor\(s\) `bias`, `scale`"),
@@ -405,3 +407,4 @@ def test_fuzzed_files_fail_cleanly(tmp_path: Path, edits, cut, dtype) -> None:
     # Accepted: then it must be internally consistent (a flipped value byte is allowed through).
     assert table.offsets[-1] == table.values.numel()
     assert (table.lengths >= 1).all() and (table.lengths <= table.embedding_dim).all()
+

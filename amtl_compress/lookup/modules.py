@@ -167,6 +167,11 @@ class _PackedTable(nn.Module):
                   moved["bias"], self.embedding_dim)
         for name, t in moved.items():
             self._buffers[name] = t
+        self._offsets_cache = None  # would be rebuilt anyway; frees the old copy now
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _PackedTable:
+        self._offsets_cache = None  # .to() / .cpu() / ... replace the buffers: drop the old copy
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, name={self._table_name!r}, "

@@ -63,6 +63,10 @@ SOURCE_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 
+#: Largest D a reader accepts (docs/format.md): a lookup allocates (B, D) outputs, so a tampered
+#: header claiming a huge D must not get that far.
+MAX_EMBEDDING_DIM = 65536
+
 
 @dataclass
 class PackedTable:
@@ -345,8 +349,11 @@ def _validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatE
     for key in ("num_embeddings", "embedding_dim"):
         if not _DECIMAL.fullmatch(meta[key]):
             raise fail(f"metadata `{key}` is `{meta[key]}`, not a non-negative decimal integer")
-    if int(meta["embedding_dim"]) < 1:
-        raise fail("metadata `embedding_dim` is 0, must be >= 1")
+    if not 1 <= int(meta["embedding_dim"]) <= MAX_EMBEDDING_DIM:
+        raise fail(
+            f"metadata `embedding_dim` is {meta['embedding_dim']}, must be in "
+            f"[1, {MAX_EMBEDDING_DIM}]"
+        )
     if meta["dtype"] not in PACKED_DTYPES:
         raise fail(
             f"metadata `dtype` is `{meta['dtype']}`, expected one of {sorted(PACKED_DTYPES)}"

@@ -30,7 +30,13 @@ from amtl_compress.core.amtl import AMTLConfig
 from amtl_compress.core.budget import apply_budget_
 from amtl_compress.data.counts import count_frequencies, read_counts
 from amtl_compress.data.dataset import TabularData
-from amtl_compress.errors import AmtlError, OutputExistsError, RunDirError, TrainingError
+from amtl_compress.errors import (
+    AmtlError,
+    ConfigError,
+    OutputExistsError,
+    RunDirError,
+    TrainingError,
+)
 from amtl_compress.surgery.attach import (
     amtl_layers,
     amtl_parameters,
@@ -90,15 +96,15 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
-            raise ValueError("epochs, batch_size and save_every must be >= 1")
+            raise ConfigError("epochs, batch_size and save_every must be >= 1")
         if self.lr <= 0 or self.amtl_lr <= 0:
-            raise ValueError("lr and amtl_lr must be > 0")
+            raise ConfigError("lr and amtl_lr must be > 0")
         if self.final_temperature is not None and self.final_temperature <= 0:
-            raise ValueError("final_temperature must be > 0")
+            raise ConfigError("final_temperature must be > 0")
         if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
-            raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
+            raise ConfigError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
         if not self.budget_weight >= 0:
-            raise ValueError(f"budget_weight must be >= 0, got {self.budget_weight}")
+            raise ConfigError(f"budget_weight must be >= 0, got {self.budget_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

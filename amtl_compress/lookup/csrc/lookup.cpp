@@ -94,23 +94,26 @@ struct Table {
 
   // Start and length of row `id` (already checked to be in [0, N)); false if the offsets are
   // corrupt, so nothing outside `values` is ever read. Unsigned compares: 0 <= s <= e <= len and
-  // e - s <= D in three compares and one branch.
+  // e - s <= D in three compare-and-branch pairs (never taken, so cheaper than combining them
+  // without branches, which measured slower).
   AMTL_INLINE bool row(int64_t id, int64_t* start, int64_t* length) const {
     const int64_t s = offsets[id];
     const int64_t e = offsets[id + 1];
-    const bool bad = (static_cast<uint64_t>(e) > static_cast<uint64_t>(num_values)) |
-                     (static_cast<uint64_t>(s) > static_cast<uint64_t>(e)) | (e - s > dim);
-    if (__builtin_expect(bad, 0)) return false;
+    if (static_cast<uint64_t>(e) > static_cast<uint64_t>(num_values) ||
+        static_cast<uint64_t>(s) > static_cast<uint64_t>(e) || e - s > dim) {
+      return false;
+    }
     *start = s;
     *length = e - s;
     return true;
   }
 
-  // Needs rows >= 1 (the vector kernels handle an empty table before prefetching). Addresses are
-  // computed as integers: prefetches never fault, so a bad id or corrupt offsets only waste a hint.
+  // Prefetches the lines of row `id` (offsets are read only for ids in [0, N)). Addresses are
+  // computed as integers: prefetches never fault, so corrupt offsets only waste a hint.
   template <int kLines, bool kPastEnd>
   AMTL_INLINE void prefetch_row(int64_t id) const {
-    const int64_t i = static_cast<uint64_t>(id) < static_cast<uint64_t>(rows) ? id : 0;  // cmov
+    if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(rows)) return;
+    const int64_t i = id;  // checked
     const uintptr_t base = reinterpret_cast<uintptr_t>(values);
     const uintptr_t first = base + static_cast<uintptr_t>(static_cast<int64_t>(offsets[i])) *
                                        sizeof(T);
@@ -131,7 +134,8 @@ struct Table {
     }
   }
 
-  // One hint: offsets[id + 1] shares the line except at a line boundary.
+  // One hint, no bounds check (a prefetch never faults, whatever the id): offsets[id + 1] shares
+  // the line except at a line boundary.
   AMTL_INLINE void prefetch_offsets(int64_t id) const {
     prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(offsets) +
                                            static_cast<uintptr_t>(id) * sizeof(OffT)));
@@ -197,8 +201,8 @@ void raise_failures(const Table<T, OffT>& t, const index_t* ids, const Failures&
     const int64_t id = ids[fail.bad_row.pos()];
     TORCH_CHECK_VALUE(false, "corrupt offsets for row ", id, ": [",
                       static_cast<int64_t>(t.offsets[id]), ", ",
-                      static_cast<int64_t>(t.offsets[id + 1]), ") is not within [0, ", t.num_values,
-                      "] or is longer than ", t.dim);
+                      static_cast<int64_t>(t.offsets[id + 1]), ") is not within [0, ",
+                      t.num_values, "] or is longer than ", t.dim);
   }
 }
 
@@ -253,8 +257,8 @@ void embedding_chunk(const Table<T, OffT>& t, const index_t* ids, int64_t begin,
 }
 
 template <typename T, typename OffT, typename index_t>
-void bag_chunk(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t b_begin, int64_t b_end,
-               float* out, Failures& fail) {
+void bag_chunk(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t b_begin,
+               int64_t b_end, float* out, Failures& fail) {
   const int64_t dim = t.dim;
   std::vector<float> scratch(std::is_same_v<T, float> ? 0 : dim);
   const int64_t chunk_end = a.bag_start(b_end);
@@ -483,7 +487,8 @@ void embedding_kernel(const Table<T, OffT>& t, const index_t* ids, int64_t n, fl
 }
 
 template <typename T, typename OffT, typename index_t>
-void bag_kernel(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t num_bags, float* out) {
+void bag_kernel(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t num_bags,
+                float* out) {
   Failures fail;
   const Isa isa = active_isa();
   const int64_t mean_bag = num_bags > 0 ? std::max<int64_t>(1, a.nnz / num_bags) : 1;
@@ -516,7 +521,8 @@ void check_table(const at::Tensor& values, const at::Tensor& offsets,
   TORCH_CHECK_TYPE(offsets.dim() == 1 &&
                        (offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt) &&
                        offsets.is_contiguous() && offsets.numel() >= 1,
-                   "`offsets` must be a contiguous, non-empty 1-D int64 tensor (N + 1,)");
+                   "`offsets` must be a contiguous, non-empty 1-D int64 (or int32) tensor "
+                   "(N + 1,)");
   TORCH_CHECK_VALUE(embedding_dim >= 1, "`embedding_dim` must be >= 1, got ", embedding_dim);
   const int64_t rows = offsets.numel() - 1;
   const bool quantized = values.scalar_type() == at::kChar;
@@ -541,12 +547,12 @@ Table<T, OffT> make_table(const at::Tensor& values, const at::Tensor& offsets,
                           const std::optional<at::Tensor>& bias, int64_t embedding_dim) {
   const bool quantized = std::is_same_v<T, int8_t>;
   return Table<T, OffT>{values.const_data_ptr<T>(),
-                  values.numel(),
-                  offsets.const_data_ptr<OffT>(),
-                  offsets.numel() - 1,
-                  quantized ? scale->const_data_ptr<float>() : nullptr,
-                  quantized ? bias->const_data_ptr<float>() : nullptr,
-                  embedding_dim};
+                        values.numel(),
+                        offsets.const_data_ptr<OffT>(),
+                        offsets.numel() - 1,
+                        quantized ? scale->const_data_ptr<float>() : nullptr,
+                        quantized ? bias->const_data_ptr<float>() : nullptr,
+                        embedding_dim};
 }
 
 // Calls fn(T{}, OffT{}) with T the C++ type of the packed values, OffT that of the offsets.
