@@ -471,7 +471,7 @@ def plot(rows: list[dict], groups: list[dict], img_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (split, init, order)")
-    parser.add_argument("--out", type=Path, default=Path("bench-out/quality"),
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"),
                         help="work directory (data, checkpoints, runs, results.json)")
     parser.add_argument("--img-dir", type=Path, default=Path("docs/img"))
     parser.add_argument("--quick", action="store_true",

@@ -204,3 +204,34 @@ def test_reader_rejects_a_version_2_table_without_a_proper_rotation(tmp_path: Pa
             embedding_dim=1, field="emb", source_sha256="0" * 64,
             rotation=torch.tensor([[float("nan")]]),
         )
+
+
+def test_budget_penalty_reaches_rows_no_batch_touches():
+    """bce_step's penalty (finetune's budget_weight term) trains the AMTL layer even for rows
+    that never appear in a batch, pushing them shorter, and bce_step still returns the BCE."""
+    from amtl_compress.training.loop import bce_step
+
+    model = Model()
+    attach_amtl_(model, {"user": counts(30)}, AMTLConfig(temperature=1.0))
+    layer = amtl_layers(model)["user"]
+    with torch.no_grad():
+        layer.price.fill_(2.0)
+    model.train()
+    ids, tags = torch.zeros(8, dtype=torch.int64), torch.ones(8, 3, dtype=torch.int64)
+    batch_model = nn.Module()
+    batch_model.forward = lambda features: model(features["ids"], features["tags"]).sum(-1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    untouched = torch.arange(1, 30)  # rows 1..29 never appear in the batch
+    before = layer.mask(untouched).sum().item()
+    start = layer.expected_ratio().item()
+    labels = torch.ones(8)
+    for _ in range(20):
+        with torch.no_grad():
+            plain = torch.nn.functional.binary_cross_entropy_with_logits(
+                batch_model({"ids": ids, "tags": tags}), labels
+            ).item()
+        loss = bce_step(batch_model, optimizer, {"ids": ids, "tags": tags}, labels,
+                        penalty=lambda: layer.price * layer.expected_ratio())
+        assert loss == pytest.approx(plain, abs=1e-6)  # the BCE, not BCE + penalty (~2)
+    assert layer.expected_ratio().item() < start - 0.05
+    assert layer.mask(untouched).sum().item() < before

@@ -104,7 +104,10 @@ class FinetuneConfig:
         if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
             raise ConfigError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
         if not self.budget_weight >= 0:
-            raise ConfigError(f"budget_weight must be >= 0, got {self.budget_weight}")
+            raise ConfigError(
+                f"`budget_weight` (--budget-weight) must be >= 0, got {self.budget_weight}; "
+                "use 1.0 (the default) or 0 to price the selection only"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
