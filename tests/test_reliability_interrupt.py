@@ -147,8 +147,12 @@ def test_sigint_before_training_says_there_is_nothing_to_resume(
     assert saved_step(tmp_path / "run.resume" / "state.safetensors") is None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode == -signal.SIGINT:  # still in Python's own start-up, before any of our code
-        assert err.strip().endswith("KeyboardInterrupt"), err
+    if proc.returncode == -signal.SIGINT or (
+        proc.returncode == 1 and err.strip().endswith("KeyboardInterrupt")
+    ):
+        # Python's start-up, before the CLI installs its handler: the default handling ends the
+        # process; on a busy machine 0.3 s can still fall there.
+        pass
     else:
         assert proc.returncode == 130, err
         assert err == "Interrupted before the first saved step; nothing to resume.\n"
