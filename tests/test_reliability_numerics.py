@@ -49,6 +49,18 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_a_good_state(
     assert all(bool(torch.isfinite(t.float()).all()) for t in tensors.values())
 
 
+def test_optimizer_overflow_is_a_one_line_training_error(synthetic, baseline, tmp_path) -> None:
+    # At lr 1e38 Adam's step size itself overflows float32 inside optimizer.step().
+    result = runner.invoke(app, [
+        "finetune", str(baseline), "--data", str(synthetic.train), "--valid", str(synthetic.valid),
+        "--field", "user_id", "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e38",
+        "-q",
+    ])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: the optimiser step overflowed float32")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
 def test_weights_gone_bad_do_not_overwrite_the_last_good_state(
     synthetic, baseline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

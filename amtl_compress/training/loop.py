@@ -65,5 +65,13 @@ def bce_step(
             "lower the learning rate (--lr / --amtl-lr) or check the data for extreme values"
         )
     total.backward()
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise TrainingError(
+            "the optimiser step overflowed float32; the last good state is kept - lower the "
+            "learning rate (--lr / --amtl-lr)"
+        ) from None
     return float(loss.detach())
