@@ -94,11 +94,11 @@ def _interrupt_and_resume(args: list[str], out: Path, signals: list[int], seed: 
     state = out.with_name(out.name + ".resume") / "state.safetensors"
     # Random steps, but well before the last of the 76, so the signal lands inside training
     # (one that lands after the run directory is written has nothing left to interrupt).
-    targets = sorted(rng.sample(range(SAVE_EVERY, 60), len(signals)))
+    targets = sorted(rng.sample(range(SAVE_EVERY, 40), len(signals)))
     last = 0
     for sig, target in zip(signals, targets, strict=True):
         # Then a random delay: the signal lands mid-step, mid-save or mid-validation.
-        proc = _stop_at(args, state, last, target, rng.uniform(0.0, 0.1), sig)
+        proc = _stop_at(args, state, last, target, rng.uniform(0.0, 0.03), sig)
         if sig == signal.SIGINT:
             _, err = proc.communicate()
             assert proc.returncode == 130, err
