@@ -29,6 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 def _command(func: Callable[..., None]) -> Callable[..., None]:
     """Register ``func`` as a subcommand whose known errors become ``Error: ...``, exit code 1.
 

@@ -130,7 +130,6 @@ class MaskedEmbeddingBag(_MaskedTable):
 
     _kind = nn.EmbeddingBag
 
-
     @property
     def mode(self) -> str:
         return self.base_layer.mode
