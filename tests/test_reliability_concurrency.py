@@ -14,7 +14,7 @@ from amtl_compress.models.factory import build_model
 from amtl_compress.storage.load import load_packed, load_packed_model
 from amtl_compress.storage.manifest import read_manifest
 from amtl_compress.storage.pack import pack
-from tests.test_reliability_helpers import make_run_dir, start_cli
+from tests.reliability_helpers import make_run_dir, start_cli
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from amtl_compress.errors import PackedFormatError
 from amtl_compress.lookup import PackedEmbedding, PackedEmbeddingBag
 from amtl_compress.storage.format import read_packed_table
 from amtl_compress.storage.pack import pack_table
-from tests.test_reliability_helpers import cli_env
+from tests.reliability_helpers import cli_env
 
 N, D = 40, 6
 #: What a lookup may raise on a table that loaded: an id outside [0, N) (IndexError) or corrupt

@@ -21,7 +21,7 @@ from amtl_compress.errors import PackedFormatError, RunDirError
 from amtl_compress.storage.load import load_packed_model
 from amtl_compress.storage.pack import pack
 from amtl_compress.training.state import load_state, save_state
-from tests.test_reliability_helpers import (
+from tests.reliability_helpers import (
     make_run_dir,
     run_cli,
     saved_step,
