@@ -1,5 +1,5 @@
-"""Helpers shared by the ``test_reliability_*`` files (no tests of its own): CLI subprocesses
-and synthetic run directories. Named ``test_*`` only to stay within the files this issue owns."""
+"""Helpers shared by the ``test_reliability_*`` files: CLI subprocesses and synthetic run
+directories."""
 
 from __future__ import annotations
 
