@@ -173,6 +173,36 @@ def test_kernel_offsets_follow_the_buffer(inference: bool) -> None:
         assert_bitwise(emb(ids), F.embedding(ids, rolled))
 
 
+def test_trusted_operators_only_for_a_validated_offsets_copy(monkeypatch) -> None:
+    # The modules skip the kernel's per-row offset checks only for their private int32 copy,
+    # validated whole when derived; any change that could make it unsafe re-validates it, and an
+    # invalid copy goes to the checked operators, which raise instead of reading outside values.
+    trusted_calls = []
+    real = ops.trusted_ops
+    monkeypatch.setattr(ops, "trusted_ops", lambda: trusted_calls.append(1) or real())
+    ids, bag_offsets = torch.arange(30), torch.tensor([0, 7])
+    emb, bag, dense = _modules(n=30, d=12, seed=6, mode="sum")
+    assert_bitwise(emb(ids), F.embedding(ids, dense))
+    assert_bitwise(bag(ids, bag_offsets), F.embedding_bag(ids, dense, bag_offsets, mode="sum"))
+    assert len(trusted_calls) == 2
+    trusted_calls.clear()
+
+    emb, bag, _ = _modules(n=30, d=12, seed=6, mode="sum")
+    with torch.no_grad():
+        emb.offsets[5] = 10**6  # in place: the version counter moves
+    with pytest.raises(ValueError, match="corrupt offsets for row 4"):
+        emb(ids)
+    bag.values = bag.values[:5].clone()  # shorter values under the same offsets tensor
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        bag(ids, bag_offsets)
+    emb, _, _ = _modules(n=30, d=12, seed=6)
+    assert int(emb.lengths.max()) > 2
+    emb.embedding_dim = 2  # rows now longer than D
+    with pytest.raises(ValueError, match="longer than 2"):
+        emb(ids)
+    assert not trusted_calls
+
+
 def test_nested_state_dict_prefixes() -> None:
     emb, bag, _ = _modules()
     model = nn.ModuleDict({"a": emb, "b": bag})

@@ -72,6 +72,18 @@ def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
                                 f"{sorted(map(str, devices))}")
 
 
+def _valid_index(offsets: Tensor, num_values: int, embedding_dim: int) -> bool:
+    """Whether (N + 1,) int32 ``offsets`` start at 0, end at ``num_values`` and every row length
+    is in [0, embedding_dim]: then no row can reach outside ``values`` (the trusted operators'
+    condition). It checks the int32 copy itself, the very tensor the kernel reads."""
+    if int(offsets[0]) != 0 or int(offsets[-1]) != num_values:
+        return False
+    if offsets.numel() == 1:
+        return True
+    lengths = offsets[1:] - offsets[:-1]
+    return bool(int(lengths.min()) >= 0 and int(lengths.max()) <= embedding_dim)
+
+
 class _PackedTable(nn.Module):
     """Buffers and state_dict handling shared by the two lookup modules."""
 
@@ -93,7 +105,7 @@ class _PackedTable(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         # (offsets buffer, is it an inference tensor, its version, the kernel's copy of it): see
         # _kernel_offsets.
-        self._offsets_cache: tuple[Tensor, bool, int, Tensor] | None = None
+        self._offsets_cache: tuple[Tensor, bool, int, Tensor, Tensor, int, int, bool] | None = None
 
     @property
     def _table_name(self) -> str:
@@ -109,26 +121,36 @@ class _PackedTable(nn.Module):
         """(N,) int64: kept values per row, ``offsets[1:] - offsets[:-1]`` (L_i = k_i + 1)."""
         return self.offsets[1:] - self.offsets[:-1]
 
-    def _kernel_offsets(self, offsets: Tensor, values: Tensor) -> Tensor:
-        """``offsets`` as the compiled kernel reads it: an int32 copy when len(values) < 2^31.
+    def _kernel_offsets(self, offsets: Tensor, values: Tensor) -> tuple[Tensor, bool]:
+        """``offsets`` as the compiled kernel reads it, and whether it may skip per-row checks.
 
-        Half the bytes of the (N + 1,) index each lookup goes through, so more of it stays in
-        cache. Derived in memory only (state_dict keeps the int64 buffer) and rebuilt when the
-        buffer is replaced or edited in place (its version counter moves; inference-mode tensors
-        have none and are keyed by identity). The kernel bounds-checks every row it reads either
-        way, so a stale copy could never make it read outside ``values``.
+        An int32 copy when len(values) < 2^31: half the bytes of the (N + 1,) index each lookup
+        goes through, so more of it stays in cache. Derived in memory only (state_dict keeps the
+        int64 buffer) and rebuilt when the buffer is replaced or edited in place (its version
+        counter moves; inference-mode tensors have none and are keyed by identity), or when
+        ``values`` or ``embedding_dim`` change. The copy is validated whole when derived (O(N),
+        once): if it is a valid packed index for the current ``values`` and D, the trusted
+        operators skip the per-row offset checks (ids are still checked). The copy is private, so
+        nothing can edit it after the check; anything else takes the checked operators.
         """
         cached = self._offsets_cache
         # Inference-mode tensors have no version counter (reading it raises, slowly): keyed by
         # identity alone, a flag the cache keeps so the hot path asks nothing else.
-        if cached is not None and cached[0] is offsets and (cached[1] or
-                                                            cached[2] == offsets._version):
-            return cached[3]
+        if (cached is not None and cached[0] is offsets and cached[4] is values
+                and (cached[1] or cached[2] == offsets._version)
+                and cached[5] == values.numel() and cached[6] == self.embedding_dim):
+            return cached[3], cached[7]
         inference = offsets.is_inference()
         version = -1 if inference else offsets._version
-        derived = offsets.to(torch.int32) if values.numel() < 2**31 else offsets
-        self._offsets_cache = (offsets, inference, version, derived)
-        return derived
+        trusted = False
+        if values.numel() < 2**31 and offsets.dtype == torch.int64 and offsets.numel() >= 1:
+            derived = offsets.to(torch.int32)
+            trusted = _valid_index(derived, values.numel(), self.embedding_dim)
+        else:
+            derived = offsets
+        self._offsets_cache = (offsets, inference, version, derived, values, values.numel(),
+                               self.embedding_dim, trusted)
+        return derived, trusted
 
     def _index_error(self, ids: Tensor, exc: IndexError) -> IndexError:
         """``exc`` restated with the table name and N (``exc`` itself if no id is out of range)."""
@@ -211,9 +233,9 @@ class PackedEmbedding(_PackedTable):
             if ops.use_reference(values):
                 return packed_embedding_reference(values, b["offsets"], b["scale"], b["bias"],
                                                   input, self.embedding_dim)
-            offsets = self._kernel_offsets(b["offsets"], values)
-            return ops.compiled_ops()[0](values, offsets, b["scale"], b["bias"], input,
-                                         self.embedding_dim)
+            offsets, trusted = self._kernel_offsets(b["offsets"], values)
+            op = (ops.trusted_ops() if trusted else ops.compiled_ops())[0]
+            return op(values, offsets, b["scale"], b["bias"], input, self.embedding_dim)
         except IndexError as exc:
             raise self._index_error(input, exc) from None
 
@@ -300,10 +322,11 @@ class PackedEmbeddingBag(_PackedTable):
                     values, b["offsets"], b["scale"], b["bias"], input, offsets,
                     per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
                     include_last_offset)
-            return ops.compiled_ops()[1](
-                values, self._kernel_offsets(b["offsets"], values), b["scale"], b["bias"], input,
-                offsets, per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
-                include_last_offset)
+            kernel_offsets, trusted = self._kernel_offsets(b["offsets"], values)
+            op = (ops.trusted_ops() if trusted else ops.compiled_ops())[1]
+            return op(values, kernel_offsets, b["scale"], b["bias"], input, offsets,
+                      per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
+                      include_last_offset)
         except IndexError as exc:
             raise self._index_error(input, exc) from None
 

@@ -43,7 +43,7 @@ _CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
 _state: dict[str, object] = {}  # "path": loaded library, or "error": the KernelBuildError raised
-_compiled: list[Any] = []  # the two OpOverloads, once loaded
+_compiled: list[Any] = []  # the OpOverloads (checked, then trusted), once loaded
 _warned_reference = False
 
 
@@ -233,6 +233,22 @@ def compiled_ops() -> tuple[Any, Any]:
         _compiled.extend((namespace.packed_embedding.default,
                           namespace.packed_embedding_bag.default))
     return _compiled[0], _compiled[1]
+
+
+def trusted_ops() -> tuple[Any, Any]:
+    """The modules' operators ``(packed_embedding_trusted, packed_embedding_bag_trusted)``.
+
+    Same arguments as :func:`compiled_ops`' operators, but int32 ``offsets`` are not checked per
+    row: only for a private copy the caller has validated whole (0 first, len(values) last, every
+    length in [0, D]); unvalidated offsets could make them read outside ``values``. Ids are still
+    checked (IndexError); int64 offsets are always checked.
+    """
+    if len(_compiled) < 4:
+        compiled_ops()
+        namespace = torch.ops.amtl_compress
+        _compiled.extend((namespace.packed_embedding_trusted.default,
+                          namespace.packed_embedding_bag_trusted.default))
+    return _compiled[2], _compiled[3]
 
 
 def packed_embedding(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Tensor | None,

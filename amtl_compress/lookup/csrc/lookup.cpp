@@ -81,7 +81,8 @@ constexpr int64_t kAheadOffsets = 2 * kAhead;
 // ---------------------------------------------------------------------------------------------
 
 // OffT is the offsets type: int64 (the format), or int32 when len(values) < 2^31 (the modules
-// derive such a copy once, which halves the index the lookups walk through).
+// derive such a copy once, which halves the index the lookups walk through). uint32_t marks that
+// copy after the module validated it whole (the `*_trusted` operators): rows are not re-checked.
 template <typename T, typename OffT = int64_t>
 struct Table {
   const T* values;
@@ -99,6 +100,13 @@ struct Table {
   AMTL_INLINE bool row(int64_t id, int64_t* start, int64_t* length) const {
     const int64_t s = offsets[id];
     const int64_t e = offsets[id + 1];
+    // uint32_t offsets are the modules' int32 copy, validated as a whole when it was derived
+    // (trusted operators only): no per-row check.
+    if constexpr (std::is_same_v<OffT, uint32_t>) {
+      *start = s;
+      *length = e - s;
+      return true;
+    }
     if (static_cast<uint64_t>(e) > static_cast<uint64_t>(num_values) ||
         static_cast<uint64_t>(s) > static_cast<uint64_t>(e) || e - s > dim) {
       return false;
@@ -367,11 +375,11 @@ struct Vec {
     const int64_t k = n < 0 ? 0 : (n > W ? W : n);  // bzhi reads only 8 bits of the index
     return static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(k)));
   }
-  // Per-row lane count for mask_k: the row's remaining length, broadcast (clamped to int32).
+  // Per-row lane count for mask_k: the row's remaining length, broadcast. It is in [-D, D] and
+  // check_table keeps D < 2^30, so it fits int32 without a clamp.
   using Lanes = __m512i;
   static AMTL_INLINE Lanes lanes(int64_t rem) {
-    return _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(rem, -1),
-                                                                     1 << 30)));
+    return _mm512_set1_epi32(static_cast<int32_t>(rem));
   }
   // Lanes of vector k that lie inside the row: one compare against a constant lane index.
   static AMTL_INLINE __mmask16 mask_k(Lanes l, int64_t k) {
@@ -523,7 +531,8 @@ void check_table(const at::Tensor& values, const at::Tensor& offsets,
                        offsets.is_contiguous() && offsets.numel() >= 1,
                    "`offsets` must be a contiguous, non-empty 1-D int64 (or int32) tensor "
                    "(N + 1,)");
-  TORCH_CHECK_VALUE(embedding_dim >= 1, "`embedding_dim` must be >= 1, got ", embedding_dim);
+  TORCH_CHECK_VALUE(embedding_dim >= 1 && embedding_dim < (int64_t{1} << 30),
+                    "`embedding_dim` must be in [1, 2^30), got ", embedding_dim);
   const int64_t rows = offsets.numel() - 1;
   const bool quantized = values.scalar_type() == at::kChar;
   for (const auto* opt : {&scale, &bias}) {
@@ -541,6 +550,15 @@ void check_table(const at::Tensor& values, const at::Tensor& offsets,
   }
 }
 
+template <typename OffT>
+const OffT* offsets_ptr(const at::Tensor& offsets) {
+  if constexpr (std::is_same_v<OffT, uint32_t>) {  // a validated int32 copy: all in [0, 2^31)
+    return reinterpret_cast<const uint32_t*>(offsets.const_data_ptr<int32_t>());
+  } else {
+    return offsets.const_data_ptr<OffT>();
+  }
+}
+
 template <typename T, typename OffT>
 Table<T, OffT> make_table(const at::Tensor& values, const at::Tensor& offsets,
                           const std::optional<at::Tensor>& scale,
@@ -548,7 +566,7 @@ Table<T, OffT> make_table(const at::Tensor& values, const at::Tensor& offsets,
   const bool quantized = std::is_same_v<T, int8_t>;
   return Table<T, OffT>{values.const_data_ptr<T>(),
                         values.numel(),
-                        offsets.const_data_ptr<OffT>(),
+                        offsets_ptr<OffT>(offsets),
                         offsets.numel() - 1,
                         quantized ? scale->const_data_ptr<float>() : nullptr,
                         quantized ? bias->const_data_ptr<float>() : nullptr,
@@ -556,9 +574,11 @@ Table<T, OffT> make_table(const at::Tensor& values, const at::Tensor& offsets,
 }
 
 // Calls fn(T{}, OffT{}) with T the C++ type of the packed values, OffT that of the offsets.
+// trusted: the caller (a module) validated int32 offsets whole; int64 offsets are always checked.
 template <typename Fn>
-void dispatch_values(at::ScalarType dtype, at::ScalarType offsets_dtype, Fn&& fn) {
+void dispatch_values(at::ScalarType dtype, at::ScalarType offsets_dtype, bool trusted, Fn&& fn) {
   auto with_offsets = [&](auto tag) {
+    if (offsets_dtype == at::kInt && trusted) return fn(tag, uint32_t{});
     if (offsets_dtype == at::kInt) return fn(tag, int32_t{});
     return fn(tag, int64_t{});
   };
@@ -576,6 +596,7 @@ void dispatch_values(at::ScalarType dtype, at::ScalarType offsets_dtype, Fn&& fn
   }
 }
 
+template <bool kTrusted>
 at::Tensor packed_embedding(const at::Tensor& values, const at::Tensor& offsets,
                             const std::optional<at::Tensor>& scale,
                             const std::optional<at::Tensor>& bias, const at::Tensor& ids,
@@ -587,7 +608,7 @@ at::Tensor packed_embedding(const at::Tensor& values, const at::Tensor& offsets,
   std::vector<int64_t> out_sizes(ids.sizes().begin(), ids.sizes().end());
   out_sizes.push_back(embedding_dim);
   at::Tensor out = at::empty(out_sizes, values.options().dtype(at::kFloat));
-  dispatch_values(values.scalar_type(), offsets.scalar_type(), [&](auto tag, auto off_tag) {
+  dispatch_values(values.scalar_type(), offsets.scalar_type(), kTrusted, [&](auto tag, auto off_tag) {
     using T = decltype(tag);
     using OffT = decltype(off_tag);
     const Table<T, OffT> t = make_table<T, OffT>(values, offsets, scale, bias, embedding_dim);
@@ -616,6 +637,7 @@ void check_bag_offsets(const index_t* bag_offsets, int64_t n_offsets, int64_t nn
                     " len(input) = ", nnz, ", got ", last);
 }
 
+template <bool kTrusted>
 at::Tensor packed_embedding_bag(const at::Tensor& values, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& scale,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& input,
@@ -667,7 +689,7 @@ at::Tensor packed_embedding_bag(const at::Tensor& values, const at::Tensor& offs
   const Weights weighting =
       !weighted ? Weights::kNone : (padding_idx.has_value() ? Weights::kSeparate : Weights::kFused);
 
-  dispatch_values(values.scalar_type(), offsets.scalar_type(), [&](auto tag, auto off_tag) {
+  dispatch_values(values.scalar_type(), offsets.scalar_type(), kTrusted, [&](auto tag, auto off_tag) {
     using T = decltype(tag);
     using OffT = decltype(off_tag);
     const Table<T, OffT> t = make_table<T, OffT>(values, offsets, scale, bias, embedding_dim);
@@ -698,9 +720,21 @@ TORCH_LIBRARY(amtl_compress, m) {
       "packed_embedding_bag(Tensor values, Tensor offsets, Tensor? scale, Tensor? bias, "
       "Tensor input, Tensor bag_offsets, Tensor? per_sample_weights, str mode, "
       "int embedding_dim, int? padding_idx, bool include_last_offset) -> Tensor");
+  // The same, for the modules only: int32 `offsets` the caller has validated whole (0 first,
+  // len(values) last, every length in [0, embedding_dim]) are not re-checked per row. Ids are
+  // still checked against [0, N). Unvalidated offsets passed here can read outside `values`.
+  m.def(
+      "packed_embedding_trusted(Tensor values, Tensor offsets, Tensor? scale, Tensor? bias, "
+      "Tensor ids, int embedding_dim) -> Tensor");
+  m.def(
+      "packed_embedding_bag_trusted(Tensor values, Tensor offsets, Tensor? scale, Tensor? bias, "
+      "Tensor input, Tensor bag_offsets, Tensor? per_sample_weights, str mode, "
+      "int embedding_dim, int? padding_idx, bool include_last_offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(amtl_compress, CPU, m) {
-  m.impl("packed_embedding", &packed_embedding);
-  m.impl("packed_embedding_bag", &packed_embedding_bag);
+  m.impl("packed_embedding", &packed_embedding<false>);
+  m.impl("packed_embedding_bag", &packed_embedding_bag<false>);
+  m.impl("packed_embedding_trusted", &packed_embedding<true>);
+  m.impl("packed_embedding_bag_trusted", &packed_embedding_bag<true>);
 }
