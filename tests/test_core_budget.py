@@ -94,3 +94,10 @@ def test_unreachable_target_is_a_config_error() -> None:
     layer = AMTL(torch.tensor([0, 1, 5]), 4)
     with pytest.raises(ConfigError, match="--target-ratio"):
         apply_budget_({"t": layer}, 0.2)
+
+
+def test_reported_ratio_is_the_layers_own_after_the_price_is_stored() -> None:
+    layer, realized = train_with_budget(0.3, seed=1, steps=40)
+    # The price is stored in the layer's float32 buffer; the ratio apply_budget_ reports must be
+    # the one the layer then selects.
+    assert realized[-1] == layer.realized_ratio()

@@ -62,15 +62,25 @@ def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> f
         mu as a float; 0.0 when the un-priced selection already keeps at most R.
     """
     d = logits.shape[-1]
-    logits = logits.double()
     if realized_ratio_at(logits, rows_per_freq, 0.0) <= target_ratio or d == 1:
         return 0.0
+
+    # Search over prices representable in the logits' dtype, evaluated with the same arithmetic
+    # as AMTL.selection_logits: the price is stored in a buffer of that dtype, and rounding a
+    # double price into it could move the selection across the jump it was chosen at.
+    def representable(x: float) -> float:
+        return float(torch.tensor(x, dtype=logits.dtype))
+
     # At mu_hi every row prefers length 1: h_0 - mu/D >= h_p - mu (p+1)/D for all p >= 1.
-    grid = length_grid(d, logits)
-    gains = (logits[:, 1:] - logits[:, :1]) / (grid[1:] - grid[0])
-    lo, hi = 0.0, float(gains.max().clamp(min=0.0)) * (1 + 1e-9) + 1e-9
+    grid = length_grid(d, logits.double())
+    gains = (logits[:, 1:].double() - logits[:, :1].double()) / (grid[1:] - grid[0])
+    lo, hi = 0.0, representable(float(gains.max().clamp(min=0.0)) * (1 + 1e-6) + 1e-6)
+    while realized_ratio_at(logits, rows_per_freq, hi) > target_ratio:
+        hi *= 2  # rounding in a low-precision dtype can leave a row just short of length 1
     for _ in range(_BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
+        mid = representable(0.5 * (lo + hi))
+        if mid in (lo, hi):
+            break  # no representable price between them
         if realized_ratio_at(logits, rows_per_freq, mid) <= target_ratio:
             hi = mid
         else:
@@ -103,7 +113,9 @@ def apply_budget_(layers: Mapping[str, AMTL], target_ratio: float) -> dict[str, 
                 f"{1 / layer.embedding_dim:.4f}); choose a larger --target-ratio"
             )
         freq_ids = torch.arange(layer.num_frequencies, device=layer.rows_per_freq.device)
-        price = solve_price(layer.logits(freq_ids), layer.rows_per_freq, target_ratio)
+        logits = layer.logits(freq_ids)
+        price = solve_price(logits, layer.rows_per_freq, target_ratio)
         layer.price.fill_(price)
-        realized[name] = layer.realized_ratio()
+        # The same arithmetic as layer.realized_ratio(), without a second pass of the MLPs.
+        realized[name] = realized_ratio_at(logits, layer.rows_per_freq, price)
     return realized

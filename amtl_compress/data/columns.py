@@ -85,13 +85,7 @@ def categorical_ids(arr: pa.Array, source: str, column: str, row0: int = 0) -> n
             "re-encode the column to ids in [0, N)"
         ) from None
     ids = np.array(ids, dtype=np.int64)  # a writable copy: torch.from_numpy shares it
-    negative = ids < 0
-    if negative.any():
-        i = first_true(negative)
-        raise DataError(
-            f"`{source}`, column `{column}`, row {row0 + i}: id {ids[i]} is negative; "
-            "re-encode the column to ids in [0, N)"
-        )
+    _check_non_negative(ids, None, source, column, row0)
     return ids
 
 
@@ -152,13 +146,15 @@ def _split_id_strings(
 
 
 def _check_non_negative(
-    ids: np.ndarray, rows: np.ndarray, source: str, column: str, row0: int
+    ids: np.ndarray, rows: np.ndarray | None, source: str, column: str, row0: int
 ) -> None:
+    """Raise DataError naming the first negative id; ``rows[i]`` is id i's row (None: i)."""
     negative = ids < 0
     if negative.any():
         i = first_true(negative)
+        row = row0 + (i if rows is None else int(rows[i]))
         raise DataError(
-            f"`{source}`, column `{column}`, row {row0 + int(rows[i])}: id {ids[i]} is negative; "
+            f"`{source}`, column `{column}`, row {row}: id {ids[i]} is negative; "
             "re-encode the column to ids in [0, N)"
         )
 
