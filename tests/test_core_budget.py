@@ -64,9 +64,10 @@ def test_solve_price_picks_the_reachable_ratio_nearest_the_target() -> None:
     logits = torch.randn(40, 8, generator=g, dtype=torch.float64)
     rows = torch.randint(1, 50, (40,), generator=g)
     # Brute force: the reachable ratios over a fine grid of prices.
-    prices = torch.linspace(0, 200, 20001).tolist()
+    prices = torch.linspace(-200, 200, 40001).tolist()
     reachable = {realized_ratio_at(logits, rows, p) for p in prices}
-    for target in (0.2, 0.35, 0.5, 0.8):
+    assert realized_ratio_at(logits, rows, 0.0) < 0.8  # 0.8 needs a negative price
+    for target in (0.2, 0.35, 0.5, 0.8, 0.95):
         mu = solve_price(logits, rows, target)
         got = realized_ratio_at(logits, rows, mu)
         best = min(abs(r - target) for r in reachable)
@@ -78,6 +79,20 @@ def test_no_price_when_already_under_budget_and_warm_start_is_kept() -> None:
     assert apply_budget_({"t": layer}, 1.0) == {"t": 1.0}
     assert float(layer.price) == 0.0
     assert torch.equal(layer.lengths(), torch.full((5,), 4))
+
+
+def test_a_layer_that_keeps_too_little_is_paid_back_up_to_the_target() -> None:
+    # Momentum can carry the rows below R after the price has fallen to 0; the equality budget
+    # then subsidises length (a negative price) instead of leaving the ratio under R.
+    layer = AMTL(torch.tensor([0, 1, 1, 5, 50, 7, 3, 2]), 8)
+    with torch.no_grad():
+        layer.h_aml[-1].bias.copy_(-(torch.arange(8.0) ** 2))  # prefer length 1
+        layer.l_aml[-1].bias.copy_(-(torch.arange(8.0) ** 2))
+    assert apply_budget_({"t": layer}, 0.125)["t"] == pytest.approx(0.125)
+    assert float(layer.price) == 0.0
+    ratios = apply_budget_({"t": layer}, 0.5)
+    assert abs(ratios["t"] - 0.5) <= 1 / 8 and float(layer.price) < 0
+    assert ratios["t"] == layer.realized_ratio()
 
 
 def test_price_enters_selection_and_state_dict() -> None:

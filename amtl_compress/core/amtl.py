@@ -223,9 +223,10 @@ class AMTL(nn.Module):
         """The logits the length is selected from: ``h_p - price * (p + 1) / D``.
 
         With no memory budget ``price`` is 0 and these are the logits of Eq. 2. With a budget,
-        ``price`` (mu >= 0, set by :func:`~amtl_compress.core.budget.apply_budget_`) is the
-        Lagrange multiplier of the kept-length constraint, so the argmax of Eq. 5 and the
-        tempered softmax of Eq. 7 trade the network's preference against memory.
+        ``price`` (mu, set by :func:`~amtl_compress.core.budget.apply_budget_`) is the
+        Lagrange multiplier of the kept-length constraint (negative when it subsidises length),
+        so the argmax of Eq. 5 and the tempered softmax of Eq. 7 trade the network's
+        preference against memory.
 
         Args:
             freq_ids: int64 (U',), indices in [0, U).

@@ -2,7 +2,7 @@
 
 The paper has no size term; users come for memory. For a target ratio R (kept values / (N * D)
 of each table) we add the constraint ``realized_ratio_t ~= R`` and relax it with a Lagrange
-multiplier mu_t >= 0, a *price* on kept length that enters the selection itself:
+multiplier mu_t, a *price* on kept length that enters the selection itself:
 
     k_i = argmax_p ( h_{i,p} - mu_t * (p + 1) / D )                       (Eq. 5, priced)
     t_hat_i = softmax( (h_i - mu_t * (1..D) / D) / T )                    (Eq. 7, priced)
@@ -14,6 +14,10 @@ non-increasing step function of mu (each row's argmax moves to shorter lengths a
 bisection finds that value exactly. Memory is spent per row, not per lookup, so the ratio is
 measured over all N rows, through the U distinct frequencies weighted by how many rows share
 each one.
+
+The constraint is an equality, so mu_t is not restricted to mu_t >= 0: when the network alone
+would keep less than R (the optimiser's momentum and the loss's price term can carry rows past
+the target), a negative price pays rows to keep length, and the layer lands on R from below too.
 
 A dual-ascent multiplier (our first version) could not hold the ratio under the straight-through
 estimator: the hard lengths swing across a plateau of near-equal logits faster than a
@@ -48,10 +52,12 @@ def realized_ratio_at(logits: Tensor, rows_per_freq: Tensor, price: float) -> fl
 
 @torch.no_grad()
 def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> float:
-    """The price mu >= 0 whose realized ratio is closest to ``target_ratio`` (ties: the lower one).
+    """The price mu whose realized ratio is closest to ``target_ratio`` (ties: the lower ratio).
 
     Rows that share a frequency share their length, so the reachable ratios are a finite set;
-    the result is the reachable ratio nearest R, from above or below.
+    the result is the reachable ratio nearest R, from above or below. The budget is an equality
+    (land on R), so mu may be negative: a subsidy on length for a layer that would otherwise keep
+    less than R, e.g. once the optimiser's momentum has carried the rows past the target.
 
     Args:
         logits: float (U, D), the un-priced logits (:meth:`AMTL.logits`) of all frequencies.
@@ -59,10 +65,11 @@ def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> f
         target_ratio: R in [1/D, 1].
 
     Returns:
-        mu as a float; 0.0 when the un-priced selection already keeps at most R.
+        mu as a float; 0.0 when the un-priced selection already keeps exactly R.
     """
     d = logits.shape[-1]
-    if realized_ratio_at(logits, rows_per_freq, 0.0) <= target_ratio or d == 1:
+    at_zero = realized_ratio_at(logits, rows_per_freq, 0.0)
+    if at_zero == target_ratio or d == 1:
         return 0.0
 
     # Search over prices representable in the logits' dtype, evaluated with the same arithmetic
@@ -71,22 +78,32 @@ def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> f
     def representable(x: float) -> float:
         return float(torch.tensor(x, dtype=logits.dtype))
 
-    # At mu_hi every row prefers length 1: h_0 - mu/D >= h_p - mu (p+1)/D for all p >= 1.
-    grid = length_grid(d, logits.double())
-    gains = (logits[:, 1:].double() - logits[:, :1].double()) / (grid[1:] - grid[0])
-    lo, hi = 0.0, representable(float(gains.max().clamp(min=0.0)) * (1 + 1e-6) + 1e-6)
-    while realized_ratio_at(logits, rows_per_freq, hi) > target_ratio:
-        hi *= 2  # rounding in a low-precision dtype can leave a row just short of length 1
+    # Past |mu| = D * (max h - min h) one more value of length changes the priced logit by more
+    # than any two logits differ: every row keeps length 1 (mu > 0) or D (mu < 0).
+    spread = float(logits.max() - logits.min()) if logits.numel() else 0.0
+    bound = representable(d * spread * (1 + 1e-6) + 1e-6)
+
+    def ratio(mu: float) -> float:
+        return realized_ratio_at(logits, rows_per_freq, mu)
+
+    # The realized ratio is non-increasing in mu: keep ratio(lo) > R >= ratio(hi), or the mirror.
+    if at_zero > target_ratio:
+        lo, hi = 0.0, bound
+        while ratio(hi) > target_ratio:
+            hi *= 2  # rounding in a low-precision dtype can leave a row just short of length 1
+    else:
+        lo, hi = -bound, 0.0
+        while ratio(lo) <= target_ratio and ratio(lo) < 1.0:
+            lo *= 2
     for _ in range(_BISECTION_STEPS):
         mid = representable(0.5 * (lo + hi))
         if mid in (lo, hi):
             break  # no representable price between them
-        if realized_ratio_at(logits, rows_per_freq, mid) <= target_ratio:
+        if ratio(mid) <= target_ratio:
             hi = mid
         else:
             lo = mid
-    above = realized_ratio_at(logits, rows_per_freq, lo)
-    below = realized_ratio_at(logits, rows_per_freq, hi)
+    above, below = ratio(lo), ratio(hi)
     return lo if above - target_ratio < target_ratio - below else hi
 
 

@@ -68,7 +68,9 @@ class FinetuneConfig:
         amtl_lr: initial Adam learning rate of the AMTL layers; it decays linearly to 0.
         final_temperature: if set, T is annealed geometrically from ``amtl.temperature`` to this
             value over the run.
-        target_ratio: if set, the kept values / (N*D) each AMTL table aims at (docs/amtl.md).
+        target_ratio: if set, the kept values / (N*D) each AMTL table lands on: the nearest
+            ratio its rows can reach, since rows that share a count share a length
+            (core/budget.py, docs/amtl.md).
         budget_weight: with ``target_ratio``, the Lagrangian term ``budget_weight * sum_t mu_t *
             expected_ratio_t`` (core/budget.py) is added to the loss, so every row, not only the
             rows a batch touches, feels the price of its length; 0 = the price acts on the
