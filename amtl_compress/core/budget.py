@@ -43,7 +43,7 @@ def realized_ratio_at(logits: Tensor, rows_per_freq: Tensor, price: float) -> fl
     Args:
         logits: float (U, D), the un-priced logits of the U distinct frequencies.
         rows_per_freq: int64 (U,), rows sharing each frequency (sums to N).
-        price: mu >= 0.
+        price: mu (any sign).
     """
     d = logits.shape[-1]
     lengths = (logits - price * length_grid(d, logits)).argmax(dim=-1) + 1
