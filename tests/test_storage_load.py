@@ -280,3 +280,53 @@ def test_load_packed_with_the_compiled_kernel(
         assert torch.equal(out, model(*batch()))  # same bits from the reference
         if dtype == "float32":
             assert torch.equal(out, tuned(*batch()))
+
+
+def test_a_model_built_on_the_meta_device_is_filled_without_its_dense_tables(
+    tmp_path: Path, toy, tuned
+) -> None:
+    # Serving a table larger than RAM: the user's model is built with no memory behind it.
+    pack(tmp_path / "run", tmp_path / "out", dtype="float32", progress=False)
+    with torch.device("meta"):
+        fresh = toy.build()
+    load_packed(fresh, tmp_path / "out").eval()
+    leftover = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    assert leftover == []
+    with torch.no_grad():
+        assert torch.equal(fresh(*batch()), tuned(*batch()))
+
+
+def test_load_packed_model_builds_on_meta_and_falls_back_for_non_persistent_buffers(
+    tmp_path: Path, toy, tuned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from amtl_compress.storage.load import load_packed_model
+
+    pack(tmp_path / "run", tmp_path / "out", dtype="float32", progress=False)
+    devices: list[str] = []
+    real_build = toy.build
+
+    def build():
+        model = real_build()
+        devices.append(model.head.weight.device.type)
+        return model
+
+    monkeypatch.setattr(toy, "build", build)
+    model = load_packed_model(tmp_path / "out")
+    assert devices == ["meta"]
+    with torch.no_grad():
+        assert torch.equal(model(*batch()), tuned(*batch()))
+
+    def build_with_scratch():
+        model = build()
+        model.register_buffer("scratch", torch.zeros(3), persistent=False)
+        return model
+
+    devices.clear()
+    monkeypatch.setattr(toy, "build", build_with_scratch)
+    model = load_packed_model(tmp_path / "out")
+    assert devices == ["meta", "cpu"]  # rebuilt for real: no file holds `scratch`
+    assert not model.scratch.is_meta
+    with torch.device("meta"):
+        meta_model = build_with_scratch()
+    with pytest.raises(CheckpointError, match="`scratch` is on the meta device"):
+        load_packed(meta_model, tmp_path / "out")

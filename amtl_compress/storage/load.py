@@ -88,10 +88,15 @@ def _apply(
             replacements[path] = with_rotation(replacements[path], table.rotation)
 
     _check_rest(model, rest, set(tables), packed_dir / manifest.rest_file)
+    # A model built on the meta device (no memory behind its dense tables) takes the loaded
+    # tensors as they are; anything the state_dict cannot fill would stay without data.
+    on_meta = any(t.is_meta for t in model.state_dict().values())
+    if on_meta:
+        _check_no_meta_outside_state(model, set(tables))
 
     # Validation is over: from here on the model changes.
     with torch.no_grad():
-        model.load_state_dict(rest, strict=False)
+        model.load_state_dict(rest, strict=False, assign=on_meta)
     for path, module in replacements.items():
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
@@ -237,6 +242,19 @@ def _check_rest(
             )
 
 
+def _check_no_meta_outside_state(model: nn.Module, packed: set[str]) -> None:
+    """Meta tensors that neither ``rest`` nor a packed table will replace (non-persistent)."""
+    in_state = set(model.state_dict())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta and name not in in_state and not any(
+            name.startswith(f"{p}.") for p in packed
+        ):
+            raise CheckpointError(
+                f"the model's `{name}` is on the meta device but is not in its state_dict, so "
+                "no file can fill it; build the model on a real device (e.g. cpu)"
+            )
+
+
 def _some(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(f"`{n}`" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -251,6 +269,10 @@ def load_packed_model(
         packed_dir: directory written by :func:`amtl_compress.storage.pack.pack`.
         factory: ``package.module:function`` overriding the manifest's model spec.
 
+    The model is built on the meta device, so its dense tables never take memory (a table larger
+    than RAM stays on disk, memory-mapped); a model that keeps tensors outside its state_dict
+    (non-persistent buffers) is built on the CPU instead.
+
     Returns:
         The model in eval mode, with its packed tables swapped in.
     """
@@ -261,4 +283,9 @@ def load_packed_model(
     # old version's model with the new version's tables.
     snapshot = _read_snapshot(packed_dir, mmap, verify=False)
     spec = {"kind": "factory", "factory": factory} if factory else snapshot[0].model
-    return _apply(build_model(spec), packed_dir, *snapshot).eval()
+    with torch.device("meta"):
+        model = build_model(spec)
+    in_state = set(model.state_dict())
+    if any(name not in in_state for name, _ in model.named_buffers()):
+        model = build_model(spec)
+    return _apply(model, packed_dir, *snapshot).eval()
