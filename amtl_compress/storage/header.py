@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -220,12 +221,28 @@ def read_tensor(path: str | os.PathLike[str], entry: TensorEntry) -> torch.Tenso
 def map_tensor(path: str | os.PathLike[str], entry: TensorEntry) -> torch.Tensor:
     """Memory-map one tensor read-only-on-disk: pages are read lazily, writes stay private.
 
-    Copy-on-write mode (``"c"``) gives torch a writable array (no warning) while the file is never
-    modified. A tensor whose offset is not a multiple of its itemsize is read into memory instead,
-    since unaligned access is slow or faulting on some CPUs; our writer always aligns.
+    Copy-on-write (``ACCESS_COPY``, what ``np.memmap`` mode ``"c"`` uses) gives torch a writable
+    array (no warning) while the file is never modified. A tensor whose offset is not a multiple
+    of its itemsize is read into memory instead, since unaligned access is slow or faulting on
+    some CPUs; our writer always aligns.
+
+    The mapping is advised ``MADV_RANDOM`` where the OS has it: lookups touch rows at random,
+    and the default read-around pulls ~32 neighbouring pages into memory (and into the process's
+    RSS, as RssFile) for every page a lookup faults in. For 819,200 Zipf lookups into a 3.3 GB
+    packed table this kept 0.9 GB of it resident instead of 3.0 GB; the price is one small read
+    per first touch of a page, which made that cold first pass ~7x slower (docs/benchmarks.md,
+    "Scale"). Pages already in the page cache are still mapped in batches (fault-around).
     """
     torch_dtype, np_dtype = DTYPES[entry.dtype]
     if entry.numel == 0 or entry.offset % np_dtype.itemsize:
         return read_tensor(path, entry)
-    array = np.memmap(path, dtype=np_dtype, mode="c", offset=entry.offset, shape=entry.shape)
-    return torch.from_numpy(array).view(torch_dtype)
+    # mmap offsets must be multiples of the allocation granularity: map from the boundary below.
+    start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(
+            f.fileno(), entry.offset + entry.nbytes - start, access=mmap.ACCESS_COPY, offset=start
+        )
+    if hasattr(mmap, "MADV_RANDOM"):  # Linux and other Unixes; not Windows
+        mapped.madvise(mmap.MADV_RANDOM)
+    array = np.frombuffer(mapped, dtype=np_dtype, count=entry.numel, offset=entry.offset - start)
+    return torch.from_numpy(array.reshape(entry.shape)).view(torch_dtype)
