@@ -4,6 +4,7 @@ The public API (imported lazily, so ``import amtl_compress`` stays cheap)::
 
     attach_amtl_(model, counts, AMTLConfig())   # wrap embedding tables in place
     detach_amtl(model)                          # -> (plain model, lengths per table)
+    open_data(path)                             # one file in memory, or Parquet files streamed
     finetune(checkpoint, data, valid, out, FinetuneConfig(...))
     pack(run_dir, out_dir, dtype="float32")
     load_packed(model, packed_dir)              # drop-in PackedEmbedding / PackedEmbeddingBag
@@ -27,6 +28,7 @@ _EXPORTS = {
     "train_dlrm": "amtl_compress.training.train",
     "load_model": "amtl_compress.checkpoint",
     "count_frequencies": "amtl_compress.data.counts",
+    "open_data": "amtl_compress.data.stream",
     "pack": "amtl_compress.storage.pack",
     "load_packed": "amtl_compress.storage.load",
     "PackedEmbedding": "amtl_compress.lookup.modules",

@@ -27,6 +27,14 @@ CSV_SUFFIXES = (".csv",)
 def file_format(path: str | os.PathLike[str]) -> FileFormat:
     """Return the format of a data file from its suffix; raise DataError if missing or unknown."""
     p = Path(path)
+    # Existence first: a missing folder has no suffix, and "unknown format" would mislead.
+    if p.is_dir():
+        raise DataError(
+            f"`{p}` is a folder, not a data file: open a folder of Parquet files with "
+            "`open_data` (streamed), or name one file"
+        )
+    if not p.is_file():
+        raise DataError(f"data file `{p}` does not exist: check the path")
     suffix = p.suffix.lower()
     if suffix not in PARQUET_SUFFIXES + CSV_SUFFIXES:
         accepted = ", ".join(f"`{s}`" for s in PARQUET_SUFFIXES + CSV_SUFFIXES)
@@ -34,8 +42,6 @@ def file_format(path: str | os.PathLike[str]) -> FileFormat:
             f"`{p}` has an unknown data format `{suffix or '(no suffix)'}`: "
             f"write it as Parquet or CSV with one of the suffixes {accepted}"
         )
-    if not p.is_file():
-        raise DataError(f"data file `{p}` does not exist: check the path")
     return "parquet" if suffix in PARQUET_SUFFIXES else "csv"
 
 
@@ -157,6 +163,55 @@ def _check_non_negative(
             f"`{source}`, column `{column}`, row {row}: id {ids[i]} is negative; "
             "re-encode the column to ids in [0, N)"
         )
+
+
+def label_values(arr: pa.Array, source: str, label: str, row0: int = 0) -> np.ndarray:
+    """float32 (rows,) labels; nulls, non-numeric types and values other than 0/1 raise."""
+    check_no_nulls(arr, source, label, row0)
+    t = arr.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise DataError(
+            f"`{source}`, column `{label}` has type {t}: the label must be 0 or 1 "
+            "(int, float or bool)"
+        )
+    values = np.asarray(arr.to_numpy(zero_copy_only=False)).astype(np.float64)
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        i = first_true(bad)
+        raise DataError(
+            f"`{source}`, column `{label}`, row {row0 + i}: label {values[i]:g} is not 0 or 1; "
+            "binarize the label (e.g. rating >= 4)"
+        )
+    return values.astype(np.float32)
+
+
+def dense_values(arr: pa.Array, source: str, column: str, row0: int = 0) -> np.ndarray:
+    """float32 (rows,) values of a float column; nulls and values not finite as float32 raise."""
+    check_no_nulls(arr, source, column, row0)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
+        values = np.asarray(arr.to_numpy(zero_copy_only=False)).astype(np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = first_true(bad)
+        raise DataError(
+            f"`{source}`, column `{column}`, row {row0 + i}: value {arr[i].as_py()} is not "
+            "finite (as float32); replace NaN/inf, e.g. by 0 plus a missing-indicator column"
+        )
+    return values
+
+
+def bag_ids(
+    arr: pa.Array, source: str, column: str, row0: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`list_ids` for a model input: also refuses id 0, the ``EmbeddingBag`` padding row."""
+    rows, values = list_ids(arr, source, column, row0)
+    zero = values == 0
+    if zero.any():
+        raise DataError(
+            f"`{source}`, column `{column}`, row {row0 + int(rows[first_true(zero)])}: list id 0 "
+            "is reserved for padding; shift the column's ids to start at 1"
+        )
+    return rows, values
 
 
 def pad_lists(rows: np.ndarray, values: np.ndarray, num_rows: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Id frequencies of one column: the q_i the AMTL layer is fed (paper Sec. 2.2.1).
 
-:func:`count_frequencies` streams the data file, so the file never has to fit in memory;
+:func:`count_frequencies` streams the data (one file, or a folder or glob of Parquet files), so
+it never has to fit in memory, and can count one rank's shard for data-parallel training;
 :func:`read_counts` reads counts the user computed elsewhere.
 """
 
@@ -8,15 +9,16 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from amtl_compress.data.columns import (
     FileFormat,
@@ -26,6 +28,8 @@ from amtl_compress.data.columns import (
     kind_of,
     list_ids,
 )
+from amtl_compress.data.dataset import check_rank
+from amtl_compress.data.stream import is_multi_file, parquet_row_groups, read_row_group
 from amtl_compress.errors import DataError
 
 # A CSV block must hold at least one whole row; the first try sizes blocks from the rows of the
@@ -33,59 +37,130 @@ from amtl_compress.errors import DataError
 _MIN_CSV_BLOCK = 1 << 12
 _HEAD_BYTES = 1 << 20
 
+#: ``(cells of the counted column, file named in errors, file row of the first cell)``
+_Chunk = tuple[pa.Array, str, int]
+
 
 def count_frequencies(
-    path: str | os.PathLike[str], column: str, num_embeddings: int, batch_rows: int = 1 << 16
+    path: str | os.PathLike[str],
+    column: str,
+    num_embeddings: int,
+    batch_rows: int = 1 << 16,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """Count how often each id occurs in ``column`` of a Parquet or CSV file, streaming.
+    """Count how often each id occurs in ``column``, streaming ``batch_rows`` rows at a time.
+
+    Sharded counting for data-parallel training: with ``world_size`` W > 1 only rank ``rank``'s
+    share is counted, so the sum of the W results (``all_reduce`` SUM) is the full count. Parquet
+    is split by row group (file path order, then row-group order; rank r takes row groups i
+    with i % W == r, the rule of :class:`~amtl_compress.data.stream.ParquetDataset`; a rank with
+    no row group counts zeros). CSV cannot be split cheaply: rank 0 counts the whole file and
+    the other ranks return zeros after checking that the column exists.
 
     Args:
-        path: a data file of the contract (docs/data.md).
+        path: a Parquet or CSV file of the contract (docs/data.md), or a folder or glob of
+            Parquet files.
         column: a categorical column (one id per row) or a list column (every element counts;
             list ids are 1-based, so row 0 of a list table stays 0).
         num_embeddings: N, the rows of the column's embedding table.
         batch_rows: rows read at a time (approximate for CSV, which is read in byte blocks).
+        rank: this process's rank in [0, world_size).
+        world_size: W, the number of processes sharing the data.
+        progress: show a tqdm bar of rows on stderr (its total, for Parquet, is the shard's rows
+            from the file footers).
 
     Returns:
-        int64 (N,): occurrences of each id; ids never seen count 0.
+        int64 (N,): occurrences of each id in this rank's share; ids never seen count 0.
 
     Raises:
+        ValueError: ``num_embeddings`` or ``batch_rows`` < 1, or a bad ``rank``/``world_size``.
         DataError: missing/unknown file, no such column, a column that does not hold ids,
-            empty cells, negative ids, or an id >= N.
+            empty cells, negative ids, an id >= N, or (folder/glob) a bad file set as in
+            :func:`~amtl_compress.data.stream.parquet_row_groups`.
     """
     if num_embeddings < 1:
         raise ValueError(f"num_embeddings must be >= 1, got {num_embeddings}")
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    check_rank(rank, world_size)
     p = Path(path)
-    fmt = file_format(p)
-    if fmt == "parquet":
-        counts, num_rows = _accumulate(
-            _parquet_batches(p, column, batch_rows), p, column, num_embeddings, fmt
-        )
+    if is_multi_file(p) or file_format(p) == "parquet":
+        counts = _count_parquet(p, column, num_embeddings, batch_rows, rank, world_size, progress)
     else:
-        header = _csv_header(p)
-        if column not in header:
-            raise DataError(
-                f"`{p}` has no column `{column}` (columns: {_names(header)}): check the field name"
-            )
-        block = _csv_block_size(p, batch_rows)
+        counts = _count_csv(p, column, num_embeddings, batch_rows, rank, progress)
+    return torch.from_numpy(counts)
+
+
+def _count_parquet(
+    path: Path,
+    column: str,
+    num_embeddings: int,
+    batch_rows: int,
+    rank: int,
+    world_size: int,
+    progress: bool,
+) -> np.ndarray:
+    schema, groups = parquet_row_groups(path)
+    if column not in schema.names:
+        raise DataError(
+            f"`{path}` has no column `{column}` (columns: {_names(schema.names)}): "
+            "check the field name"
+        )
+    if kind_of(schema.field(column).type, "parquet") not in ("categorical", "list"):
+        raise DataError(
+            f"`{path}`, column `{column}` has type {schema.field(column).type}, not ids: count a "
+            "categorical (integer) or list column"
+        )
+    mine = groups[rank::world_size]
+
+    def chunks() -> Iterator[_Chunk]:
+        for group in mine:
+            for batch, row0 in read_row_group(group, [column], batch_rows):
+                yield batch.column(0), str(group.file), row0
+
+    with _bar(column, sum(g.rows for g in mine), progress) as bar:
+        counts, _ = _accumulate(chunks(), column, num_embeddings, "parquet", bar)
+    return counts
+
+
+def _count_csv(
+    path: Path, column: str, num_embeddings: int, batch_rows: int, rank: int, progress: bool
+) -> np.ndarray:
+    header = _csv_header(path)
+    if column not in header:
+        raise DataError(
+            f"`{path}` has no column `{column}` (columns: {_names(header)}): check the field name"
+        )
+    if rank != 0:  # rank 0 counts the whole file; the sum over ranks must count it once
+        return np.zeros(num_embeddings, dtype=np.int64)
+    block = _csv_block_size(path, batch_rows)
+    with _bar(column, None, progress) as bar:
         while True:
             try:
                 counts, num_rows = _accumulate(
-                    _csv_batches(p, column, block), p, column, num_embeddings, fmt
+                    _csv_batches(path, column, block), column, num_embeddings, "csv", bar
                 )
                 break
             except _RowTooLong:
-                if block >= p.stat().st_size:
+                if block >= path.stat().st_size:
                     raise DataError(
-                        f"cannot read `{p}` as CSV: a row is unterminated "
+                        f"cannot read `{path}` as CSV: a row is unterminated "
                         "(unbalanced quotes?); fix the file"
                     ) from None
                 block *= 4  # restart from the top: counts of a partial pass are discarded
+                bar.reset()
     if num_rows == 0:
-        raise DataError(f"`{p}` has no rows: count frequencies on the training data file")
-    return torch.from_numpy(counts)
+        raise DataError(f"`{path}` has no rows: count frequencies on the training data file")
+    return counts
+
+
+def _bar(column: str, total: int | None, progress: bool) -> tqdm:
+    return tqdm(
+        total=total, desc=f"count {column}", unit="row", unit_scale=True, file=sys.stderr,
+        disable=not progress, dynamic_ncols=True,
+    )  # fmt: skip
 
 
 class _RowTooLong(Exception):
@@ -93,12 +168,11 @@ class _RowTooLong(Exception):
 
 
 def _accumulate(
-    batches: Iterator[pa.Array], path: Path, column: str, num_embeddings: int, fmt: FileFormat
+    chunks: Iterator[_Chunk], column: str, num_embeddings: int, fmt: FileFormat, bar: tqdm
 ) -> tuple[np.ndarray, int]:
-    src = str(path)
     counts = np.zeros(num_embeddings, dtype=np.int64)
     num_rows = 0
-    for arr in batches:
+    for arr, src, row0 in chunks:
         kind = kind_of(arr.type, fmt)
         if kind not in ("categorical", "list"):
             raise DataError(
@@ -106,38 +180,25 @@ def _accumulate(
                 "(integer) or list column"
             )
         if kind == "categorical":
-            ids = categorical_ids(arr, src, column, num_rows)
+            ids = categorical_ids(arr, src, column, row0)
             rows = np.arange(len(ids))
         else:
-            rows, ids = list_ids(arr, src, column, num_rows)
+            rows, ids = list_ids(arr, src, column, row0)
         too_big = ids >= num_embeddings
         if too_big.any():
             i = first_true(too_big)
             raise DataError(
-                f"`{src}`, column `{column}`, row {num_rows + int(rows[i])}: id {ids[i]} is "
+                f"`{src}`, column `{column}`, row {row0 + int(rows[i])}: id {ids[i]} is "
                 f"outside [0, {num_embeddings}): pass num_embeddings > {ids.max()} "
                 "(the table's row count) or re-encode the column"
             )
         counts += np.bincount(ids, minlength=num_embeddings)
         num_rows += len(arr)
+        bar.update(len(arr))
     return counts, num_rows
 
 
-def _parquet_batches(path: Path, column: str, batch_rows: int) -> Iterator[pa.Array]:
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"cannot read `{path}` as Parquet: {_first_line(exc)}") from None
-    names = pf.schema_arrow.names
-    if column not in names:
-        raise DataError(
-            f"`{path}` has no column `{column}` (columns: {_names(names)}): check the field name"
-        )
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
-        yield batch.column(0)
-
-
-def _csv_batches(path: Path, column: str, block_size: int) -> Iterator[pa.Array]:
+def _csv_batches(path: Path, column: str, block_size: int) -> Iterator[_Chunk]:
     # Read as text: a list column's first block may hold only single ids, which type inference
     # would take for integers and then fail on the first `a|b` further down.
     try:
@@ -148,8 +209,10 @@ def _csv_batches(path: Path, column: str, block_size: int) -> Iterator[pa.Array]
                 include_columns=[column], column_types={column: pa.string()}
             ),
         )
+        row0 = 0
         for batch in reader:
-            yield batch.column(0)
+            yield batch.column(0), str(path), row0
+            row0 += batch.num_rows
     except pa.ArrowInvalid as exc:
         if "straddl" in str(exc):
             raise _RowTooLong() from None

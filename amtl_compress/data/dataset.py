@@ -1,5 +1,8 @@
 """A Parquet or CSV file of the data contract (docs/data.md), held as column tensors.
 
+Also :class:`CTRData`, the surface training code uses, which the streaming
+:class:`~amtl_compress.data.stream.ParquetDataset` shares.
+
 The whole file is read into memory. Batches are ``(features, labels)``: ``features`` maps every
 column but the label to a tensor (categorical int64 (B,), dense float32 (B,), list int64 (B, L)
 padded with 0 to the longest list in the file), ``labels`` is float32 (B,) in {0, 1}.
@@ -11,8 +14,8 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -21,12 +24,12 @@ import torch
 from amtl_compress.data.columns import (
     ColumnKind,
     FileFormat,
+    bag_ids,
     categorical_ids,
-    check_no_nulls,
+    dense_values,
     file_format,
-    first_true,
     kind_of,
-    list_ids,
+    label_values,
     pad_lists,
 )
 from amtl_compress.errors import DataError
@@ -36,6 +39,76 @@ _CSV_TYPES: dict[str, pa.DataType] = {
     "dense": pa.float64(),
     "list": pa.string(),
 }
+
+
+#: ``(features, labels)``: column -> categorical int64 (B,) / dense float32 (B,) / list int64
+#: (B, L) padded with 0; labels float32 (B,) in {0, 1}.
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class CTRData(Protocol):
+    """What training reads from a data set: :class:`TabularData` (one file, in memory) and
+    :class:`~amtl_compress.data.stream.ParquetDataset` (many Parquet files, streamed).
+
+    Both give every rank of a ``world_size`` the same number of batches per epoch (their
+    ``num_batches``), with disjoint shards; how rows are split differs (rows vs row groups).
+    """
+
+    path: Path
+    label: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Feature column names, in file order: the batch keys."""
+        ...
+
+    @property
+    def categorical_columns(self) -> tuple[str, ...]:
+        """Integer id columns, fed as int64 (B,)."""
+        ...
+
+    @property
+    def dense_columns(self) -> tuple[str, ...]:
+        """Float columns, fed as float32 (B,)."""
+        ...
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        """Multi-valued id columns, fed as int64 (B, L) padded with 0."""
+        ...
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the whole data set (all ranks together)."""
+        ...
+
+    def num_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+        """Batches one epoch of :meth:`batches` yields on rank ``rank``; equal on every rank."""
+        ...
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:
+        """One epoch of rank ``rank``'s ``(features, labels)`` batches."""
+        ...
+
+    def validate_ids(self, column: str, num_embeddings: int) -> None:
+        """Raise DataError unless ``column``'s ids fit a table of ``num_embeddings`` rows."""
+        ...
+
+    def max_id(self, column: str) -> int:
+        """Largest id in id column ``column`` (0 for a list column of empty lists)."""
+        ...
+
+    def column(self, name: str) -> torch.Tensor:
+        """All rows of feature column ``name`` in one tensor (the whole column in memory)."""
+        ...
 
 
 class TabularData:
@@ -96,16 +169,17 @@ class TabularData:
         if unknown:
             raise DataError(
                 f"`csv_kinds` names column `{unknown[0]}`, which `{src}` lacks "
-                f"(columns: {_names(table.column_names)}): fix the name"
+                f"(columns: {names_list(table.column_names)}): fix the name"
             )
         if table.num_rows == 0:
             raise DataError(f"`{src}` has no rows: write at least one row of data")
         if label not in table.column_names:
             raise DataError(
-                f"`{src}` has no label column `{label}` (columns: {_names(table.column_names)}): "
+                f"`{src}` has no label column `{label}` "
+                f"(columns: {names_list(table.column_names)}): "
                 "add it or pass the label column's name"
             )
-        labels = _labels(table.column(label).combine_chunks(), src, label)
+        labels = torch.from_numpy(label_values(table.column(label).combine_chunks(), src, label))
         features: dict[str, torch.Tensor] = {}
         kinds: dict[str, ColumnKind] = {}
         for name in table.column_names:
@@ -119,7 +193,7 @@ class TabularData:
                     "index-encode it to int64 ids in [0, N), or store floats as float32"
                 )
             kinds[name] = kind
-            features[name] = _column_tensor(arr, kind, src, name, table.num_rows)
+            features[name] = _column_tensor(arr, kind, src, name)
         return cls(p, label, features, kinds, labels)
 
     @property
@@ -154,38 +228,89 @@ class TabularData:
         """All rows of feature column ``name``, as in :attr:`features`; DataError if absent."""
         if name not in self.features:
             raise DataError(
-                f"`{self.path}` has no column `{name}` (columns: {_names(self.columns)}): "
+                f"`{self.path}` has no column `{name}` (columns: {names_list(self.columns)}): "
                 "check the field name"
             )
         return self.features[name]
 
-    def num_batches(self, batch_size: int) -> int:
-        """Batches :meth:`batches` yields for ``batch_size`` (the last one may be smaller)."""
-        _check_batch_size(batch_size)
-        return math.ceil(self.num_rows / batch_size)
+    def num_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+        """Batches :meth:`batches` yields for these arguments (the last one may be smaller).
+
+        The same on every rank: each rank reads ``num_rows // world_size`` rows.
+        """
+        check_batch_size(batch_size)
+        return math.ceil(self._shard_rows(rank, world_size) / batch_size)
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, seed: int = 0
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Yield ``(features, labels)`` batches covering every row once.
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:
+        """Yield ``(features, labels)`` batches covering rank ``rank``'s share of the rows once.
 
         ``features`` maps each column to a tensor of B rows (see the class docstring), ``labels``
         is float32 (B,). B is ``batch_size`` except for a smaller last batch. With ``shuffle`` the
         row order is a permutation drawn from ``seed`` alone, so the same seed gives the same
         batches on every machine; pass a different seed per epoch for fresh orders.
+
+        Sharding (data-parallel training, e.g. torchrun): the row order above is the same on
+        every rank; rank ``r`` of ``world_size`` W takes its positions r, r + W, r + 2W, ...,
+        truncated to ``num_rows // W`` rows. Every rank thus gets the same number of rows and
+        batches (DDP hangs if ranks run different step counts), the shards are disjoint, and the
+        last ``num_rows % W`` positions of the order (fewer than W rows) are dropped that epoch;
+        with ``shuffle`` they are different rows each epoch. W = 1 yields every row.
+
+        Raises:
+            ValueError: ``batch_size`` < 1, ``world_size`` < 1, or ``rank`` outside [0, W).
+            DataError: the file has fewer rows than ``world_size``.
         """
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
+        shard_rows = self._shard_rows(rank, world_size)
         if shuffle:
             gen = torch.Generator().manual_seed(seed)
             order: torch.Tensor | None = torch.randperm(self.num_rows, generator=gen)
         else:
             order = None
-        for start in range(0, self.num_rows, batch_size):
+        if world_size > 1:
+            # Index tensors, not strided slices, so every rank's batches are contiguous copies.
+            positions = torch.arange(rank, shard_rows * world_size, world_size)
+            order = positions if order is None else order[positions]
+        for start in range(0, shard_rows, batch_size):
             if order is None:
                 idx: slice | torch.Tensor = slice(start, start + batch_size)
             else:
                 idx = order[start : start + batch_size]
             yield {k: v[idx] for k, v in self.features.items()}, self.labels[idx]
+
+    def _shard_rows(self, rank: int, world_size: int) -> int:
+        """Rows each of the ``world_size`` ranks reads per epoch: ``num_rows // world_size``."""
+        check_rank(rank, world_size)
+        if self.num_rows < world_size:
+            raise DataError(
+                f"`{self.path}` has {self.num_rows} rows, fewer than world_size {world_size}: "
+                "give every rank at least one row (more data or fewer processes)"
+            )
+        return self.num_rows // world_size
+
+    def max_id(self, column: str) -> int:
+        """Largest id in categorical or list column ``column`` (0 for lists that are all empty).
+
+        Raises:
+            DataError: no such column, or a dense column.
+        """
+        ids = self.column(column)
+        self._check_ids(column)
+        return int(ids.max())
+
+    def _check_ids(self, column: str) -> None:
+        if self._kinds[column] == "dense":
+            raise DataError(
+                f"`{self.path}`, column `{column}` holds floats, not ids: "
+                "map the embedding table to a categorical or list column"
+            )
 
     def validate_ids(self, column: str, num_embeddings: int) -> None:
         """Check that ``column`` fits a table of ``num_embeddings`` rows.
@@ -194,11 +319,7 @@ class TabularData:
         ``num_embeddings``. Raises DataError naming the first offending row.
         """
         ids = self.column(column)
-        if self._kinds[column] == "dense":
-            raise DataError(
-                f"`{self.path}`, column `{column}` holds floats, not ids: "
-                "map the embedding table to a categorical or list column"
-            )
+        self._check_ids(column)
         too_big = ids >= num_embeddings
         if bool(too_big.any()):
             flat = int(torch.nonzero(too_big.reshape(-1))[0])
@@ -237,57 +358,31 @@ def _read_table(path: Path, fmt: FileFormat, csv_kinds: dict[str, ColumnKind]) -
         ) from None
 
 
-def _labels(arr: pa.Array, src: str, label: str) -> torch.Tensor:
-    check_no_nulls(arr, src, label)
-    t = arr.type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-        raise DataError(
-            f"`{src}`, column `{label}` has type {t}: the label must be 0 or 1 (int, float or bool)"
-        )
-    values = np.asarray(arr.to_numpy(zero_copy_only=False)).astype(np.float64)
-    bad = (values != 0) & (values != 1)
-    if bad.any():
-        i = first_true(bad)
-        raise DataError(
-            f"`{src}`, column `{label}`, row {i}: label {values[i]:g} is not 0 or 1; "
-            "binarize the label (e.g. rating >= 4)"
-        )
-    return torch.from_numpy(values.astype(np.float32))
-
-
-def _column_tensor(
-    arr: pa.Array, kind: ColumnKind, src: str, name: str, num_rows: int
-) -> torch.Tensor:
+def _column_tensor(arr: pa.Array, kind: ColumnKind, src: str, name: str) -> torch.Tensor:
     if kind == "categorical":
         return torch.from_numpy(categorical_ids(arr, src, name))
     if kind == "dense":
-        check_no_nulls(arr, src, name)
-        with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
-            values = np.asarray(arr.to_numpy(zero_copy_only=False)).astype(np.float32)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            i = first_true(bad)
-            raise DataError(
-                f"`{src}`, column `{name}`, row {i}: value {arr[i].as_py()} is not finite "
-                "(as float32); replace NaN/inf, e.g. by 0 plus a missing-indicator column"
-            )
-        return torch.from_numpy(values)
-    rows, values = list_ids(arr, src, name)
-    zero = values == 0
-    if zero.any():
-        raise DataError(
-            f"`{src}`, column `{name}`, row {int(rows[first_true(zero)])}: list id 0 is reserved "
-            "for padding; shift the column's ids to start at 1"
-        )
-    return torch.from_numpy(pad_lists(rows, values, num_rows))
+        return torch.from_numpy(dense_values(arr, src, name))
+    rows, values = bag_ids(arr, src, name)
+    return torch.from_numpy(pad_lists(rows, values, len(arr)))
 
 
-def _check_batch_size(batch_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
+    """Raise ValueError unless ``world_size >= 1`` and ``0 <= rank < world_size``."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Raise ValueError unless ``batch_size >= 1``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _names(names: Iterable[str]) -> str:
+def names_list(names: Iterable[str]) -> str:
+    """Column names for an error message: ```a`, `b```."""
     return ", ".join(f"`{n}`" for n in names)
 
 
