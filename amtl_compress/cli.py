@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -40,21 +40,62 @@ def _command(func: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args: object, **kwargs: object) -> None:
         try:
             func(*args, **kwargs)
-        except AmtlError as exc:
-            if os.environ.get("AMTL_COMPRESS_DEBUG"):
-                raise
-            typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except FileNotFoundError as exc:
-            if os.environ.get("AMTL_COMPRESS_DEBUG"):
-                raise
-            typer.echo(f"Error: no such file `{exc.filename}`; check the path", err=True)
-            raise typer.Exit(1) from None
+        except (AmtlError, FileNotFoundError) as exc:
+            _fail(exc)
         except KeyboardInterrupt:
-            typer.echo("Interrupted; rerun the same command to resume.", err=True)
+            if _rank() == 0:
+                typer.echo("Interrupted; rerun the same command to resume.", err=True)
             raise typer.Exit(130) from None
 
     return app.command(func.__name__.rstrip("_"))(wrapper)
+
+
+def _fail(exc: AmtlError | FileNotFoundError) -> NoReturn:
+    """Print ``exc`` as one ``Error: ...`` line on stderr and exit with code 1.
+
+    Under torchrun an error that every rank raised is printed by rank 0 only; one that another
+    rank raised alone is printed by that rank, naming it. ``AMTL_COMPRESS_DEBUG=1`` re-raises
+    instead, for the traceback.
+    """
+    if os.environ.get("AMTL_COMPRESS_DEBUG"):
+        raise exc
+    if isinstance(exc, FileNotFoundError):
+        message = f"no such file `{exc.filename}`; check the path"
+    else:
+        message = str(exc)
+    rank = _rank()
+    if rank == 0:
+        typer.echo(f"Error: {message}", err=True)
+    elif not _every_rank(exc):  # rank 0 did not see it: say it here, and where
+        typer.echo(f"Error: (rank {rank}) {message}", err=True)
+    raise _exit_like(exc, 1) from None
+
+
+def _every_rank(exc: BaseException) -> bool:
+    """Whether every torchrun rank raised ``exc`` (False outside torchrun, without importing
+    torch)."""
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    from amtl_compress.training.distributed import raised_on_every_rank
+
+    return raised_on_every_rank(exc)
+
+
+def _exit_like(exc: BaseException, code: int) -> typer.Exit:
+    """``typer.Exit(code)``, marked as raised on every rank when ``exc`` was, so that the
+    process group lets every rank wait until rank 0 has printed (distributed.process_group)."""
+    if not _every_rank(exc):
+        return typer.Exit(code)
+    from amtl_compress.training.distributed import mark_every_rank
+
+    return mark_every_rank(typer.Exit(code))
+
+
+def _rank() -> int:
+    """This process's torchrun rank, 0 outside torchrun. Read from the environment without
+    importing torch: the Ctrl-C handlers call it, and Ctrl-C may have cut that import short."""
+    value = os.environ.get("RANK", "0")
+    return int(value) if value.isdigit() and "WORLD_SIZE" in os.environ else 0
 
 
 @contextlib.contextmanager
@@ -103,7 +144,9 @@ def train(
     out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors).")],
     embedding_dim: Annotated[int, typer.Option(help="Embedding dim D of every table.")] = 16,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
+    batch_size: Annotated[
+        int, typer.Option(help="Rows per step and process (torchrun: a step sees W x this).")
+    ] = 1024,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-3,
     label: LabelOpt = "label",
     seed: SeedOpt = 0,
@@ -112,15 +155,28 @@ def train(
     """Train the reference DLRM (fixed dimension) to get a baseline checkpoint.
 
     Example: amtl-compress train train.parquet --valid valid.parquet --out base.safetensors
+
+    Data-parallel on N processes: torchrun --nproc_per_node=N -m amtl_compress train ...
+    (docs/scaling.md).
     """
+    from amtl_compress.training.distributed import process_group
     from amtl_compress.training.train import TrainConfig, train_dlrm
 
-    config = TrainConfig(
-        embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        label=label,
-    )
-    result = train_dlrm(data, valid, out, config, progress=not quiet)
-    typer.echo(f"wrote {out}: valid AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}")
+    # Under torchrun the ranks hold the process group until rank 0 has printed (see _fail).
+    with process_group() as world:
+        try:
+            with world.errors_agreed():
+                config = TrainConfig(
+                    embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size, lr=lr,
+                    seed=seed, label=label,
+                )
+            result = train_dlrm(data, valid, out, config, progress=not quiet)
+        except (AmtlError, FileNotFoundError) as exc:
+            _fail(exc)
+        if world.is_main:
+            typer.echo(
+                f"wrote {out}: valid AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}"
+            )
 
 
 @_command
@@ -142,7 +198,9 @@ def finetune(
         typer.Option(help="Memory budget: kept values / (N*D) per table, e.g. 0.4."),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
+    batch_size: Annotated[
+        int, typer.Option(help="Rows per step and process (torchrun: a step sees W x this).")
+    ] = 1024,
     lr: Annotated[float, typer.Option(help="Learning rate of the model's weights.")] = 1e-2,
     amtl_lr: Annotated[
         float, typer.Option(help="Initial learning rate of the AMTL layers (decays to 0).")
@@ -191,6 +249,9 @@ def finetune(
 
     Example: amtl-compress finetune base.safetensors --data train.parquet --valid valid.parquet
     --field user_id --field item_id --target-ratio 0.4 --out runs/amtl1
+
+    Data-parallel on N processes: torchrun --nproc_per_node=N -m amtl_compress finetune ...
+    (docs/scaling.md).
     """
     # Everything, imports included, is inside the try: Ctrl-C may land anywhere.
     try:
@@ -200,6 +261,7 @@ def finetune(
             import safetensors.torch  # noqa: F401
 
             from amtl_compress.core.amtl import AMTLConfig
+            from amtl_compress.training.distributed import process_group
             from amtl_compress.training.finetune import (
                 CollapseWarning,
                 FinetuneConfig,
@@ -207,37 +269,62 @@ def finetune(
             )
             from amtl_compress.training.finetune import finetune as run_finetune
 
-        fields = dict(parse_field(f) for f in field)
-        config = FinetuneConfig(
-            fields=fields, epochs=epochs, batch_size=batch_size, lr=lr, amtl_lr=amtl_lr,
-            final_temperature=final_temperature, target_ratio=target_ratio, seed=seed,
-            label=label, save_every=save_every, budget_weight=budget_weight, amtl=AMTLConfig(
-                twins=not single_branch, straight_through=not no_ste, temperature=temperature,
-                ordering=ordering,
-            ),
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CollapseWarning)  # reported below, on one line
-            result = run_finetune(
-                checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
-                resume=resume, overwrite=overwrite, progress=not quiet,
-            )
+        # Under torchrun the ranks hold the process group until rank 0 has printed (see _fail).
+        with process_group() as world:
+            try:
+                with world.errors_agreed():
+                    fields = dict(parse_field(f) for f in field)
+                    config = FinetuneConfig(
+                        fields=fields, epochs=epochs, batch_size=batch_size, lr=lr,
+                        amtl_lr=amtl_lr, final_temperature=final_temperature,
+                        target_ratio=target_ratio, seed=seed, label=label,
+                        save_every=save_every, budget_weight=budget_weight, amtl=AMTLConfig(
+                            twins=not single_branch, straight_through=not no_ste,
+                            temperature=temperature, ordering=ordering,
+                        ),
+                    )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", CollapseWarning)  # reported below, once
+                    result = run_finetune(
+                        checkpoint, data, valid, out, config, model_factory=model,
+                        counts_file=counts, resume=resume, overwrite=overwrite,
+                        progress=not quiet,
+                    )
+            except (AmtlError, FileNotFoundError) as exc:
+                _fail(exc)
+            except KeyboardInterrupt as exc:
+                _say_interrupted(out)
+                raise _exit_like(exc, 130) from None
+            if world.is_main:
+                if result.metrics["collapsed"]:
+                    typer.echo(
+                        f"Warning: {CollapseWarning(result.metrics['collapsed'])}", err=True
+                    )
+                _print_finetune_metrics(result.metrics)
+                typer.echo(f"wrote {result.run_dir}")
     except KeyboardInterrupt:
-        # No import here: Ctrl-C may have cut `import torch` short, and importing it again
-        # would crash. The file name is training/state.py's `state.safetensors`.
-        state = out.with_name(out.name + ".resume")
-        if (state / "state.safetensors").is_file():
-            typer.echo(
-                f"Interrupted; progress is saved in `{state}`: rerun the same command to resume "
-                "(or add --no-resume to start over)", err=True,
-            )
-        else:
-            typer.echo("Interrupted before the first saved step; nothing to resume.", err=True)
+        # Outside the process group's lifetime: during the imports, or its setup.
+        _say_interrupted(out)
         raise typer.Exit(130) from None
-    if result.metrics["collapsed"]:
-        typer.echo(f"Warning: {CollapseWarning(result.metrics['collapsed'])}", err=True)
-    _print_finetune_metrics(result.metrics)
-    typer.echo(f"wrote {result.run_dir}")
+
+
+def _say_interrupted(out: Path) -> None:
+    """Tell whether an interrupted ``finetune`` left a state to resume from (rank 0 only: every
+    rank got the Ctrl-C).
+
+    No import here: Ctrl-C may have cut `import torch` short, and importing it again would crash.
+    The file name is training/state.py's `state.safetensors`.
+    """
+    if _rank() != 0:
+        return
+    state = out.with_name(out.name + ".resume")
+    if (state / "state.safetensors").is_file():
+        typer.echo(
+            f"Interrupted; progress is saved in `{state}`: rerun the same command to resume "
+            "(or add --no-resume to start over)", err=True,
+        )
+    else:
+        typer.echo("Interrupted before the first saved step; nothing to resume.", err=True)
 
 
 def _print_finetune_metrics(metrics: dict) -> None:

@@ -2,7 +2,12 @@
 
 ``finetune`` loads every trained weight, attaches AMTL to the chosen embedding tables, trains the
 model and the AMTL layers together (task loss + optional memory-budget penalty), keeps the best
-validation epoch, and writes the run directory described in docs/design.md.
+validation epoch, and writes the run directory described in docs/design.md. Under torchrun the
+same function runs data-parallel, one rank per process (training/distributed.py, docs/scaling.md).
+
+The pieces, in order: :func:`_prepare` (load and check the request, count frequencies),
+:func:`_start` (attach AMTL, optimiser, resume), :func:`_train` (the step loop, with
+:func:`_step` and :func:`_end_epoch`), :func:`_finish` (best epoch, detach, write the run dir).
 """
 
 from __future__ import annotations
@@ -16,20 +21,21 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from amtl_compress._io import atomic_directory, atomic_save_safetensors, atomic_write_text
+from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.checkpoint import load_model
-from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.core.amtl import AMTL, AMTLConfig
 from amtl_compress.core.budget import apply_budget_
-from amtl_compress.data.counts import count_frequencies, read_counts
-from amtl_compress.data.dataset import TabularData
+from amtl_compress.data import CTRData, count_frequencies, open_data, read_counts
 from amtl_compress.errors import (
     AmtlError,
     ConfigError,
@@ -45,7 +51,15 @@ from amtl_compress.surgery.attach import (
     model_parameters,
 )
 from amtl_compress.surgery.targets import find_embedding_modules
-from amtl_compress.training.loop import bce_step, evaluate
+from amtl_compress.training.distributed import (
+    World,
+    mark_every_rank,
+    process_group,
+    raised_on_every_rank,
+    wrap_ddp,
+)
+from amtl_compress.training.loop import bce_step, evaluate, read_batches, sync_batch
+from amtl_compress.training.run_dir import table_report, write_run_dir
 from amtl_compress.training.state import has_state, load_state, save_state
 
 #: How close the realized memory ratio must land to ``target_ratio`` for an epoch to count as
@@ -61,7 +75,9 @@ class FinetuneConfig:
         fields: module-path target -> data column feeding that table. A target is an exact
             module path, a path suffix (``user_id`` matches ``embeddings.user_id``) or a regex.
         epochs: passes over the training data.
-        batch_size: rows per optimiser step.
+        batch_size: rows per optimiser step and process: under torchrun with W processes a step
+            averages the gradients of W batches, so it sees W x ``batch_size`` rows (pass the
+            single-process batch size / W to train on the same rows per step).
         lr: Adam learning rate of the model's own parameters (embeddings and MLPs). 1e-2
             recovers the AUC lost to the cut dims within the 3 epochs (MovieLens-100k validation
             AUC at budget 0.4: 0.7697 at 1e-3, 0.7754 at 3e-3, 0.7767 at 1e-2; docs/amtl.md).
@@ -155,25 +171,47 @@ def _temperature_at(config: FinetuneConfig, step: int, total_steps: int) -> floa
     return start * (config.final_temperature / start) ** frac
 
 
-def _table_report(
-    lengths: dict[str, torch.Tensor], fields: dict[str, str], dims: dict[str, int]
-) -> tuple[dict[str, Any], float]:
-    per_table: dict[str, Any] = {}
-    kept = total = 0
-    for path, lens in lengths.items():
-        n, d = lens.numel(), dims[path]
-        per_table[path] = {
-            "column": fields[path],
-            "rows": n,
-            "dim": d,
-            "avg_kept_dim": float(lens.double().mean()),
-            "memory_ratio": float(lens.sum()) / (n * d),
-            # Every row cut to one value: the layer collapsed (see CollapseWarning).
-            "collapsed": bool(n and d > 1 and int(lens.max()) == 1),
-        }
-        kept += int(lens.sum())
-        total += n * d
-    return per_table, (kept / total if total else 1.0)
+@dataclass
+class _Inputs:
+    """What the request resolved to, checked: the model, the data, and the full counts."""
+
+    model: nn.Module
+    spec: dict[str, Any]
+    train_data: CTRData
+    valid_data: CTRData
+    column_of: dict[str, str]  # module path -> data column
+    dims: dict[str, int]  # module path -> D
+    counts: dict[str, torch.Tensor]  # module path -> int64 (N,), over all ranks' shards
+    steps_per_epoch: int  # batches of this rank's shard; the same on every rank
+
+
+@dataclass
+class _Run:
+    """A fine-tuning run in progress on one rank (of ``world``)."""
+
+    config: FinetuneConfig
+    world: World
+    model: nn.Module  # AMTL attached; evaluated and saved
+    ddp: nn.Module  # what the steps call: ``model`` in DistributedDataParallel, or ``model``
+    layers: dict[str, AMTL]
+    optimizer: torch.optim.Optimizer
+    train_data: CTRData
+    valid_data: CTRData
+    state_dir: Path
+    progress: dict[str, Any]  # step, history, best, config, world_size: the resumable part
+    before: dict[str, float]
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    def save(self, step: int) -> None:
+        """Rank 0 writes the resumable state at ``step``; every rank waits until it is written."""
+        self.progress["step"] = step
+        with self.world.errors_agreed():
+            if self.world.is_main:
+                save_state(self.state_dir, self.model, self.optimizer, self.progress)
 
 
 def finetune(
@@ -190,9 +228,14 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` with AMTL on ``config.fields`` and write the run directory ``out``.
 
+    Under ``torchrun`` every rank calls this with the same arguments and the run is data-parallel
+    (docs/scaling.md): each rank trains on its shard of ``data`` with ``config.batch_size`` rows
+    per step (W x that many per step in all), the counts are summed over the shards, and rank 0
+    alone writes ``out`` and ``<out>.resume``, which must be on a filesystem every rank sees.
+
     Args:
         checkpoint: trained weights (``.safetensors``, or a ``.pt`` state_dict).
-        data: training data (Parquet or CSV, docs/data.md).
+        data: training data (Parquet or CSV, or a folder/glob of Parquet files; docs/data.md).
         valid: validation data; AUC/logloss before training and after every epoch, best epoch kept.
         out: run directory to create (written atomically; see docs/design.md for its files).
         config: the run's hyper-parameters.
@@ -201,195 +244,296 @@ def finetune(
         counts_file: per-column frequency counts to use instead of counting ``data``.
         resume: continue from ``<out>.resume`` if an interrupted run with the same config left it.
         overwrite: replace an existing ``out``.
-        progress: show a tqdm bar on stderr.
+        progress: show a tqdm bar on stderr (rank 0 only).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"output directory `{out}` exists; pass --overwrite or choose another --out"
-        )
-    if not config.fields:
-        raise AmtlError("no --field given; name at least one embedding table to compress")
-    torch.manual_seed(config.seed)
-    model, spec = load_model(checkpoint, model_factory)
-    train_data = TabularData.open(data, label=config.label)
-    valid_data = TabularData.open(valid, label=config.label)
+    with process_group() as world:
+        # A call, so that its DDP model is gone when the process group is torn down.
+        return _finetune(world, checkpoint, data, valid, Path(out), config, model_factory,
+                         counts_file, resume, overwrite, progress)
 
-    # Validate the whole request before any long work: targets, columns, id ranges.
-    matched = find_embedding_modules(model, list(config.fields))
-    modules = dict(model.named_modules())
-    column_of = {path: config.fields[target] for path, target in matched.items()}
-    num_rows = {path: modules[path].num_embeddings for path in matched}
-    dims = {path: modules[path].embedding_dim for path in matched}
-    for path, column in column_of.items():
-        for dataset in (train_data, valid_data):
-            dataset.validate_ids(column, num_rows[path])
 
-    counts: dict[str, torch.Tensor] = {}
-    for path, column in column_of.items():
-        if counts_file is not None:
-            counts[path] = read_counts(counts_file, column, num_rows[path])
-        else:
-            counts[path] = count_frequencies(data, column, num_rows[path])
+def _finetune(
+    world: World,
+    checkpoint: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    valid: str | os.PathLike[str],
+    out: Path,
+    config: FinetuneConfig,
+    model_factory: str | None,
+    counts_file: str | os.PathLike[str] | None,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+) -> FinetuneResult:
+    inputs = _prepare(checkpoint, data, valid, out, config, model_factory, counts_file,
+                      overwrite, world)
+    run = _start(inputs, config, out, resume, world)
+    _train(run, progress)
+    return _finish(run, inputs, checkpoint, data, valid, out, overwrite)
 
-    before = evaluate(model, valid_data.batches(config.batch_size))
-    attach_amtl_(model, counts, config.amtl)
-    layers = amtl_layers(model)
-    optimizer = torch.optim.Adam(
-        [
-            {"params": model_parameters(model), "lr": config.lr},
-            {"params": amtl_parameters(model), "lr": config.amtl_lr},
-        ]
-    )
 
-    steps_per_epoch = train_data.num_batches(config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    config_json = json.dumps(config.to_dict(), sort_keys=True)
-    state_dir = _resume_dir(out)
-    progress_state: dict[str, Any] = {
-        "step": 0,
-        "history": [],
-        "best": None,
-        "config": config_json,
-    }
-    if resume and has_state(state_dir):
-        saved = load_state(state_dir, model, optimizer)
-        if saved.get("config") != config_json:
-            raise RunDirError(
-                f"`{state_dir}` holds an interrupted run with a different configuration; "
-                "rerun with the same options, or pass --no-resume to start over"
+def _prepare(
+    checkpoint: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    valid: str | os.PathLike[str],
+    out: Path,
+    config: FinetuneConfig,
+    model_factory: str | None,
+    counts_file: str | os.PathLike[str] | None,
+    overwrite: bool,
+    world: World,
+) -> _Inputs:
+    """Load and check everything the run needs, before any long work; count the frequencies."""
+    # Every check runs on every rank before the first collective that depends on it, and one
+    # failing rank (a bad row in its shard) makes all fail with its error, once.
+    with world.errors_agreed():
+        if out.exists() and not overwrite:
+            raise OutputExistsError(
+                f"output directory `{out}` exists; pass --overwrite or choose another --out"
             )
-        progress_state = saved
-    elif state_dir.exists():
-        shutil.rmtree(state_dir)
-    if config.target_ratio is not None:
-        ratios = apply_budget_(layers, config.target_ratio)  # train under the budget from step 0
-    penalty = None
-    if config.target_ratio is not None and config.budget_weight > 0:
+        if not config.fields:
+            raise AmtlError("no --field given; name at least one embedding table to compress")
+        torch.manual_seed(config.seed)
+        model, spec = load_model(checkpoint, model_factory)
+        model.to(world.device)
+        train_data = open_data(data, label=config.label)
+        valid_data = open_data(valid, label=config.label)
+        # The same on every rank; DataError when the data has too few rows for W shards.
+        steps_per_epoch = train_data.num_batches(config.batch_size, world.rank, world.size)
 
-        def penalty() -> torch.Tensor:
-            # The Lagrangian's memory term: its gradient shortens rows the task does not defend
-            # (rare rows barely appear in batches, so without it they keep their start length).
-            term = sum(layer.price * layer.expected_ratio() for layer in layers.values())
-            return config.budget_weight * term
+        matched = find_embedding_modules(model, list(config.fields))
+        modules = dict(model.named_modules())
+        column_of = {path: config.fields[target] for path, target in matched.items()}
+        num_rows = {path: modules[path].num_embeddings for path in matched}
+        dims = {path: modules[path].embedding_dim for path in matched}
+        for path, column in column_of.items():
+            for dataset in (train_data, valid_data):
+                dataset.validate_ids(column, num_rows[path])
 
-    step = progress_state["step"]
+        counts: dict[str, torch.Tensor] = {}
+        for path, column in column_of.items():
+            if counts_file is not None:
+                counts[path] = read_counts(counts_file, column, num_rows[path])
+            else:
+                counts[path] = count_frequencies(
+                    data, column, num_rows[path], rank=world.rank, world_size=world.size
+                )
+    if counts_file is None:
+        for shard_counts in counts.values():
+            world.all_reduce_(shard_counts)  # the shards' counts sum to the full counts
+    return _Inputs(model, spec, train_data, valid_data, column_of, dims, counts, steps_per_epoch)
+
+
+def _start(
+    inputs: _Inputs, config: FinetuneConfig, out: Path, resume: bool, world: World
+) -> _Run:
+    """Score the trained model, attach AMTL, build the optimiser and restore an interrupted run."""
+    model = inputs.model
+    before = evaluate(model, inputs.valid_data.batches(config.batch_size), world)
+    with world.errors_agreed():
+        attach_amtl_(model, inputs.counts, config.amtl)
+        layers = amtl_layers(model)
+        optimizer = torch.optim.Adam(
+            [
+                {"params": model_parameters(model), "lr": config.lr},
+                {"params": amtl_parameters(model), "lr": config.amtl_lr},
+            ]
+        )
+    state_dir = _resume_dir(out)
+    progress_state = _resume_or_restart(state_dir, model, optimizer, config, resume, world)
+    with world.errors_agreed():
+        if config.target_ratio is not None:
+            apply_budget_(layers, config.target_ratio)  # train under the budget from step 0
+    # After the resume: DDP broadcasts rank 0's weights as they are now (the same on every rank:
+    # the same checkpoint, seed, counts and state file; the broadcast makes sure of it).
+    ddp = wrap_ddp(model, world)
+    return _Run(config, world, model, ddp, layers, optimizer, inputs.train_data,
+                inputs.valid_data, state_dir, progress_state, before, inputs.steps_per_epoch)
+
+
+def _resume_or_restart(
+    state_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: FinetuneConfig,
+    resume: bool,
+    world: World,
+) -> dict[str, Any]:
+    """Load the state an interrupted run left in ``state_dir`` (every rank reads rank 0's file),
+    or clear the directory; returns the progress to start from."""
+    config_json = json.dumps(config.to_dict(), sort_keys=True)
+    with world.errors_agreed():
+        saved = None
+        if resume and has_state(state_dir):
+            saved = load_state(state_dir, model, optimizer)
+            if saved.get("config") != config_json:
+                raise RunDirError(
+                    f"`{state_dir}` holds an interrupted run with a different configuration; "
+                    "rerun with the same options, or pass --no-resume to start over"
+                )
+            # A state saved before runs had ranks comes from a single process.
+            saved_world = saved.get("world_size", 1)
+            if saved_world != world.size:
+                raise RunDirError(
+                    f"`{state_dir}` was saved by a run of {saved_world} process(es), this one has "
+                    f"{world.size}; resume with as many (torchrun --nnodes x --nproc_per_node), "
+                    "or pass --no-resume to start over"
+                )
+    if world.active:
+        steps = world.gather_rows(torch.tensor([-1 if saved is None else saved["step"]]))
+        with world.errors_agreed():
+            if len({int(s) for s in steps}) > 1:
+                raise RunDirError(
+                    f"the ranks do not see the same resume state in `{state_dir}` (saved step "
+                    f"by rank: {[int(s) for s in steps]}, -1 = none); put --out on a "
+                    "filesystem every node shares"
+                )
+    if saved is not None:
+        return saved
+    with world.errors_agreed():
+        if world.is_main and state_dir.exists():
+            shutil.rmtree(state_dir)
+    if world.active:
+        _check_shared(state_dir, world)
+    return {
+        "step": 0, "history": [], "best": None, "config": config_json, "world_size": world.size,
+    }
+
+
+def _check_shared(state_dir: Path, world: World) -> None:
+    """Fail now, not at the first resume, when rank 0's files are invisible to other ranks.
+
+    Rank 0 writes the resume state and the best epoch's weights, and every rank reads them back
+    (resume, end of run), so ``state_dir`` must be on a filesystem all ranks share.
+    """
+    with world.errors_agreed():
+        if world.is_main:
+            state_dir.mkdir(parents=True, exist_ok=True)
+    with world.errors_agreed():
+        if not state_dir.is_dir():
+            raise RunDirError(
+                f"rank {world.rank} does not see `{state_dir}`, which rank 0 created; put --out "
+                "on a filesystem every node shares"
+            )
+    with world.errors_agreed():
+        if world.is_main:
+            state_dir.rmdir()  # empty until the first save; a run that fails leaves nothing
+
+
+def _budget_penalty(
+    config: FinetuneConfig, layers: dict[str, AMTL]
+) -> Callable[[], torch.Tensor] | None:
+    """The Lagrangian's memory term ``budget_weight * sum_t mu_t * expected_ratio_t``, or None."""
+    if config.target_ratio is None or config.budget_weight == 0:
+        return None
+
+    def penalty() -> torch.Tensor:
+        # Its gradient shortens rows the task does not defend (rare rows barely appear in
+        # batches, so without it they keep their start length). It is computed outside the
+        # model's forward, from the same weights on every rank: under DDP it joins the task
+        # loss before backward, and the average over ranks of identical gradients is itself.
+        term = sum(layer.price * layer.expected_ratio() for layer in layers.values())
+        return config.budget_weight * term
+
+    return penalty
+
+
+def _train(run: _Run, progress: bool) -> None:
+    """The step loop, from the saved step to the last: epoch ends, periodic saves, Ctrl-C."""
+    config, world = run.config, run.world
+    penalty = _budget_penalty(config, run.layers)
+    step = run.progress["step"]
     bar = tqdm(
-        total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr,
-        disable=not progress, dynamic_ncols=True,
+        total=run.total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr,
+        disable=not progress or not world.is_main, dynamic_ncols=True,
     )
     running = None
-    model.train()
+    run.model.train()
     with _DeferredInterrupt() as interrupt:
-        while step < total_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            batches = train_data.batches(
-                config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch
+        while step < run.total_steps:
+            epoch, skip = divmod(step, run.steps_per_epoch)
+            batches = run.train_data.batches(
+                config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch,
+                rank=world.rank, world_size=world.size,
             )
-            for i, (features, labels) in enumerate(batches):
-                if i < skip:
+            for i, item in enumerate(read_batches(batches, run.steps_per_epoch)):
+                if i < skip and not isinstance(item, Exception):
                     continue  # already done before the interruption
-                for layer in layers.values():
-                    layer.temperature = _temperature_at(config, step, total_steps)
-                # The AMTL learning rate decays linearly to 0: under STE the hard lengths keep
-                # flipping while it is large, and the budget can only be met once they settle.
-                optimizer.param_groups[1]["lr"] = config.amtl_lr * (1 - step / total_steps)
-                try:
-                    loss = bce_step(model, optimizer, features, labels, penalty)
-                except TrainingError as exc:
-                    # bce_step did not apply the faulty step: keep this state resumable, unless
-                    # the weights themselves went bad, then the last save stays the good one.
-                    if _all_finite(model):
-                        progress_state["step"] = step
-                        save_state(state_dir, model, optimizer, progress_state)
-                        where = f"the state before step {step + 1} is saved in `{state_dir}`"
-                    else:
-                        where = f"the last good state is in `{state_dir}`"
-                    reason = str(exc).split(";")[0]
-                    raise TrainingError(
-                        f"{reason} at step {step + 1}; {where} - lower the learning rate "
-                        "(--lr / --amtl-lr) or check the data for extreme values"
-                    ) from None
-                if config.target_ratio is not None:
-                    ratios = apply_budget_(layers, config.target_ratio)
+                # Ctrl-C: stop between steps with a resumable state, every rank before this one.
+                if sync_batch(item, world, stop=interrupt.requested):
+                    run.save(step)
+                    raise mark_every_rank(KeyboardInterrupt())
+                features, labels = item  # type: ignore[misc]  # sync_batch raised errors
+                loss, ratios = _step(run, step, features, labels, penalty)
                 running = loss if running is None else 0.98 * running + 0.02 * loss
                 step += 1
                 postfix = {"loss": f"{running:.4f}", "epoch": epoch + 1}
-                if config.target_ratio is not None:
+                if ratios:
                     postfix["ratio"] = f"{sum(ratios.values()) / len(ratios):.3f}"
                 bar.set_postfix(postfix)
                 bar.update(1)
-                if step % steps_per_epoch == 0:
-                    _end_epoch(model, layers, valid_data, config, progress_state, step, state_dir)
-                if step % config.save_every == 0 or step % steps_per_epoch == 0:
-                    progress_state["step"] = step
-                    save_state(state_dir, model, optimizer, progress_state)
-                if interrupt.requested:  # Ctrl-C: stop between steps with a resumable state
-                    progress_state["step"] = step
-                    save_state(state_dir, model, optimizer, progress_state)
-                    raise KeyboardInterrupt
+                if step % run.steps_per_epoch == 0:
+                    _end_epoch(run, step)
+                if step % config.save_every == 0 or step % run.steps_per_epoch == 0:
+                    run.save(step)
     bar.close()
 
-    best = progress_state["best"]
-    best_weights = state_dir / "best.safetensors"
-    if best is not None and best_weights.exists():
-        from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(best_weights)))
-    amtl_state = {
-        f"{path}.{k}": v.detach().clone()
-        for path, layer in layers.items()
-        for k, v in layer.state_dict().items()
-    }
-    model, lengths = detach_amtl(model, merge=True)
-    after = evaluate(model, valid_data.batches(config.batch_size))
-    per_table, ratio = _table_report(lengths, column_of, dims)
-    collapsed = [path for path, table in per_table.items() if table["collapsed"]]
-    if collapsed:
-        warnings.warn(CollapseWarning(collapsed), stacklevel=2)
-    metrics = {
-        "before": before,
-        "after": after,
-        "epochs": progress_state["history"],
-        "best_epoch": None if best is None else best["epoch"],
-        "tables": per_table,
-        "memory_ratio": ratio,
-        "target_ratio": config.target_ratio,
-        "collapsed": collapsed,
-    }
-    run_config = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "data": str(Path(data).resolve()),
-        "valid": str(Path(valid).resolve()),
-        "model": spec,
-        "tables": column_of,
-        "finetune": config.to_dict(),
-    }
-    from amtl_compress.checkpoint import save_checkpoint
-
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_checkpoint(tmp / "model.safetensors", model.state_dict(), spec)
-        atomic_save_safetensors(lengths, tmp / "lengths.safetensors")
-        atomic_save_safetensors(amtl_state, tmp / "amtl.safetensors")
-        atomic_write_text(tmp / "config.json", json.dumps(run_config, indent=2))
-        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2))
-    shutil.rmtree(state_dir, ignore_errors=True)
-    return FinetuneResult(run_dir=out, metrics=metrics, lengths=lengths)
-
-
-def _end_epoch(
-    model: nn.Module,
-    layers: dict[str, Any],
-    valid_data: TabularData,
-    config: FinetuneConfig,
-    progress_state: dict[str, Any],
+def _step(
+    run: _Run,
     step: int,
-    state_dir: Path,
-) -> None:
+    features: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    penalty: Callable[[], torch.Tensor] | None,
+) -> tuple[float, dict[str, float]]:
+    """Optimiser step ``step`` (0-based, global: every rank is at the same step).
+
+    Returns:
+        (the BCE, averaged over the ranks; table -> realized ratio, empty without a budget).
+    """
+    config = run.config
+    for layer in run.layers.values():
+        layer.temperature = _temperature_at(config, step, run.total_steps)
+    # The AMTL learning rate decays linearly to 0: under STE the hard lengths keep flipping
+    # while it is large, and the budget can only be met once they settle.
+    run.optimizer.param_groups[1]["lr"] = config.amtl_lr * (1 - step / run.total_steps)
+    try:
+        loss = bce_step(run.ddp, run.optimizer, features, labels, penalty, run.world)
+    except TrainingError as exc:
+        # bce_step did not apply the faulty step: keep this state resumable, unless the weights
+        # themselves went bad, then the last save stays the good one. Under DDP every rank gets
+        # here at the same step (bce_step checks the loss of all ranks, and marks its error),
+        # with the same weights; an error of one rank alone cannot be saved collectively.
+        if not raised_on_every_rank(exc) and run.world.active:
+            raise
+        if _all_finite(run.model):
+            run.save(step)
+            where = f"the state before step {step + 1} is saved in `{run.state_dir}`"
+        else:
+            where = f"the last good state is in `{run.state_dir}`"
+        reason = str(exc).split(";")[0]
+        error = TrainingError(
+            f"{reason} at step {step + 1}; {where} - lower the learning rate "
+            "(--lr / --amtl-lr) or check the data for extreme values"
+        )
+        if raised_on_every_rank(exc):
+            mark_every_rank(error)
+        raise error from None
+    ratios: dict[str, float] = {}
+    if config.target_ratio is not None:
+        ratios = apply_budget_(run.layers, config.target_ratio)
+    return loss, ratios
+
+
+def _end_epoch(run: _Run, step: int) -> None:
     """Validate, record the epoch, and save its weights if it is the best so far."""
+    config, progress_state = run.config, run.progress
     epoch = len(progress_state["history"]) + 1
-    scores = evaluate(model, valid_data.batches(config.batch_size))
-    ratios = {path: layer.realized_ratio() for path, layer in layers.items()}
+    scores = evaluate(run.model, run.valid_data.batches(config.batch_size), run.world)
+    for path, layer in run.layers.items():
+        # Identical weights give identical lengths; a cheap proof that the ranks agree.
+        run.world.check_same(f"row lengths of `{path}`", layer.lengths())
+    ratios = {path: layer.realized_ratio() for path, layer in run.layers.items()}
     meets_budget = config.target_ratio is None or all(
         abs(r - config.target_ratio) <= BUDGET_TOLERANCE for r in ratios.values()
     )
@@ -404,8 +548,66 @@ def _end_epoch(
     )
     if better:
         progress_state["best"] = record
-        state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(model.state_dict(), state_dir / "best.safetensors")
+        with run.world.errors_agreed():
+            if run.world.is_main:
+                run.state_dir.mkdir(parents=True, exist_ok=True)
+                atomic_save_safetensors(run.model.state_dict(), run.state_dir / "best.safetensors")
+
+
+def _finish(
+    run: _Run,
+    inputs: _Inputs,
+    checkpoint: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    valid: str | os.PathLike[str],
+    out: Path,
+    overwrite: bool,
+) -> FinetuneResult:
+    """Restore the best epoch, take AMTL off, score the result and write the run directory."""
+    config, world = run.config, run.world
+    best = run.progress["best"]
+    best_weights = run.state_dir / "best.safetensors"
+    with world.errors_agreed():
+        if best is not None and best_weights.exists():
+            run.model.load_state_dict(load_file(str(best_weights)))
+    amtl_state = {
+        f"{path}.{k}": v.detach().to("cpu", copy=True)
+        for path, layer in run.layers.items()
+        for k, v in layer.state_dict().items()
+    }
+    model, lengths = detach_amtl(run.model, merge=True)
+    after = evaluate(model, run.valid_data.batches(config.batch_size), world)
+    per_table, ratio = table_report(lengths, inputs.column_of, inputs.dims)
+    collapsed = [path for path, table in per_table.items() if table["collapsed"]]
+    if collapsed:
+        warnings.warn(CollapseWarning(collapsed), stacklevel=3)  # at finetune's caller
+    metrics = {
+        "before": run.before,
+        "after": after,
+        "epochs": run.progress["history"],
+        "best_epoch": None if best is None else best["epoch"],
+        "tables": per_table,
+        "memory_ratio": ratio,
+        "target_ratio": config.target_ratio,
+        "collapsed": collapsed,
+        "world_size": world.size,
+    }
+    run_config = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "data": str(Path(data).resolve()),
+        "valid": str(Path(valid).resolve()),
+        "model": inputs.spec,
+        "tables": inputs.column_of,
+        "finetune": config.to_dict(),
+        # config.batch_size rows per rank: each step saw world_size times as many.
+        "world_size": world.size,
+    }
+    with world.errors_agreed():
+        if world.is_main:
+            write_run_dir(out, overwrite, model, inputs.spec, lengths, amtl_state, run_config,
+                          metrics)
+            shutil.rmtree(run.state_dir, ignore_errors=True)
+    return FinetuneResult(run_dir=out, metrics=metrics, lengths=lengths)
 
 
 def _finite(x: float) -> float:

@@ -1,4 +1,7 @@
-"""Train the reference DLRM from scratch: the fixed-dimension (FBE) baseline checkpoint."""
+"""Train the reference DLRM from scratch: the fixed-dimension (FBE) baseline checkpoint.
+
+Under torchrun the training is data-parallel, like ``finetune`` (docs/scaling.md).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from amtl_compress.checkpoint import save_checkpoint
-from amtl_compress.data.dataset import TabularData
+from amtl_compress.data import CTRData, open_data
 from amtl_compress.models.dlrm import DLRM, DLRMConfig
 from amtl_compress.models.factory import model_spec_for
-from amtl_compress.training.loop import bce_step, evaluate
+from amtl_compress.training.distributed import World, process_group, wrap_ddp
+from amtl_compress.training.loop import bce_step, evaluate, read_batches, sync_batch
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class TrainConfig:
         bottom_mlp: hidden sizes of the bottom MLP on dense features (its output is D).
         top_mlp: hidden sizes of the top MLP (its output is one logit).
         epochs: passes over the training data.
-        batch_size: rows per optimiser step.
+        batch_size: rows per optimiser step and process (under torchrun a step sees W x this).
         lr: Adam learning rate.
         seed: parameter init and data order.
         label: name of the label column.
@@ -43,12 +47,12 @@ class TrainConfig:
     label: str = "label"
 
 
-def infer_dlrm_config(datasets: list[TabularData], config: TrainConfig) -> DLRMConfig:
+def infer_dlrm_config(datasets: list[CTRData], config: TrainConfig) -> DLRMConfig:
     """A DLRM for the columns of ``datasets``: a table per integer column sized max id + 1."""
     first = datasets[0]
 
     def rows(column: str) -> int:
-        return max(int(d.column(column).max()) for d in datasets) + 1
+        return max(d.max_id(column) for d in datasets) + 1
 
     return DLRMConfig(
         categorical={c: rows(c) for c in first.categorical_columns},
@@ -62,33 +66,47 @@ def infer_dlrm_config(datasets: list[TabularData], config: TrainConfig) -> DLRMC
 
 def fit(
     model: torch.nn.Module,
-    train_data: TabularData,
-    valid_data: TabularData,
+    train_data: CTRData,
+    valid_data: CTRData,
     epochs: int,
     batch_size: int,
     lr: float,
     seed: int,
     progress: bool = True,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Train ``model`` with Adam on BCE, keep the epoch with the best validation AUC.
+
+    Args:
+        world: the ranks of a data-parallel run: each rank trains on its shard of
+            ``train_data`` (``batch_size`` rows per step each) with ``model`` in DDP, and the
+            validation scores cover all of ``valid_data``. None: a single process.
 
     Returns:
         The kept epoch's validation metrics plus ``"epoch"`` (1-based).
     """
+    world = World() if world is None else world
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    ddp = wrap_ddp(model, world)
     best: dict[str, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
-    steps = train_data.num_batches(batch_size)
+    steps = train_data.num_batches(batch_size, world.rank, world.size)
     for epoch in range(epochs):
         model.train()
-        bar = tqdm(
-            train_data.batches(batch_size, shuffle=True, seed=seed * 100_003 + epoch),
-            total=steps, desc=f"train epoch {epoch + 1}/{epochs}", file=sys.stderr,
-            disable=not progress, dynamic_ncols=True,
+        batches = train_data.batches(
+            batch_size, shuffle=True, seed=seed * 100_003 + epoch, rank=world.rank,
+            world_size=world.size,
         )
-        for features, labels in bar:
-            bar.set_postfix(loss=f"{bce_step(model, optimizer, features, labels):.4f}")
-        scores = evaluate(model, valid_data.batches(batch_size))
+        bar = tqdm(
+            read_batches(batches, steps), total=steps, desc=f"train epoch {epoch + 1}/{epochs}",
+            file=sys.stderr, disable=not progress or not world.is_main, dynamic_ncols=True,
+        )
+        for item in bar:
+            sync_batch(item, world)  # raises, on every rank, a batch one rank could not read
+            features, labels = item  # type: ignore[misc]
+            loss = bce_step(ddp, optimizer, features, labels, world=world)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        scores = evaluate(model, valid_data.batches(batch_size), world)
         if best is None or scores["auc"] > best["auc"]:
             best = {**scores, "epoch": epoch + 1}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -107,24 +125,44 @@ def train_dlrm(
 ) -> dict[str, float]:
     """Train the reference DLRM on ``data`` and save it to ``out`` (safetensors with its spec).
 
+    Under torchrun every rank calls this with the same arguments; rank 0 writes ``out``.
+
     Args:
         dlrm_config: the architecture; inferred from the data's columns when omitted.
 
     Returns:
-        Validation metrics of the saved (best) epoch.
+        Validation metrics of the saved (best) epoch (the same on every rank).
     """
-    torch.manual_seed(config.seed)
-    train_data = TabularData.open(data, label=config.label)
-    valid_data = TabularData.open(valid, label=config.label)
-    if dlrm_config is None:
-        dlrm_config = infer_dlrm_config([train_data, valid_data], config)
-    model = DLRM(dlrm_config)
+    with process_group() as world:
+        # A call, so that fit's DDP model is gone when the process group is torn down.
+        return _train_dlrm(world, data, valid, Path(out), config, dlrm_config, progress)
+
+
+def _train_dlrm(
+    world: World,
+    data: str | os.PathLike[str],
+    valid: str | os.PathLike[str],
+    out: Path,
+    config: TrainConfig,
+    dlrm_config: DLRMConfig | None,
+    progress: bool,
+) -> dict[str, float]:
+    with world.errors_agreed():  # one rank's error (e.g. its shard) stops all, reported once
+        torch.manual_seed(config.seed)
+        train_data = open_data(data, label=config.label)
+        valid_data = open_data(valid, label=config.label)
+        train_data.num_batches(config.batch_size, world.rank, world.size)  # a shard each
+        if dlrm_config is None:
+            dlrm_config = infer_dlrm_config([train_data, valid_data], config)
+        model = DLRM(dlrm_config).to(world.device)
     metrics = fit(
-        model, train_data, valid_data, config.epochs, config.batch_size, config.lr, config.seed,
-        progress,
+        model, train_data, valid_data, config.epochs, config.batch_size, config.lr,
+        config.seed, progress, world,
     )
-    save_checkpoint(
-        Path(out), model.state_dict(), model_spec_for(dlrm_config),
-        {"amtl_compress.train": str(dataclasses.asdict(config))},
-    )
+    with world.errors_agreed():
+        if world.is_main:
+            save_checkpoint(
+                out, model.state_dict(), model_spec_for(dlrm_config),
+                {"amtl_compress.train": str(dataclasses.asdict(config))},
+            )
     return metrics
