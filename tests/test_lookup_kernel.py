@@ -40,7 +40,7 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
 @st.composite
 def tables(draw: st.DrawFn) -> dict:
     n = draw(st.integers(1, 40))
-    d = draw(st.sampled_from([1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 70, 129]))
+    d = draw(st.sampled_from([1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 64, 70, 128, 129]))
     return {"n": n, "d": d, "seed": draw(st.integers(0, 2**31 - 1)),
             "specials": draw(st.booleans()), "min_length": draw(st.sampled_from([0, 1]))}
 
@@ -103,6 +103,24 @@ def test_bag_matches_reference_and_dense(isa: str, t: dict, data: st.DataObject)
                                include_last_offset=b["include_last"])
     assert_bitwise(out, expected)
     assert_bitwise(out, packed_embedding_bag_reference(values, offsets, scale, bias, *args))
+
+
+@pytest.mark.parametrize("d", [8, 16, 24, 32, 48, 64, 96, 128, 256])
+def test_whole_vector_row_widths_match_dense(isa: str, d: int) -> None:
+    # D a multiple of the vector width takes fixed-count (unrolled) paths per ISA; enough ids
+    # that the prefetch-unchecked middle of a chunk and its checked tail are both crossed.
+    for dtype in (torch.float32, torch.float16, torch.int8):
+        weight, lengths = random_table(300, d, seed=d, min_length=0)
+        values, offsets, scale, bias = packed(weight, lengths, dtype, seed=d)
+        dense = dense_of(values, offsets, d, scale, bias)
+        g = torch.Generator().manual_seed(d)
+        ids = torch.randint(0, 300, (700,), generator=g)
+        out = ops.packed_embedding(values, offsets, scale, bias, ids, d)
+        assert_bitwise(out, F.embedding(ids, dense))
+        bag_offsets = torch.arange(0, 700, 20)
+        out = ops.packed_embedding_bag(values, offsets, scale, bias, ids, bag_offsets, None,
+                                       "sum", d, None, False)
+        assert_bitwise(out, F.embedding_bag(ids, dense, bag_offsets, mode="sum"))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -47,6 +47,7 @@
 #endif
 
 #define AMTL_INLINE inline __attribute__((always_inline))
+#define AMTL_INLINE_LAMBDA __attribute__((always_inline))
 
 // GCC treats __builtin_prefetch as free of side effects and deletes loops made only of prefetches
 // (seen with GCC 12 -O3); a volatile asm on x86 cannot be deleted.
