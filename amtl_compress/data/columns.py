@@ -8,6 +8,7 @@ Shared by :mod:`amtl_compress.data.dataset` (whole file in memory) and
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -229,3 +230,14 @@ def pad_lists(rows: np.ndarray, values: np.ndarray, num_rows: int) -> np.ndarray
     slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
     out[rows, slot] = values
     return out
+
+
+def names_list(names: Iterable[str]) -> str:
+    """Names for an error message: ```a`, `b```."""
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

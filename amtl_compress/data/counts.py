@@ -24,9 +24,11 @@ from amtl_compress.data.columns import (
     FileFormat,
     categorical_ids,
     file_format,
+    first_line,
     first_true,
     kind_of,
     list_ids,
+    names_list,
 )
 from amtl_compress.data.dataset import check_rank
 from amtl_compress.data.stream import is_multi_file, parquet_row_groups, read_row_group
@@ -105,7 +107,7 @@ def _count_parquet(
     schema, groups = parquet_row_groups(path)
     if column not in schema.names:
         raise DataError(
-            f"`{path}` has no column `{column}` (columns: {_names(schema.names)}): "
+            f"`{path}` has no column `{column}` (columns: {names_list(schema.names)}): "
             "check the field name"
         )
     if kind_of(schema.field(column).type, "parquet") not in ("categorical", "list"):
@@ -131,7 +133,8 @@ def _count_csv(
     header = _csv_header(path)
     if column not in header:
         raise DataError(
-            f"`{path}` has no column `{column}` (columns: {_names(header)}): check the field name"
+            f"`{path}` has no column `{column}` (columns: {names_list(header)}): "
+            "check the field name"
         )
     if rank != 0:  # rank 0 counts the whole file; the sum over ranks must count it once
         return np.zeros(num_embeddings, dtype=np.int64)
@@ -216,7 +219,7 @@ def _csv_batches(path: Path, column: str, block_size: int) -> Iterator[_Chunk]:
     except pa.ArrowInvalid as exc:
         if "straddl" in str(exc):
             raise _RowTooLong() from None
-        raise DataError(f"cannot read `{path}` as CSV: {_first_line(exc)}") from None
+        raise DataError(f"cannot read `{path}` as CSV: {first_line(exc)}") from None
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -280,14 +283,14 @@ def _read_safetensors_counts(path: Path, column: str, num_embeddings: int) -> to
             keys = list(f.keys())
             if column not in keys:
                 raise DataError(
-                    f"counts file `{path}` has no tensor `{column}` (tensors: {_names(keys)}): "
+                    f"counts file `{path}` has no tensor `{column}` (tensors: {names_list(keys)}): "
                     "save one int64 tensor per column name"
                 )
             t = f.get_tensor(column)
     except DataError:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise DataError(f"cannot read counts file `{path}`: {_first_line(exc)}") from None
+        raise DataError(f"cannot read counts file `{path}`: {first_line(exc)}") from None
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise DataError(
             f"counts file `{path}`, tensor `{column}` has dtype {t.dtype}: store counts as int64"
@@ -304,10 +307,10 @@ def _read_csv_counts(path: Path, num_embeddings: int) -> torch.Tensor:
     try:
         table = pacsv.read_csv(path)
     except pa.ArrowInvalid as exc:
-        raise DataError(f"cannot read counts file `{path}`: {_first_line(exc)}") from None
+        raise DataError(f"cannot read counts file `{path}`: {first_line(exc)}") from None
     if table.column_names[:2] != ["id", "count"] or table.num_columns != 2:
         raise DataError(
-            f"counts file `{path}` has columns {_names(table.column_names)}: "
+            f"counts file `{path}` has columns {names_list(table.column_names)}: "
             "write exactly the header `id,count`"
         )
     src = str(path)
@@ -347,12 +350,3 @@ def _count_values(arr: pa.Array, src: str) -> np.ndarray:
             "write a count for every listed id"
         )
     return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(f"`{n}`" for n in names)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -28,8 +28,10 @@ from amtl_compress.data.columns import (
     categorical_ids,
     dense_values,
     file_format,
+    first_line,
     kind_of,
     label_values,
+    names_list,
     pad_lists,
 )
 from amtl_compress.errors import DataError
@@ -111,7 +113,58 @@ class CTRData(Protocol):
         ...
 
 
-class TabularData:
+class ColumnKinds:
+    """The columns of a data set by kind, shared by :class:`TabularData` and ParquetDataset.
+
+    Subclasses set ``path`` (for messages) and ``_kinds``: feature column -> kind, in file order.
+    """
+
+    path: Path
+    _kinds: dict[str, ColumnKind]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Feature column names (every column but the label), in file order: the batch keys."""
+        return tuple(self._kinds)
+
+    @property
+    def categorical_columns(self) -> tuple[str, ...]:
+        """Integer id columns, fed as int64 (B,)."""
+        return self._of_kind("categorical")
+
+    @property
+    def dense_columns(self) -> tuple[str, ...]:
+        """Float columns, fed as float32 (B,)."""
+        return self._of_kind("dense")
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        """Multi-valued id columns, fed as int64 (B, L) padded with 0."""
+        return self._of_kind("list")
+
+    def _of_kind(self, kind: ColumnKind) -> tuple[str, ...]:
+        return tuple(name for name, k in self._kinds.items() if k == kind)
+
+    def _check_column(self, name: str) -> None:
+        if name not in self._kinds:
+            raise DataError(
+                f"`{self.path}` has no column `{name}` (columns: {names_list(self.columns)}): "
+                "check the field name"
+            )
+
+    def _id_kind(self, column: str) -> ColumnKind:
+        """The kind of id column ``column``; DataError if it is missing or holds floats."""
+        self._check_column(column)
+        kind = self._kinds[column]
+        if kind == "dense":
+            raise DataError(
+                f"`{self.path}`, column `{column}` holds floats, not ids: "
+                "map the embedding table to a categorical or list column"
+            )
+        return kind
+
+
+class TabularData(ColumnKinds):
     """Column tensors of one data file. Build it with :meth:`TabularData.open`.
 
     Attributes:
@@ -197,40 +250,13 @@ class TabularData:
         return cls(p, label, features, kinds, labels)
 
     @property
-    def columns(self) -> tuple[str, ...]:
-        """Feature column names (every column but the label), in file order: the batch keys."""
-        return tuple(self.features)
-
-    @property
     def num_rows(self) -> int:
         """Number of rows in the file."""
         return int(self.labels.shape[0])
 
-    @property
-    def categorical_columns(self) -> tuple[str, ...]:
-        """Integer id columns, fed as int64 (B,)."""
-        return self._of_kind("categorical")
-
-    @property
-    def dense_columns(self) -> tuple[str, ...]:
-        """Float columns, fed as float32 (B,)."""
-        return self._of_kind("dense")
-
-    @property
-    def list_columns(self) -> tuple[str, ...]:
-        """Multi-valued id columns, fed as int64 (B, L) padded with 0."""
-        return self._of_kind("list")
-
-    def _of_kind(self, kind: ColumnKind) -> tuple[str, ...]:
-        return tuple(name for name, k in self._kinds.items() if k == kind)
-
     def column(self, name: str) -> torch.Tensor:
         """All rows of feature column ``name``, as in :attr:`features`; DataError if absent."""
-        if name not in self.features:
-            raise DataError(
-                f"`{self.path}` has no column `{name}` (columns: {names_list(self.columns)}): "
-                "check the field name"
-            )
+        self._check_column(name)
         return self.features[name]
 
     def num_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
@@ -301,16 +327,8 @@ class TabularData:
         Raises:
             DataError: no such column, or a dense column.
         """
-        ids = self.column(column)
-        self._check_ids(column)
-        return int(ids.max())
-
-    def _check_ids(self, column: str) -> None:
-        if self._kinds[column] == "dense":
-            raise DataError(
-                f"`{self.path}`, column `{column}` holds floats, not ids: "
-                "map the embedding table to a categorical or list column"
-            )
+        self._id_kind(column)
+        return int(self.features[column].max())
 
     def validate_ids(self, column: str, num_embeddings: int) -> None:
         """Check that ``column`` fits a table of ``num_embeddings`` rows.
@@ -318,8 +336,8 @@ class TabularData:
         Categorical ids must lie in [0, N); list ids in [1, N) (0 is padding), N =
         ``num_embeddings``. Raises DataError naming the first offending row.
         """
-        ids = self.column(column)
-        self._check_ids(column)
+        self._id_kind(column)
+        ids = self.features[column]
         too_big = ids >= num_embeddings
         if bool(too_big.any()):
             flat = int(torch.nonzero(too_big.reshape(-1))[0])
@@ -350,11 +368,11 @@ def _read_table(path: Path, fmt: FileFormat, csv_kinds: dict[str, ColumnKind]) -
         if "Empty CSV file" in str(exc):
             raise DataError(f"`{path}` is empty: write a header line and rows") from None
         raise DataError(
-            f"cannot read `{path}` as {fmt} ({_first_line(exc)}); write the file again"
+            f"cannot read `{path}` as {fmt} ({first_line(exc)}); write the file again"
         ) from None
     except OSError as exc:
         raise DataError(
-            f"cannot read `{path}` as {fmt} ({_first_line(exc)}); write the file again"
+            f"cannot read `{path}` as {fmt} ({first_line(exc)}); write the file again"
         ) from None
 
 
@@ -379,13 +397,3 @@ def check_batch_size(batch_size: int) -> None:
     """Raise ValueError unless ``batch_size >= 1``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
-def names_list(names: Iterable[str]) -> str:
-    """Column names for an error message: ```a`, `b```."""
-    return ", ".join(f"`{n}`" for n in names)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -28,18 +28,20 @@ from amtl_compress.data.columns import (
     bag_ids,
     categorical_ids,
     dense_values,
+    first_line,
     first_true,
     kind_of,
     label_values,
+    names_list,
     pad_lists,
 )
 from amtl_compress.data.dataset import (
     Batch,
+    ColumnKinds,
     CTRData,
     TabularData,
     check_batch_size,
     check_rank,
-    names_list,
 )
 from amtl_compress.errors import DataError
 
@@ -168,7 +170,7 @@ def _footer(path: Path) -> tuple[pq.FileMetaData, pa.Schema]:
             return pf.metadata, pf.schema_arrow
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
-            f"cannot read `{path}` as Parquet ({_first_line(exc)}): write the file again"
+            f"cannot read `{path}` as Parquet ({first_line(exc)}): write the file again"
         ) from None
 
 
@@ -208,7 +210,7 @@ def read_row_group(
                 row0 += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
-            f"cannot read row group {group.index} of `{group.file}` ({_first_line(exc)}): "
+            f"cannot read row group {group.index} of `{group.file}` ({first_line(exc)}): "
             "check that the file is complete and was not rewritten while reading"
         ) from None
 
@@ -272,7 +274,7 @@ class _Block:
         return features, torch.from_numpy(self.labels)
 
 
-class ParquetDataset:
+class ParquetDataset(ColumnKinds):
     """Parquet files of the data contract (docs/data.md), streamed. Build it with :meth:`open`.
 
     Batches are those of :class:`~amtl_compress.data.dataset.TabularData` (same keys and dtypes:
@@ -345,29 +347,6 @@ class ParquetDataset:
                 )
             kinds[field.name] = kind
         return cls(p, label, kinds, groups, read_rows, shuffle_buffer)
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """Feature column names (every column but the label), in file order: the batch keys."""
-        return tuple(self._kinds)
-
-    @property
-    def categorical_columns(self) -> tuple[str, ...]:
-        """Integer id columns, fed as int64 (B,)."""
-        return self._of_kind("categorical")
-
-    @property
-    def dense_columns(self) -> tuple[str, ...]:
-        """Float columns, fed as float32 (B,)."""
-        return self._of_kind("dense")
-
-    @property
-    def list_columns(self) -> tuple[str, ...]:
-        """Multi-valued id columns, fed as int64 (B, L) padded with 0."""
-        return self._of_kind("list")
-
-    def _of_kind(self, kind: ColumnKind) -> tuple[str, ...]:
-        return tuple(name for name, k in self._kinds.items() if k == kind)
 
     @property
     def num_rows(self) -> int:
@@ -489,23 +468,6 @@ class ParquetDataset:
                     labels = np.zeros(batch.num_rows, dtype=np.float32)
                 yield _Block(flat, lists, labels)
 
-    def _check_column(self, column: str) -> None:
-        if column not in self._kinds:
-            raise DataError(
-                f"`{self.path}` has no column `{column}` (columns: {names_list(self.columns)}): "
-                "check the field name"
-            )
-
-    def _id_kind(self, column: str) -> ColumnKind:
-        self._check_column(column)
-        kind = self._kinds[column]
-        if kind == "dense":
-            raise DataError(
-                f"`{self.path}`, column `{column}` holds floats, not ids: "
-                "map the embedding table to a categorical or list column"
-            )
-        return kind
-
     def _ids(self, column: str) -> Iterator[tuple[RowGroup, int, np.ndarray, np.ndarray]]:
         """``(row group, file row of the chunk, ids (k,), chunk row of each id (k,))`` chunks."""
         kind = self._id_kind(column)
@@ -591,8 +553,3 @@ def open_data(
             f"`{path}` is read as Parquet files, whose columns carry their types: drop `csv_kinds`"
         )
     return ParquetDataset.open(path, label=label)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -201,26 +201,22 @@ void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begi
 
 // NV: vectors per row block; a row of D floats spans at most NV * W * 4 / 64 + 1 = NV + 1 lines
 // for AVX-512 (fewer for AVX2 and narrower dtypes: the extra prefetches hit the last line).
+template <int NV, typename T, typename OffT, typename index_t>
+void embedding_chunk_of(const Table<T, OffT>& t, const index_t* ids, int64_t begin, int64_t end,
+                        float* out, Failures& fail) {
+  // kFull only where D is exactly NV vectors (D = 24 with AVX2 is 3 vectors: NV = 4, not full).
+  if (t.dim == NV * Vec::W) return embedding_chunk_nv<NV, true>(t, ids, begin, end, out, fail);
+  return embedding_chunk_nv<NV, false>(t, ids, begin, end, out, fail);
+}
+
 template <typename T, typename OffT, typename index_t>
 void embedding_chunk(const Table<T, OffT>& t, const index_t* ids, int64_t begin, int64_t end,
                      float* out, Failures& fail) {
   const int64_t vectors = (t.dim + Vec::W - 1) / Vec::W;
-  // kFull only where D is exactly NV vectors (D = 24 with AVX2 is 3 vectors: NV = 4, not full).
-  const int64_t dim = t.dim;
-  if (vectors <= 1) {
-    return dim == Vec::W ? embedding_chunk_nv<1, true>(t, ids, begin, end, out, fail)
-                         : embedding_chunk_nv<1, false>(t, ids, begin, end, out, fail);
-  }
-  if (vectors <= 2) {
-    return dim == 2 * Vec::W ? embedding_chunk_nv<2, true>(t, ids, begin, end, out, fail)
-                             : embedding_chunk_nv<2, false>(t, ids, begin, end, out, fail);
-  }
-  if (vectors <= 4) {
-    return dim == 4 * Vec::W ? embedding_chunk_nv<4, true>(t, ids, begin, end, out, fail)
-                             : embedding_chunk_nv<4, false>(t, ids, begin, end, out, fail);
-  }
-  if (dim == 8 * Vec::W) return embedding_chunk_nv<8, true>(t, ids, begin, end, out, fail);
-  return embedding_chunk_nv<8, false>(t, ids, begin, end, out, fail);
+  if (vectors <= 1) return embedding_chunk_of<1>(t, ids, begin, end, out, fail);
+  if (vectors <= 2) return embedding_chunk_of<2>(t, ids, begin, end, out, fail);
+  if (vectors <= 4) return embedding_chunk_of<4>(t, ids, begin, end, out, fail);
+  return embedding_chunk_of<8>(t, ids, begin, end, out, fail);
 }
 
 template <int NV, typename Op, typename T, typename OffT, typename index_t>
