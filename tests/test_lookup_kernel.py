@@ -7,6 +7,12 @@ exercised through AMTL_COMPRESS_ISA (on a CPU without one, the cap falls back to
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
+import sys
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,6 +152,48 @@ def test_parallel_chunks_match_dense(isa: str, threads: int) -> None:
                                                 per_sample_weights=w))
     finally:
         torch.set_num_threads(old)
+
+
+def _ending_at_an_unreadable_page(values: torch.Tensor) -> tuple[torch.Tensor, mmap.mmap]:
+    """A copy of 1-D ``values`` whose last byte is the last readable byte before a PROT_NONE page
+    (and the mapping that holds it, to keep alive)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    nbytes = values.numel() * values.element_size()
+    pages = -(-nbytes // mmap.PAGESIZE) + 1
+    area = mmap.mmap(-1, pages * mmap.PAGESIZE)
+    array = np.frombuffer(area, dtype=np.uint8)
+    guard = array.ctypes.data + (pages - 1) * mmap.PAGESIZE
+    assert libc.mprotect(guard, mmap.PAGESIZE, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    start = (pages - 1) * mmap.PAGESIZE - nbytes
+    placed = torch.from_numpy(array[start:start + nbytes]).view(values.dtype)
+    placed.copy_(values)
+    return placed, area
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through libc")
+@pytest.mark.parametrize("d", [40, 128, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_at_the_end_of_the_mapping_read_nothing_past_it(isa: str, dtype: torch.dtype,
+                                                             d: int) -> None:
+    # Vector k of a row is loaded from row start + k * W with the lanes past the row masked off, so
+    # the last short rows of a table reach up to D values past the end of `values`: masked-off
+    # lanes must not fault, even on an unreadable page (and prefetches never fault).
+    weight, lengths = random_table(64, d, seed=3)
+    lengths[-8:] = torch.tensor([1, 5, 16, 17, 2, 1, 33, 1])
+    values, offsets, scale, bias = packed(weight, lengths, dtype, seed=3)
+    dense = dense_of(values, offsets, d, scale, bias)
+    placed, area = _ending_at_an_unreadable_page(values)
+    ids = torch.arange(64).flip(0).repeat(3)  # the last rows first, past the prefetch-free middle
+    assert_bitwise(ops.packed_embedding(placed, offsets, scale, bias, ids, d),
+                   F.embedding(ids, dense))
+    bag_offsets = torch.arange(0, ids.numel(), 4)
+    for mode in ("sum", "max"):
+        out = ops.packed_embedding_bag(placed, offsets, scale, bias, ids, bag_offsets, None,
+                                       mode, d, None, False)
+        assert_bitwise(out, F.embedding_bag(ids, dense, bag_offsets, mode=mode))
+    del placed
+    area.close()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

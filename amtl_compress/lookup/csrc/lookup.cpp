@@ -50,20 +50,14 @@
 #define AMTL_INLINE_LAMBDA __attribute__((always_inline))
 
 // GCC treats __builtin_prefetch as free of side effects and deletes loops made only of prefetches
-// (seen with GCC 12 -O3); a volatile asm on x86 cannot be deleted.
+// (seen with GCC 12 -O3); a volatile asm on x86 cannot be deleted. The "p" (address) operand lets
+// GCC fold a constant displacement into the instruction: `prefetcht0 0x40(%rax)`, one instruction
+// per line.
 AMTL_INLINE void prefetch(const void* p) {
 #ifdef AMTL_X86
-  asm volatile("prefetcht0 (%0)" : : "r"(p));
+  asm volatile("prefetcht0 %a0" : : "p"(p));
 #else
   __builtin_prefetch(p);
-#endif
-}
-
-AMTL_INLINE void prefetch_l2(const void* p) {
-#ifdef AMTL_X86
-  asm volatile("prefetcht2 (%0)" : : "r"(p));
-#else
-  __builtin_prefetch(p, 0, 1);
 #endif
 }
 
@@ -73,9 +67,16 @@ namespace {
 // batches stay on the calling thread.
 constexpr int64_t kGrainFloats = 32768;
 // Prefetch distance in ids: row lines are prefetched kAhead ids before they are read, offsets
-// kAheadOffsets ids before (so reading them to address the row prefetch does not stall).
-constexpr int64_t kAhead = 16;
+// kAheadOffsets ids before (so reading them to address the row prefetch does not stall). 32 / 64
+// measured faster than 16 / 32 for bags (a cached row takes ~3 ns, so 16 ids ahead left too
+// little time for a DRAM miss; docs/lookup.md, "Issue 3, round 3").
+constexpr int64_t kAhead = 32;
 constexpr int64_t kAheadOffsets = 2 * kAhead;
+
+// Cache lines that `bytes` contiguous bytes starting at any multiple of `elem` can touch.
+constexpr int lines_spanned(int64_t bytes, int64_t elem) {
+  return static_cast<int>((bytes + 63 - elem) / 64 + 1);
+}
 
 // ---------------------------------------------------------------------------------------------
 // The packed table and per-row access.
@@ -117,29 +118,23 @@ struct Table {
     return true;
   }
 
-  // Prefetches the lines of row `id` (offsets are read only for ids in [0, N)). Addresses are
-  // computed as integers: prefetches never fault, so corrupt offsets only waste a hint.
-  template <int kLines, bool kPastEnd>
+  // Prefetches kLines lines from the start of row `id` into L1 (offsets are read only for ids in
+  // [0, N)): the whole span the vector loads of the row touch, masked lanes included (this CPU
+  // fetches the lines of masked-off lanes too). A fixed count, not clamped to the row's end: a
+  // clamp costs two instructions per line (cmp, cmov), more than fetching the lines of the next
+  // rows costs (with the unclamped vector loads of simd_kernels.h, bench/lookup.py bag(sum) median
+  // went from 1.49-1.57 to 1.04-1.05 of torch; docs/lookup.md). Prefetches never fault, so corrupt
+  // offsets only waste a hint.
+  template <int kLines>
   AMTL_INLINE void prefetch_row(int64_t id) const {
     if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(rows)) return;
-    const int64_t i = id;  // checked
-    const uintptr_t base = reinterpret_cast<uintptr_t>(values);
-    const uintptr_t first = base + static_cast<uintptr_t>(static_cast<int64_t>(offsets[i])) *
-                                       sizeof(T);
-    // kPastEnd: the last vector of a row reads (masked) up to 64 - sizeof(T) bytes past its end,
-    // and this CPU fetches the lines of masked-off lanes too: prefetch that line as well.
-    const uintptr_t last = base + static_cast<uintptr_t>(static_cast<int64_t>(offsets[i + 1])) *
-                                      sizeof(T) + (kPastEnd ? 64 - sizeof(T) : 0) - 1;
-    // The first line goes to L1, the rest to L2 (prefetcht0 for all of them measured slower for
-    // D = 128). kLines prefetches clamped to the last line cover a row of up to (kLines - 1) * 64
-    // bytes without a branch on its length.
-    prefetch(reinterpret_cast<const void*>(first));
-    for (int k = 1; k < kLines; ++k) {
-      prefetch_l2(reinterpret_cast<const void*>(std::min<uintptr_t>(first + 64 * k, last)));
-    }
+    // Integer arithmetic: corrupt offsets must not make this pointer arithmetic out of bounds.
+    const uintptr_t first = reinterpret_cast<uintptr_t>(values) +
+                            static_cast<uintptr_t>(static_cast<int64_t>(offsets[id])) * sizeof(T);
+    for (int k = 0; k < kLines; ++k) prefetch(reinterpret_cast<const void*>(first + 64 * k));
     if constexpr (std::is_same_v<T, int8_t>) {  // the row's scale and bias: two more lines
-      prefetch(scale + i);
-      prefetch(bias + i);
+      prefetch(scale + id);
+      prefetch(bias + id);
     }
   }
 

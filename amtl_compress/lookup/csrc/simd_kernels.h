@@ -4,18 +4,23 @@
 // `#pragma GCC target(...)` region that also defines `Vec` (W float lanes; masked loads whose
 // inactive lanes are +0.0). The pragma gives every function defined here the ISA.
 //
-// Ids are walked in order with a two-level software prefetch: the offsets of the id 2 * kAhead
+// Ids are walked in order with a two-level software prefetch: the offsets of the id kAheadOffsets
 // positions ahead, and the row lines of the id kAhead positions ahead (whose offsets are in cache
 // by then).
 //
 // Rows are read with masked loads over their L-value prefix: lanes past L are +0.0, exactly the
-// zero tail of the dense table, so every mode does the dense arithmetic on every column while
-// memory is read for the prefix only. Nothing here branches on a row length (such branches
-// mispredict, and each misprediction also squashes the loads of the next ids already in flight):
-// vectors wholly past the row get an all-off mask AND are pointed back inside the row, because an
-// all-off masked load to a far address still costs like a cache miss on the CPU measured (AMD
-// Zen 4). AVX-512 converts float16 / bfloat16 / int8 in registers from masked 16/8-bit loads;
-// AVX2 has no such loads and converts each row into a scratch buffer first.
+// zero tail of the dense table, so every mode does the dense arithmetic on every column. Nothing
+// here branches on a row length (such branches mispredict, and each misprediction also squashes
+// the loads of the next ids already in flight): every vector of the row is loaded, with the lanes
+// past L masked off, also when all of them are (masked-off lanes never fault). An all-off masked
+// load to a line not in cache still costs like a cache miss on the CPUs measured (AMD Zen 4 / 5),
+// so the first kFree vectors of a row, whose lines were all prefetched with it
+// (Table::prefetch_row), are loaded from p + k * W as they are, and the vectors after them are
+// pointed back inside the row (min(k * W, L - 1): a cmp + cmov each). Clamping every vector and
+// prefetching only the row's own lines (a cmp + cmov per line) fetched fewer lines, but cost more
+// instructions than those lines were worth (docs/lookup.md). AVX-512 converts float16 / bfloat16 /
+// int8 in registers from masked 16/8-bit loads; AVX2 has no such loads and converts each row into a
+// scratch buffer first.
 //
 // Bags accumulate a block of NV vectors (NV * W columns) in registers over all ids of the bag,
 // block after block; per column the additions run in input order, as in torch.
@@ -70,53 +75,65 @@ struct Acc {
   typename Vec::R v[NV];
 };
 
-AMTL_INLINE int64_t last_index(int64_t rem) { return std::max<int64_t>(rem - 1, 0); }
+// Lines that the first `vectors` vector loads of a row of T (from its start) can touch.
+template <typename T>
+constexpr int row_lines(int64_t vectors) {
+  return lines_spanned(vectors * Vec::W * static_cast<int64_t>(sizeof(T)), sizeof(T));
+}
+
+// How many vectors from a row's start lie within its first `lines` lines (wherever it starts).
+template <typename T>
+constexpr int vectors_within(int lines) {
+  int k = 0;
+  while (row_lines<T>(k + 1) <= lines) ++k;
+  return k;
+}
 
 // The prefix of one row seen from column c0, as vectors of W float32 (+0.0 past the prefix). E is
-// float, or the packed dtype where Vec converts in registers. A vector wholly past the prefix still
-// issues its (all-off) load, at p + lim, the row's last value: min() compiles to a cmov, where `?:`
-// on the pointer became an unpredictable branch.
-template <typename E>
+// float, or the packed dtype where Vec converts in registers. Vectors from kFree on point back
+// inside the row when they lie wholly past it (see the top of this file).
+template <typename E, int kFree>
 struct Row {
   const E* p;
-  int64_t rem;  // values left from p (may be <= 0)
-  int64_t lim;
-  typename Vec::Lanes lanes;
-  float scale, bias;  // int8 only
+  int64_t lim;                // the last value of the prefix, from p (0 if none)
+  typename Vec::Lanes lanes;  // the values left from p (may be <= 0), as Vec::mask_k wants them
+  float scale, bias;          // int8 only
 
-  AMTL_INLINE Row(const E* p_, int64_t rem_, float scale_ = 1.0f, float bias_ = 0.0f)
-      : p(p_), rem(rem_), lim(last_index(rem_)), lanes(Vec::lanes(rem_)), scale(scale_),
+  AMTL_INLINE Row(const E* p_, int64_t rem, float scale_ = 1.0f, float bias_ = 0.0f)
+      : p(p_), lim(std::max<int64_t>(rem - 1, 0)), lanes(Vec::lanes(rem)), scale(scale_),
         bias(bias_) {}
 
   AMTL_INLINE typename Vec::R vec(int64_t k) const {
-    return Vec::load(p + std::min<int64_t>(k * Vec::W, lim), Vec::mask_k(lanes, k), scale, bias);
+    // min() compiles to a cmov; `?:` on the pointer became an unpredictable branch.
+    const int64_t at = k < kFree ? k * Vec::W : std::min<int64_t>(k * Vec::W, lim);
+    return Vec::load(p + at, Vec::mask_k(lanes, k), scale, bias);
   }
 };
 
 // Calls fn(Row<...>) for row id (start s, n values) seen from column c0: in place when the values
 // are float32 or Vec converts them, else through `scratch`.
-template <typename T, typename OffT, typename Fn>
+template <int kFree, typename T, typename OffT, typename Fn>
 AMTL_INLINE void with_row(const Table<T, OffT>& t, int64_t id, int64_t s, int64_t n, int64_t c0,
                           float* scratch, Fn&& fn) {
   if constexpr (std::is_same_v<T, float>) {
-    fn(Row<float>(t.values + s + c0, n - c0));
+    fn(Row<float, kFree>(t.values + s + c0, n - c0));
   } else if constexpr (Vec::kConverts) {
     if constexpr (std::is_same_v<T, int8_t>) {
       const float scale = n > 0 ? t.scale[id] : 0.0f;  // failed ids have n == 0: not indexed
       const float bias = n > 0 ? t.bias[id] : 0.0f;
-      fn(Row<T>(t.values + s + c0, n - c0, scale, bias));
+      fn(Row<T, kFree>(t.values + s + c0, n - c0, scale, bias));
     } else {
-      fn(Row<T>(t.values + s + c0, n - c0));
+      fn(Row<T, kFree>(t.values + s + c0, n - c0));
     }
-  } else {
-    fn(Row<float>(row_floats(t, id, s, n, scratch) + c0, n - c0));
+  } else {  // the scratch row is in cache: no vector needs pointing back
+    fn(Row<float, std::numeric_limits<int>::max()>(row_floats(t, id, s, n, scratch) + c0, n - c0));
   }
 }
 
 struct SumOp {
   static constexpr bool kWeighted = false;
-  template <int NV, typename E>
-  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float) {
+  template <int NV, typename RowT>
+  static AMTL_INLINE void apply(Acc<NV>& a, const RowT& r, bool, float) {
     for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], r.vec(k));
   }
 };
@@ -124,8 +141,8 @@ struct SumOp {
 // torch's weighted sum without padding_idx (fbgemm): one rounding, w * x + acc.
 struct FusedOp {
   static constexpr bool kWeighted = true;
-  template <int NV, typename E>
-  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float w) {
+  template <int NV, typename RowT>
+  static AMTL_INLINE void apply(Acc<NV>& a, const RowT& r, bool, float w) {
     const typename Vec::R wv = Vec::broadcast(w);
     for (int k = 0; k < NV; ++k) a.v[k] = Vec::fma(wv, r.vec(k), a.v[k]);
   }
@@ -134,8 +151,8 @@ struct FusedOp {
 // torch's weighted sum with padding_idx (its scalar loop): acc + x * w, two roundings.
 struct SeparateOp {
   static constexpr bool kWeighted = true;
-  template <int NV, typename E>
-  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool, float w) {
+  template <int NV, typename RowT>
+  static AMTL_INLINE void apply(Acc<NV>& a, const RowT& r, bool, float w) {
     const typename Vec::R wv = Vec::broadcast(w);
     for (int k = 0; k < NV; ++k) a.v[k] = Vec::add(a.v[k], Vec::mul(r.vec(k), wv));
   }
@@ -144,8 +161,8 @@ struct SeparateOp {
 // torch's max: the first row is taken as is, then `x > acc ? x : acc` per column.
 struct MaxOp {
   static constexpr bool kWeighted = false;
-  template <int NV, typename E>
-  static AMTL_INLINE void apply(Acc<NV>& a, const Row<E>& r, bool first, float) {
+  template <int NV, typename RowT>
+  static AMTL_INLINE void apply(Acc<NV>& a, const RowT& r, bool first, float) {
     for (int k = 0; k < NV; ++k) {
       const typename Vec::R v = r.vec(k);
       a.v[k] = first ? v : Vec::max_keep(v, a.v[k]);
@@ -162,6 +179,10 @@ void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begi
                         float* out, Failures& fail) {
   const int64_t dim = t.dim;
   std::vector<float> scratch(std::is_same_v<T, float> || Vec::kConverts ? 0 : dim);
+  // At most 5 lines (256 bytes, more than the mean row of D = 128 at 37 %): all 9 of D = 128
+  // measured the same median and a higher worst cell (bench/lookup.py, 1 thread). Vectors past
+  // them point back inside the row.
+  constexpr int kLines = std::min(row_lines<T>(NV), 5);
   auto step = [&](int64_t j) AMTL_INLINE_LAMBDA {
     const int64_t id = ids[j];
     int64_t s = 0, n = 0;
@@ -172,7 +193,8 @@ void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begi
       s = n = 0;
     }
     float* o = out + j * dim;
-    with_row(t, id, s, n, 0, scratch.data(), [&](const auto& r) {  // n == 0 reads nothing
+    // n == 0 reads nothing
+    with_row<vectors_within<T>(kLines)>(t, id, s, n, 0, scratch.data(), [&](const auto& r) {
       if constexpr (kFull) {
         for (int k = 0; k < NV; ++k) Vec::store(o + k * Vec::W, r.vec(k));
       } else {
@@ -182,19 +204,15 @@ void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begi
       }
     });
   };
-  // At most 5 lines (256 bytes, more than the mean row of D = 128 at 37 %): all NV + 1 of D =
-  // 128 measured 5-9 % slower for embedding (the instructions cost more than the misses saved);
-  // bags keep NV + 1, where 5 measured slower with uniform ids.
-  constexpr int kLines = std::min(NV + 1, 5);
   // Ids at least kAheadOffsets before the end prefetch without bounds tests; the rest test them.
   int64_t j = begin;
   for (; j + kAheadOffsets < end; ++j) {
     t.prefetch_offsets(ids[j + kAheadOffsets]);
-    t.template prefetch_row<kLines, false>(ids[j + kAhead]);
+    t.template prefetch_row<kLines>(ids[j + kAhead]);
     step(j);
   }
   for (; j < end; ++j) {
-    if (j + kAhead < end) t.template prefetch_row<kLines, false>(ids[j + kAhead]);
+    if (j + kAhead < end) t.template prefetch_row<kLines>(ids[j + kAhead]);
     step(j);
   }
 }
@@ -234,7 +252,8 @@ void bag_chunk_nv(const Table<T, OffT> t, const BagArgs<index_t> a, int64_t b_be
       Acc<NV> acc;
       for (int k = 0; k < NV; ++k) acc.v[k] = Vec::zero();
       int64_t count = 0;
-      auto add = [&](int64_t j) AMTL_INLINE_LAMBDA {
+      // kFree: NV for the first column block, whose lines the prefetch covers; 0 after it.
+      auto add = [&](int64_t j, auto free) AMTL_INLINE_LAMBDA {
         const int64_t id = input[j];
         if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(t.rows)) {
           fail.bad_id.record(j);
@@ -247,26 +266,30 @@ void bag_chunk_nv(const Table<T, OffT> t, const BagArgs<index_t> a, int64_t b_be
           return;
         }
         const float w = Op::kWeighted ? a.weights[j] : 0.0f;
-        with_row(t, id, s, n, c0, scratch.data(),
-                 [&](const auto& r) { Op::apply(acc, r, count == 0, w); });
+        with_row<decltype(free)::value>(t, id, s, n, c0, scratch.data(), [&](const auto& r) {
+          Op::apply(acc, r, count == 0, w);
+        });
         ++count;
       };
       // Prefetches run with the first column block. Bags ending at least kAheadOffsets ids before
       // the chunk does (all but the last one or two of 20 ids) prefetch without bounds tests: two
       // compare-and-branch pairs fewer per id (bag D = 16: 4.0 -> 3.4 ns per id).
+      constexpr int kLines = row_lines<T>(NV);
+      const std::integral_constant<int, 0> clamped;
+      const std::integral_constant<int, NV> prefetched;
       if (c0 != 0) {
-        for (int64_t j = s_bag; j < e_bag; ++j) add(j);
+        for (int64_t j = s_bag; j < e_bag; ++j) add(j, clamped);
       } else if (e_bag + kAheadOffsets <= limit) {
         for (int64_t j = s_bag; j < e_bag; ++j) {
           t.prefetch_offsets(input[j + kAheadOffsets]);
-          t.template prefetch_row<NV + 1, true>(input[j + kAhead]);
-          add(j);
+          t.template prefetch_row<kLines>(input[j + kAhead]);
+          add(j, prefetched);
         }
       } else {
         for (int64_t j = s_bag; j < e_bag; ++j) {
           if (j + kAheadOffsets < limit) t.prefetch_offsets(input[j + kAheadOffsets]);
-          if (j + kAhead < limit) t.template prefetch_row<NV + 1, true>(input[j + kAhead]);
-          add(j);
+          if (j + kAhead < limit) t.template prefetch_row<kLines>(input[j + kAhead]);
+          add(j, prefetched);
         }
       }
       if (a.mode == Mode::kMean) {
