@@ -414,3 +414,28 @@ def test_error_of_one_rank_alone_names_the_rank(tmp_path):
     assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "(rank" not in (
         result.stderr
     )
+
+
+@pytest.mark.parametrize("new_torch", [True, False])
+def test_ddp_keeps_buffers_unsynced_per_step_only_where_torch_can(monkeypatch, new_torch: bool):
+    # torch >= 2.13: forward_sync_buffers=False (buffers copied at wrap, not at every forward).
+    # Older torch (e.g. 2.11, seen on a GPU machine) has no such argument, and its
+    # broadcast_buffers=False would skip the copy at wrap too: DDP's defaults are kept there.
+    seen: dict = {}
+
+    class NewDDP:
+        def __init__(self, module, device_ids=None, forward_sync_buffers=None):
+            seen.update(device_ids=device_ids, forward_sync_buffers=forward_sync_buffers)
+
+    class OldDDP:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            seen.update(device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        NewDDP if new_torch else OldDDP)
+    wrapped = distributed.wrap_ddp(torch.nn.Linear(2, 1), World(0, 2, torch.device("cpu"), True))
+    assert isinstance(wrapped, NewDDP if new_torch else OldDDP)
+    if new_torch:
+        assert seen == {"device_ids": None, "forward_sync_buffers": False}
+    else:
+        assert seen == {"device_ids": None, "broadcast_buffers": True}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import inspect
 import os
 import traceback
 from collections.abc import Iterator
@@ -319,13 +320,17 @@ def wrap_ddp(model: nn.Module, world: World) -> nn.Module:
     weights are final (resume loaded): DDP copies rank 0's parameters and buffers (AMTL's
     frequency tables and price, PCA rotations) to every rank now, and registers gradient hooks
     on exactly the parameters present now. Buffers are not re-sent at every forward
-    (``forward_sync_buffers=False``): the only one that changes in training, the budget's price,
-    is recomputed from identical weights on every rank, and re-sending an AMTL layer's (N,)
-    frequency index every step would cost more than the step.
+    (``forward_sync_buffers=False``, torch >= 2.13): the only one that changes in training, the
+    budget's price, is recomputed from identical weights on every rank, and re-sending an AMTL
+    layer's (N,) frequency index every step would cost more than the step. Older torch has only
+    ``broadcast_buffers``, whose ``False`` also skips the copy at wrap time that the ranks rely
+    on; there DDP's default (re-send at every forward) is kept: correct, slower.
     """
     if not world.active:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [world.device] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    options = {"forward_sync_buffers": False} if "forward_sync_buffers" in accepted else {}
+    return DistributedDataParallel(model, device_ids=device_ids, **options)
