@@ -8,6 +8,7 @@ frequency (frequent rows keep more; mean about 37 % of D), as after AMTL fine-tu
     .venv/bin/python bench/lookup.py            # the full grid (N = 1M, ~10 min on 2 cores)
     .venv/bin/python bench/lookup.py --quick    # a small grid for a smoke run
     .venv/bin/python bench/lookup.py --ns-per-id  # ns per id of the bag op, per values dtype
+    .venv/bin/python bench/lookup.py --placement  # the same hot ids, consecutive or scattered
 """
 
 from __future__ import annotations
@@ -135,6 +136,38 @@ def ns_per_id(rows: int, dims: tuple[int, ...], gen: torch.Generator) -> None:
             print(f"{d:>4} {n:>8} " + " ".join(f"{c:>8.2f}" for c in cells), flush=True)
 
 
+def placement(rows: int, gen: torch.Generator) -> None:
+    """Print ns per id of the bag ops for K hot ids, consecutive rows or scattered over N.
+
+    Every row keeps 3/8 of D, so only where the rows lie differs. Scattered hot rows spread over
+    more pages; the packed lookup also reads a scattered entry of `offsets` per id, so its pages
+    add to the ones the TLB has to cover, where torch's dense rows need none.
+    """
+    torch.set_num_threads(1)
+    print(f"ns per id, 1 thread, 512 bags of {BAG_LEN} ids drawn from K hot rows, N={rows}, "
+          "lengths 3/8 D")
+    print(f"{'D':>4} {'K':>6} {'hot rows':>12} {'torch':>7} {'packed':>7} {'ratio':>6}")
+    for d in (16, 64, 128):
+        lengths = torch.full((rows,), d * 3 // 8)
+        dense = torch.randn(rows, d, generator=gen)
+        dense = torch.where(torch.arange(d) < lengths[:, None], dense, 0.0)
+        values, offsets = pack_rows(dense, lengths)
+        bag = nn.EmbeddingBag.from_pretrained(dense, mode="sum")
+        packed_bag = PackedEmbeddingBag(values, offsets, d, mode="sum")
+        bag_offsets = torch.arange(512) * BAG_LEN
+        for k in (2000, 20000):
+            for where in ("consecutive", "scattered"):
+                hot = (torch.arange(k) if where == "consecutive"
+                       else torch.randperm(rows, generator=gen)[:k])
+                ids = hot[torch.randint(0, k, (512 * BAG_LEN,), generator=gen)]
+                ns = [min(median_ns(partial(fn, ids, bag_offsets), ids.numel()) for _ in range(3))
+                      for fn in (bag, packed_bag)]
+                print(f"{d:>4} {k:>6} {where:>12} {ns[0]:>7.2f} {ns[1]:>7.2f} "
+                      f"{ns[1] / ns[0]:>6.2f}", flush=True)
+        del dense, values, offsets, bag, packed_bag
+        gc.collect()
+
+
 def median_ns(fn, count: int) -> float:
     fn()
     samples = []
@@ -157,6 +190,8 @@ def main() -> None:
                         help="comma-separated thread counts per cell (default 1,2)")
     parser.add_argument("--ns-per-id", action="store_true",
                         help="instead: ns per id of the bag operator per values dtype, 1 thread")
+    parser.add_argument("--placement", action="store_true",
+                        help="instead: bag ns per id for hot ids on consecutive or scattered rows")
     args = parser.parse_args()
     n = args.rows or (100_000 if args.quick else 1_000_000)
     dims = (16, 128) if args.quick else (16, 64, 128)
@@ -167,6 +202,10 @@ def main() -> None:
     if args.ns_per_id:
         with torch.inference_mode():
             ns_per_id(n, dims, gen)
+        return
+    if args.placement:
+        with torch.inference_mode():
+            placement(n, gen)
         return
     print(f"N={n} bag_len={BAG_LEN} values={args.dtype} repeats={repeats} "
           f"torch={torch.__version__} cpu_capability={torch.backends.cpu.get_cpu_capability()}")
