@@ -5,7 +5,7 @@ interleaved (alternating which goes first) and the ratio is median(ours) / media
 so < 1 means the packed lookup is faster. The table has N rows whose kept lengths are tied to
 frequency (frequent rows keep more; mean about 37 % of D), as after AMTL fine-tuning.
 
-    .venv/bin/python bench/lookup.py            # the full grid (N = 1M, ~10 min on 2 cores)
+    .venv/bin/python bench/lookup.py            # the full grid (N = 1M, ~10 s on 2 idle cores)
     .venv/bin/python bench/lookup.py --quick    # a small grid for a smoke run
     .venv/bin/python bench/lookup.py --ns-per-id  # ns per id of the bag op, per values dtype
     .venv/bin/python bench/lookup.py --placement  # the same hot ids, consecutive or scattered
