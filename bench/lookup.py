@@ -140,8 +140,10 @@ def placement(rows: int, gen: torch.Generator) -> None:
     """Print ns per id of the bag ops for K hot ids, consecutive rows or scattered over N.
 
     Every row keeps 3/8 of D, so only where the rows lie differs. Scattered hot rows spread over
-    more pages; the packed lookup also reads a scattered entry of `offsets` per id, so its pages
-    add to the ones the TLB has to cover, where torch's dense rows need none.
+    more pages and lines; the packed lookup also reads a scattered entry of `offsets` per id. Run
+    it with THP_MEM_ALLOC_ENABLE=1 to put torch's allocations of 2 MB and more (both tables and
+    the kernel's offsets copy) on huge pages; the line after each D says how much of this process
+    was on huge pages (Linux).
     """
     torch.set_num_threads(1)
     print(f"ns per id, 1 thread, 512 bags of {BAG_LEN} ids drawn from K hot rows, N={rows}, "
@@ -164,8 +166,19 @@ def placement(rows: int, gen: torch.Generator) -> None:
                       for fn in (bag, packed_bag)]
                 print(f"{d:>4} {k:>6} {where:>12} {ns[0]:>7.2f} {ns[1]:>7.2f} "
                       f"{ns[1] / ns[0]:>6.2f}", flush=True)
+        print(f"     (AnonHugePages of this process: {anon_huge_pages()})")
         del dense, values, offsets, bag, packed_bag
         gc.collect()
+
+
+def anon_huge_pages() -> str:
+    """This process's memory on transparent huge pages, as /proc reports it ("n/a" off Linux)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            line = next((ln for ln in f if ln.startswith("AnonHugePages:")), None)
+    except OSError:
+        return "n/a"
+    return " ".join(line.split()[1:]) if line else "n/a"
 
 
 def median_ns(fn, count: int) -> float:
