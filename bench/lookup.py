@@ -9,6 +9,7 @@ frequency (frequent rows keep more; mean about 37 % of D), as after AMTL fine-tu
     .venv/bin/python bench/lookup.py --quick    # a small grid for a smoke run
     .venv/bin/python bench/lookup.py --ns-per-id  # ns per id of the bag op, per values dtype
     .venv/bin/python bench/lookup.py --placement  # the same hot ids, consecutive or scattered
+    .venv/bin/python bench/lookup.py --round-lengths 16  # every float32 row on a 64-byte line
 """
 
 from __future__ import annotations
@@ -77,10 +78,16 @@ def time_pair(ours, base, repeats: int) -> tuple[float, float]:
 
 
 def bench_dim(n: int, d: int, batches: tuple[int, ...], dtype: str, repeats: int,
-              gen: torch.Generator, thread_counts: tuple[int, ...] = (1, 2)
+              gen: torch.Generator, thread_counts: tuple[int, ...] = (1, 2), round_to: int = 1
               ) -> Iterator[tuple[float, float]]:
-    """Print one row per (distribution, B, threads) for embedding dim ``d``; yield the ratios."""
+    """Print one row per (distribution, B, threads) for embedding dim ``d``; yield the ratios.
+
+    ``round_to`` > 1 packs every row with its length rounded up to a multiple of it (at most D):
+    the extra values are the row's zero tail, so outputs do not change, only where rows start.
+    """
     dense, rank_to_row, lengths = make_table(n, d, gen)
+    if round_to > 1:
+        lengths = ((lengths + round_to - 1) // round_to * round_to).clamp(max=d)
     values, offsets, scale, bias = packed_values(dense, lengths, dtype)
     emb = nn.Embedding.from_pretrained(dense)
     bag = nn.EmbeddingBag.from_pretrained(dense, mode="sum")
@@ -203,6 +210,9 @@ def main() -> None:
                         help="comma-separated thread counts per cell (default 1,2)")
     parser.add_argument("--ns-per-id", action="store_true",
                         help="instead: ns per id of the bag operator per values dtype, 1 thread")
+    parser.add_argument("--round-lengths", type=int, default=1, metavar="K",
+                        help="pack rows with lengths rounded up to a multiple of K values (K = 16 "
+                             "starts every float32 row on a 64-byte line; costs bytes)")
     parser.add_argument("--placement", action="store_true",
                         help="instead: bag ns per id for hot ids on consecutive or scattered rows")
     args = parser.parse_args()
@@ -220,8 +230,13 @@ def main() -> None:
         with torch.inference_mode():
             placement(n, gen)
         return
+    if args.round_lengths < 1:
+        parser.error("--round-lengths must be >= 1")
+    rounded = (f" lengths rounded up to a multiple of {args.round_lengths}"
+               if args.round_lengths > 1 else "")
     print(f"N={n} bag_len={BAG_LEN} values={args.dtype} repeats={repeats} "
-          f"torch={torch.__version__} cpu_capability={torch.backends.cpu.get_cpu_capability()}")
+          f"torch={torch.__version__} cpu_capability={torch.backends.cpu.get_cpu_capability()}"
+          f"{rounded}")
     print("ratio = time(packed) / time(torch); < 1 is faster")
     print("torch_us = median time of one torch call (microseconds)")
     print(f"{'D':>4} {'B':>6} {'ids':>8} {'thr':>3} {'kept%':>6} {'embedding':>10} "
@@ -230,7 +245,8 @@ def main() -> None:
     with torch.inference_mode():
         for d in dims:
             threads = tuple(int(t) for t in args.threads.split(","))
-            for r_emb, r_bag in bench_dim(n, d, batches, args.dtype, repeats, gen, threads):
+            for r_emb, r_bag in bench_dim(n, d, batches, args.dtype, repeats, gen, threads,
+                                          args.round_lengths):
                 ratios["embedding"].append(r_emb)
                 ratios["bag(sum)"].append(r_bag)
             gc.collect()
