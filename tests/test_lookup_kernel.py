@@ -34,7 +34,7 @@ SETTINGS = settings(max_examples=40, deadline=None,
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel() -> None:
-    ops.load_kernel()  # the first run builds it (~1 min), later runs load the cache
+    ops.load_kernel()  # the first run builds it (~1-2 min), later runs load the cache
 
 
 @pytest.fixture(params=ISAS)

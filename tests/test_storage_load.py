@@ -266,7 +266,7 @@ def test_corrupt_table_file_is_rejected_before_lookup(tmp_path: Path, toy, tuned
 def test_load_packed_with_the_compiled_kernel(
     tmp_path: Path, toy, tuned, monkeypatch: pytest.MonkeyPatch, dtype: str
 ) -> None:
-    """The same wiring through the compiled lookup (builds it once, ~1 min, if not cached)."""
+    """The same wiring through the compiled lookup (builds it once, ~1-2 min, if not cached)."""
     from amtl_compress.lookup import ops
 
     monkeypatch.delenv("AMTL_COMPRESS_KERNEL")

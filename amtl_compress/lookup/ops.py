@@ -149,7 +149,7 @@ def _build_into(final: Path) -> None:
     from torch.utils import cpp_extension
 
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
-    print("building the lookup kernel (once, ~1 min)...", file=sys.stderr, flush=True)
+    print("building the lookup kernel (once, ~1-2 min)...", file=sys.stderr, flush=True)
     try:
         with _ninja_on_path():
             cpp_extension.load(
@@ -213,7 +213,7 @@ def load_kernel() -> Path:
 
 
 def kernel_available() -> bool:
-    """True if the compiled kernel is loaded or can be built and loaded now (may build, ~1 min)."""
+    """True if the compiled kernel is loaded or can be built and loaded now (a build: ~1-2 min)."""
     try:
         load_kernel()
     except KernelBuildError:
