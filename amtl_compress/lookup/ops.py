@@ -33,9 +33,12 @@ KERNEL_ENV = "AMTL_COMPRESS_KERNEL"
 CACHE_ENV = "AMTL_COMPRESS_CACHE"
 _LIBRARY_NAME = "amtl_compress_lookup"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "lookup.cpp",)  # compiled; it includes the headers beside it
-# -O3 but no -march: the cache may be shared between machines. The source compiles its vector
-# code for AVX2 and for AVX-512 itself (#pragma GCC target) and picks one at run time.
+# Compiled as separate translation units (ninja builds them in parallel); they include the
+# headers beside them.
+_SOURCES = (_CSRC / "lookup.cpp", _CSRC / "kernels_avx2.cpp", _CSRC / "kernels_avx512.cpp")
+# -O3 but no -march: the cache may be shared between machines. kernels_avx2.cpp and
+# kernels_avx512.cpp set their ISA themselves (#pragma GCC target); lookup.cpp picks one at run
+# time.
 # -ffp-contract=off keeps a*b+c two roundings, which the bitwise match with torch needs. -fopenmp
 # makes at::parallel_for (inline, OpenMP) parallel; the resulting libgomp.so.1 dependency resolves
 # to the copy torch has already loaded.

@@ -20,216 +20,30 @@
 // Safety: every id is checked against [0, N) (IndexError) and every looked-up row's offsets
 // against [0, len(values)] and length <= D (ValueError) before its values are read; failures are
 // collected across threads and the one at the smallest position is raised after the loop.
+//
+// This file: the portable kernels, the parallel drivers, the operators and their registration.
+// The vector kernels are simd_kernels.h, compiled per ISA in kernels_avx2.cpp / kernels_avx512.cpp;
+// what all of them share is in table.h.
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
+#include "table.h"
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <optional>
-#include <string>
-#include <type_traits>
-#include <vector>
+namespace amtl {
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define AMTL_X86 1
-#include <immintrin.h>
-#endif
+// ---------------------------------------------------------------------------------------------
+// x86 vector kernels: simd_kernels.h compiled for AVX2+FMA (kernels_avx2.cpp) and for AVX-512
+// (kernels_avx512.cpp), picked at run time.
+// ---------------------------------------------------------------------------------------------
 
-#define AMTL_INLINE inline __attribute__((always_inline))
-#define AMTL_INLINE_LAMBDA __attribute__((always_inline))
-
-// GCC treats __builtin_prefetch as free of side effects and deletes loops made only of prefetches
-// (seen with GCC 12 -O3); a volatile asm on x86 cannot be deleted. The "p" (address) operand lets
-// GCC fold a constant displacement into the instruction: `prefetcht0 0x40(%rax)`, one instruction
-// per line.
-AMTL_INLINE void prefetch(const void* p) {
 #ifdef AMTL_X86
-  asm volatile("prefetcht0 %a0" : : "p"(p));
-#else
-  __builtin_prefetch(p);
-#endif
-}
+namespace avx2 {
+AMTL_DECLARE_CHUNKS()
+}  // namespace avx2
+namespace avx512 {
+AMTL_DECLARE_CHUNKS()
+}  // namespace avx512
+#endif  // AMTL_X86
 
 namespace {
-
-// Output floats per parallel chunk; the same grain torch uses for its elementwise loops, so small
-// batches stay on the calling thread.
-constexpr int64_t kGrainFloats = 32768;
-// Prefetch distance in ids: row lines are prefetched kAhead ids before they are read, offsets
-// kAheadOffsets ids before (so reading them to address the row prefetch does not stall). 32 / 64
-// measured faster than 16 / 32 for bags (a cached row takes ~3 ns, so 16 ids ahead left too
-// little time for a DRAM miss; docs/lookup.md, "Issue 3, round 3").
-constexpr int64_t kAhead = 32;
-constexpr int64_t kAheadOffsets = 2 * kAhead;
-
-// Cache lines that `bytes` contiguous bytes starting at any multiple of `elem` can touch.
-constexpr int lines_spanned(int64_t bytes, int64_t elem) {
-  return static_cast<int>((bytes + 63 - elem) / 64 + 1);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The packed table and per-row access.
-// ---------------------------------------------------------------------------------------------
-
-// OffT is the offsets type: int64 (the format), or int32 when len(values) < 2^31 (the modules
-// derive such a copy once, which halves the index the lookups walk through). uint32_t marks that
-// copy after the module validated it whole (the `*_trusted` operators): rows are not re-checked.
-template <typename T, typename OffT = int64_t>
-struct Table {
-  const T* values;
-  int64_t num_values;
-  const OffT* offsets;  // (rows + 1,)
-  int64_t rows;         // N
-  const float* scale;   // (N,) for int8, else nullptr
-  const float* bias;    // (N,) for int8, else nullptr
-  int64_t dim;          // D
-
-  // Start and length of row `id` (already checked to be in [0, N)); false if the offsets are
-  // corrupt, so nothing outside `values` is ever read. Unsigned compares: 0 <= s <= e <= len and
-  // e - s <= D in three compare-and-branch pairs (never taken, so cheaper than combining them
-  // without branches, which measured slower).
-  AMTL_INLINE bool row(int64_t id, int64_t* start, int64_t* length) const {
-    const int64_t s = offsets[id];
-    const int64_t e = offsets[id + 1];
-    // uint32_t offsets are the modules' int32 copy, validated as a whole when it was derived
-    // (trusted operators only): no per-row check.
-    if constexpr (std::is_same_v<OffT, uint32_t>) {
-      *start = s;
-      *length = e - s;
-      return true;
-    }
-    if (static_cast<uint64_t>(e) > static_cast<uint64_t>(num_values) ||
-        static_cast<uint64_t>(s) > static_cast<uint64_t>(e) || e - s > dim) {
-      return false;
-    }
-    *start = s;
-    *length = e - s;
-    return true;
-  }
-
-  // Prefetches kLines lines from the start of row `id` into L1 (offsets are read only for ids in
-  // [0, N)): the whole span the vector loads of the row touch, masked lanes included (this CPU
-  // fetches the lines of masked-off lanes too). A fixed count, not clamped to the row's end: a
-  // clamp costs two instructions per line (cmp, cmov), more than fetching the lines of the next
-  // rows costs (with the unclamped vector loads of simd_kernels.h, bench/lookup.py bag(sum) median
-  // went from 1.49-1.57 to 1.04-1.05 of torch; docs/lookup.md). Prefetches never fault, so corrupt
-  // offsets only waste a hint.
-  template <int kLines>
-  AMTL_INLINE void prefetch_row(int64_t id) const {
-    if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(rows)) return;
-    // Integer arithmetic: corrupt offsets must not make this pointer arithmetic out of bounds.
-    const uintptr_t first = reinterpret_cast<uintptr_t>(values) +
-                            static_cast<uintptr_t>(static_cast<int64_t>(offsets[id])) * sizeof(T);
-    for (int k = 0; k < kLines; ++k) prefetch(reinterpret_cast<const void*>(first + 64 * k));
-    if constexpr (std::is_same_v<T, int8_t>) {  // the row's scale and bias: two more lines
-      prefetch(scale + id);
-      prefetch(bias + id);
-    }
-  }
-
-  // One hint, no bounds check (a prefetch never faults, whatever the id): offsets[id + 1] shares
-  // the line except at a line boundary.
-  AMTL_INLINE void prefetch_offsets(int64_t id) const {
-    prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(offsets) +
-                                           static_cast<uintptr_t>(id) * sizeof(OffT)));
-  }
-};
-
-// Row prefix as float32: float rows are used in place, the others are converted into `scratch`.
-template <typename OffT>
-AMTL_INLINE const float* row_as_float(const Table<float, OffT>& t, int64_t, int64_t s, int64_t,
-                                      float*) {
-  return t.values + s;
-}
-
-template <typename T, typename OffT>
-AMTL_INLINE const float* row_as_float(const Table<T, OffT>& t, int64_t, int64_t s, int64_t n,
-                                      float* scratch) {
-  const T* src = t.values + s;
-  for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(src[d]);
-  return scratch;
-}
-
-template <typename OffT>
-AMTL_INLINE const float* row_as_float(const Table<int8_t, OffT>& t, int64_t id, int64_t s,
-                                      int64_t n, float* scratch) {
-  if (n <= 0) return scratch;  // also for failed ids: never index scale/bias with them
-  const int8_t* src = t.values + s;
-  const float scale = t.scale[id];
-  const float bias = t.bias[id];
-  // Two roundings, like the reference (`q.float() * scale + bias`): -ffp-contract=off keeps it so.
-  for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(src[d]) * scale + bias;
-  return scratch;
-}
-
-// Smallest failing position seen by any thread, so the error message does not depend on timing.
-class FirstFailure {
- public:
-  void record(int64_t pos) {
-    int64_t cur = pos_.load(std::memory_order_relaxed);
-    while (pos < cur && !pos_.compare_exchange_weak(cur, pos, std::memory_order_relaxed)) {
-    }
-  }
-  bool any() const { return pos_.load() != kNone; }
-  int64_t pos() const { return pos_.load(); }
-
- private:
-  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
-  std::atomic<int64_t> pos_{kNone};
-};
-
-struct Failures {
-  FirstFailure bad_id;   // position of an id outside [0, N)
-  FirstFailure bad_row;  // position of an id whose row has corrupt offsets
-};
-
-template <typename T, typename OffT, typename index_t>
-void raise_failures(const Table<T, OffT>& t, const index_t* ids, const Failures& fail) {
-  if (fail.bad_id.any()) {
-    const int64_t j = fail.bad_id.pos();
-    TORCH_CHECK_INDEX(false, "id ", static_cast<int64_t>(ids[j]), " at position ", j,
-                      " is outside [0, ", t.rows, ")");
-  }
-  if (fail.bad_row.any()) {
-    const int64_t id = ids[fail.bad_row.pos()];
-    TORCH_CHECK_VALUE(false, "corrupt offsets for row ", id, ": [",
-                      static_cast<int64_t>(t.offsets[id]), ", ",
-                      static_cast<int64_t>(t.offsets[id + 1]), ") is not within [0, ",
-                      t.num_values, "] or is longer than ", t.dim);
-  }
-}
-
-enum class Mode { kSum, kMean, kMax };
-enum class Weights { kNone, kFused, kSeparate };
-
-template <typename index_t>
-struct BagArgs {
-  const index_t* input;        // (nnz,)
-  int64_t nnz;
-  const index_t* bag_offsets;  // (n_offsets,), checked: 0 first, non-decreasing, last <= nnz
-  int64_t n_offsets;
-  const float* weights;        // (nnz,) or nullptr
-  Weights weighting;
-  Mode mode;
-  int64_t padding_idx;         // -1 for none
-
-  // Bag b spans input[bag_start(b) : bag_start(b + 1)]; without include_last_offset the last bag
-  // ends at nnz.
-  int64_t bag_start(int64_t b) const {
-    return b < n_offsets ? static_cast<int64_t>(bag_offsets[b]) : nnz;
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Portable kernels (any CPU; also forced with AMTL_COMPRESS_ISA=portable). Rows are walked over
@@ -311,114 +125,7 @@ void bag_chunk(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t b_beg
 
 }  // namespace portable
 
-// ---------------------------------------------------------------------------------------------
-// x86 vector kernels: simd_kernels.h compiled for AVX2+FMA and for AVX-512, picked at run time
-// (no -march at build time, so one cached build serves any x86-64 machine).
-// ---------------------------------------------------------------------------------------------
 
-#ifdef AMTL_X86
-
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-
-alignas(32) constexpr int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
-                                               0,  0,  0,  0,  0,  0,  0,  0};
-
-struct Vec {
-  static constexpr int64_t W = 8;
-  using R = __m256;
-  static AMTL_INLINE __m256i mask(int64_t n) {  // lanes [0, n) on
-    n = n < 0 ? 0 : (n > W ? W : n);
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + W - n));
-  }
-  static AMTL_INLINE R zero() { return _mm256_setzero_ps(); }
-  static AMTL_INLINE R broadcast(float v) { return _mm256_set1_ps(v); }
-  // Lanes >= n read no memory and are +0.0 (vmaskmovps). Always masked: a branch on the row
-  // length would depend on a load that may miss the cache, and its mispredictions would squash
-  // the loads of the following ids that are already in flight.
-  static AMTL_INLINE R load(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
-  using Lanes = int64_t;
-  static AMTL_INLINE Lanes lanes(int64_t rem) { return rem; }
-  static AMTL_INLINE __m256i mask_k(Lanes l, int64_t k) { return mask(l - k * W); }
-  static AMTL_INLINE R load(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
-  // AVX2 has no 8/16-bit masked loads: other dtypes are converted into a scratch row first.
-  static constexpr bool kConverts = false;
-  static AMTL_INLINE R load(const float* p, __m256i m, float, float) { return load(p, m); }
-  static AMTL_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static AMTL_INLINE void store(float* p, R v, int64_t n) { _mm256_maskstore_ps(p, mask(n), v); }
-  static AMTL_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
-  static AMTL_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
-  static AMTL_INLINE R div(R a, R b) { return _mm256_div_ps(a, b); }
-  static AMTL_INLINE R fma(R w, R x, R acc) { return _mm256_fmadd_ps(w, x, acc); }
-  // vmaxps(x, acc) is exactly `x > acc ? x : acc` (NaN and +-0 cases included).
-  static AMTL_INLINE R max_keep(R x, R acc) { return _mm256_max_ps(x, acc); }
-};
-
-#include "simd_kernels.h"
-
-#pragma GCC pop_options
-}  // namespace avx2
-
-namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi2")
-
-struct Vec {
-  static constexpr int64_t W = 16;
-  using R = __m512;
-  static AMTL_INLINE __mmask16 mask(int64_t n) {  // lanes [0, n) on
-    const int64_t k = n < 0 ? 0 : (n > W ? W : n);  // bzhi reads only 8 bits of the index
-    return static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(k)));
-  }
-  // Per-row lane count for mask_k: the row's remaining length, broadcast. It is in [-D, D] and
-  // check_table keeps D < 2^30, so it fits int32 without a clamp.
-  using Lanes = __m512i;
-  static AMTL_INLINE Lanes lanes(int64_t rem) {
-    return _mm512_set1_epi32(static_cast<int32_t>(rem));
-  }
-  // Lanes of vector k that lie inside the row: one compare against a constant lane index.
-  static AMTL_INLINE __mmask16 mask_k(Lanes l, int64_t k) {
-    const __m512i index = _mm512_add_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(static_cast<int32_t>(k * W)));
-    return _mm512_cmplt_epi32_mask(index, l);
-  }
-  static AMTL_INLINE R load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-  // Typed masked loads converted to float32 in registers (exact for float16/bfloat16; int8 is
-  // q * scale + bias with two roundings, and +0.0, not bias, in the lanes outside the row).
-  static constexpr bool kConverts = true;
-  static AMTL_INLINE R load(const float* p, __mmask16 m, float, float) { return load(p, m); }
-  static AMTL_INLINE R load(const c10::Half* p, __mmask16 m, float, float) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-  }
-  static AMTL_INLINE R load(const c10::BFloat16* p, __mmask16 m, float, float) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
-  static AMTL_INLINE R load(const int8_t* p, __mmask16 m, float scale, float bias) {
-    const R q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
-    return _mm512_maskz_add_ps(m, _mm512_mul_ps(q, _mm512_set1_ps(scale)), _mm512_set1_ps(bias));
-  }
-  static AMTL_INLINE R zero() { return _mm512_setzero_ps(); }
-  static AMTL_INLINE R broadcast(float v) { return _mm512_set1_ps(v); }
-  // Lanes >= n read no memory and are +0.0 (zero-masked load); always masked, see avx2::Vec.
-  static AMTL_INLINE R load(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
-  static AMTL_INLINE void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static AMTL_INLINE void store(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), v); }
-  static AMTL_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
-  static AMTL_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
-  static AMTL_INLINE R div(R a, R b) { return _mm512_div_ps(a, b); }
-  static AMTL_INLINE R fma(R w, R x, R acc) { return _mm512_fmadd_ps(w, x, acc); }
-  static AMTL_INLINE R max_keep(R x, R acc) { return _mm512_max_ps(x, acc); }
-};
-
-#include "simd_kernels.h"
-
-#pragma GCC pop_options
-}  // namespace avx512
-
-#endif  // AMTL_X86
 
 enum class Isa { kPortable, kAvx2, kAvx512 };
 
@@ -707,6 +414,7 @@ at::Tensor packed_embedding_bag(const at::Tensor& values, const at::Tensor& offs
 }
 
 }  // namespace
+}  // namespace amtl
 
 TORCH_LIBRARY(amtl_compress, m) {
   m.def(
@@ -729,8 +437,8 @@ TORCH_LIBRARY(amtl_compress, m) {
 }
 
 TORCH_LIBRARY_IMPL(amtl_compress, CPU, m) {
-  m.impl("packed_embedding", &packed_embedding<false>);
-  m.impl("packed_embedding_bag", &packed_embedding_bag<false>);
-  m.impl("packed_embedding_trusted", &packed_embedding<true>);
-  m.impl("packed_embedding_bag_trusted", &packed_embedding_bag<true>);
+  m.impl("packed_embedding", &amtl::packed_embedding<false>);
+  m.impl("packed_embedding_bag", &amtl::packed_embedding_bag<false>);
+  m.impl("packed_embedding_trusted", &amtl::packed_embedding<true>);
+  m.impl("packed_embedding_bag_trusted", &amtl::packed_embedding_bag<true>);
 }

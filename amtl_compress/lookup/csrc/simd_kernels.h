@@ -1,8 +1,9 @@
 // Vectorised per-chunk kernels, written once against a `Vec` policy and compiled per ISA.
 //
-// lookup.cpp includes this file inside `namespace avx2` and `namespace avx512`, each under a
-// `#pragma GCC target(...)` region that also defines `Vec` (W float lanes; masked loads whose
-// inactive lanes are +0.0). The pragma gives every function defined here the ISA.
+// kernels_avx2.cpp and kernels_avx512.cpp include this file inside `namespace amtl::avx2` and
+// `namespace amtl::avx512`, each under a `#pragma GCC target(...)` region that also defines `Vec`
+// (W float lanes; masked loads whose inactive lanes are +0.0). The pragma gives every function
+// defined here the ISA.
 //
 // Ids are walked in order with a two-level software prefetch: the offsets of the id kAheadOffsets
 // positions ahead, and the row lines of the id kAhead positions ahead (whose offsets are in cache
