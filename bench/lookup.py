@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--placement", action="store_true",
                         help="instead: bag ns per id for hot ids on consecutive or scattered rows")
     args = parser.parse_args()
+    if args.round_lengths < 1:
+        parser.error("--round-lengths must be >= 1")
     n = args.rows or (100_000 if args.quick else 1_000_000)
     dims = (16, 128) if args.quick else (16, 64, 128)
     batches = (512, 4096) if args.quick else (512, 4096, 65536)
@@ -230,8 +232,6 @@ def main() -> None:
         with torch.inference_mode():
             placement(n, gen)
         return
-    if args.round_lengths < 1:
-        parser.error("--round-lengths must be >= 1")
     rounded = (f" lengths rounded up to a multiple of {args.round_lengths}"
                if args.round_lengths > 1 else "")
     print(f"N={n} bag_len={BAG_LEN} values={args.dtype} repeats={repeats} "

@@ -57,7 +57,7 @@ void embedding_chunk(const Table<T, OffT>& t, const index_t* ids, int64_t begin,
                      float* out, Failures& fail) {
   const int64_t dim = t.dim;
   for (int64_t j = begin; j < end; ++j) {
-    if (j + 2 * kAhead < end) t.prefetch_offsets(ids[j + 2 * kAhead]);
+    if (j + kAheadOffsets < end) t.prefetch_offsets(ids[j + kAheadOffsets]);
     float* o = out + j * dim;
     const int64_t id = ids[j];
     int64_t s = 0, len = 0;
@@ -86,7 +86,7 @@ void bag_chunk(const Table<T, OffT>& t, const BagArgs<index_t>& a, int64_t b_beg
     int64_t count = 0;
     const int64_t e = a.bag_start(b + 1);
     for (int64_t j = a.bag_start(b); j < e; ++j) {
-      if (j + 2 * kAhead < chunk_end) t.prefetch_offsets(a.input[j + 2 * kAhead]);
+      if (j + kAheadOffsets < chunk_end) t.prefetch_offsets(a.input[j + kAheadOffsets]);
       const int64_t id = a.input[j];
       if (id < 0 || id >= t.rows) {
         fail.bad_id.record(j);

@@ -29,13 +29,13 @@
 // No include guard and no #include: this file is included once per ISA namespace.
 
 // Row prefix as float32 in `scratch` (n floats), for an ISA without converting loads (AVX2). The
-// loops are compiled inside the ISA region, so they vectorise (float16 with F16C; bfloat16 is a
-// shift; int8 is q * scale + bias, two roundings as -ffp-contract=off keeps it). n == 0 (and failed
-// ids) read nothing.
-template <typename OffT>
-AMTL_INLINE const float* row_floats(const Table<float, OffT>& t, int64_t, int64_t s, int64_t,
-                                    float*) {
-  return t.values + s;
+// loops are inlined into the ISA region, so they vectorise. float32 (in place) and int8 (q * scale
+// + bias) are table.h's row_as_float; float16 uses F16C and bfloat16 a shift here. n == 0 (and
+// failed ids) read nothing.
+template <typename T, typename OffT>
+AMTL_INLINE const float* row_floats(const Table<T, OffT>& t, int64_t id, int64_t s, int64_t n,
+                                    float* scratch) {
+  return row_as_float(t, id, s, n, scratch);
 }
 
 template <typename OffT>
@@ -57,17 +57,6 @@ AMTL_INLINE const float* row_floats(const Table<c10::BFloat16, OffT>& t, int64_t
   const uint16_t* src = reinterpret_cast<const uint16_t*>(t.values + s);
   uint32_t* dst = reinterpret_cast<uint32_t*>(scratch);
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;  // exact
-  return scratch;
-}
-
-template <typename OffT>
-AMTL_INLINE const float* row_floats(const Table<int8_t, OffT>& t, int64_t id, int64_t s,
-                                    int64_t n, float* scratch) {
-  if (n <= 0) return scratch;  // also for failed ids: never index scale/bias with them
-  const int8_t* src = t.values + s;
-  const float scale = t.scale[id];
-  const float bias = t.bias[id];
-  for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]) * scale + bias;
   return scratch;
 }
 
