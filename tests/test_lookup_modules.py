@@ -208,15 +208,15 @@ def test_unchecked_operators_only_for_a_validated_offsets_copy(monkeypatch) -> N
     # The modules skip the kernel's per-row offset checks only for their private int32 copy,
     # validated whole when derived; any change that could make it unsafe re-validates it, and an
     # invalid copy goes to the checked operators, which raise instead of reading outside values.
-    trusted_calls = []
+    unchecked_calls = []
     real = ops._unchecked_ops
-    monkeypatch.setattr(ops, "_unchecked_ops", lambda: trusted_calls.append(1) or real())
+    monkeypatch.setattr(ops, "_unchecked_ops", lambda: unchecked_calls.append(1) or real())
     ids, bag_offsets = torch.arange(30), torch.tensor([0, 7])
     emb, bag, dense = _modules(n=30, d=12, seed=6, mode="sum")
     assert_bitwise(emb(ids), F.embedding(ids, dense))
     assert_bitwise(bag(ids, bag_offsets), F.embedding_bag(ids, dense, bag_offsets, mode="sum"))
-    assert len(trusted_calls) == 2
-    trusted_calls.clear()
+    assert len(unchecked_calls) == 2
+    unchecked_calls.clear()
 
     emb, bag, _ = _modules(n=30, d=12, seed=6, mode="sum")
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_unchecked_operators_only_for_a_validated_offsets_copy(monkeypatch) -> N
     emb.embedding_dim = 2  # rows now longer than D
     with pytest.raises(ValueError, match="longer than 2"):
         emb(ids)
-    assert not trusted_calls
+    assert not unchecked_calls
 
 
 def test_nested_state_dict_prefixes() -> None:

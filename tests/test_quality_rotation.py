@@ -29,6 +29,12 @@ from amtl_compress.surgery import amtl_layers, attach_amtl_, detach_amtl
 from amtl_compress.training.finetune import FinetuneConfig
 
 
+def test_orderings_are_defined_once() -> None:
+    from amtl_compress.core import amtl, rotation
+
+    assert amtl._ORDERINGS is rotation.ORDERINGS == ("none", "pca")
+
+
 def correlated_table(n: int = 200, d: int = 8, seed: int = 0) -> torch.Tensor:
     """Rows whose energy sits in a random 3-dim subspace plus small noise."""
     g = torch.Generator().manual_seed(seed)
