@@ -32,7 +32,11 @@ _BUFFERS = ("values", "offsets", "scale", "bias")
 
 def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
               bias: Tensor | None, embedding_dim: int) -> None:
-    """Check a whole packed table (O(N), never reads ``values``); raise PackedFormatError."""
+    """Check a whole packed table (O(N), never reads ``values``); raise PackedFormatError.
+
+    The offsets part is the one offsets rule (:mod:`amtl_compress.storage.offsets`) with lower
+    bound 0: a table built in memory may have empty rows, looked up as D zeros.
+    """
     where = f"table `{table}`"
     if not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise PackedFormatError(f"{where}: `embedding_dim` must be a positive int, got "
@@ -207,8 +211,9 @@ class PackedEmbedding(_PackedLookup):
 
     Args:
         values: (nnz_values,) float32/float16/bfloat16/int8, kept prefixes back to back.
-        offsets: (N + 1,) int64, ``offsets[0] == 0``, non-decreasing, ``offsets[N] ==
-            len(values)``, every ``offsets[i+1] - offsets[i] <= embedding_dim``.
+        offsets: (N + 1,) int64, ``offsets[0] == 0``, every row length
+            ``offsets[i+1] - offsets[i]`` in [0, embedding_dim] (an empty row is looked up as
+            zeros), ``offsets[N] == len(values)``.
         embedding_dim: D.
         scale, bias: (N,) float32, required with int8 values (value = q * scale + bias).
         name: the table's name, used in error messages (e.g. the module path it replaces).

@@ -46,7 +46,6 @@ _CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
 
-
 class LookupOps(NamedTuple):
     """The two operators of one kind (``torch.ops`` OpOverloads), called by the modules."""
 
