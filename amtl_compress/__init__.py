@@ -30,7 +30,7 @@ _EXPORTS = {
     "count_frequencies": "amtl_compress.data.counts",
     "open_data": "amtl_compress.data.stream",
     "pack": "amtl_compress.storage.pack",
-    "load_packed": "amtl_compress.storage.load",
+    "load_packed": "amtl_compress.lookup.load",
     "PackedEmbedding": "amtl_compress.lookup.modules",
     "PackedEmbeddingBag": "amtl_compress.lookup.modules",
 }

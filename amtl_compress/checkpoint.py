@@ -24,6 +24,7 @@ from torch import nn
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.errors import CheckpointError
 from amtl_compress.models.factory import build_model, check_factory
+from amtl_compress.surgery.rotate import rotate_tables_, rotations_in
 
 SPEC_KEY = "amtl_compress.model"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -194,9 +195,7 @@ def load_model(
             "metadata): pass --model package.module:factory"
         )
     model = build_model(spec)
-    # A model fine-tuned with dimension ordering saves `<table>.rotation` (surgery/rotation.py).
-    from amtl_compress.surgery.rotation import rotate_tables_, rotations_in
-
+    # A model fine-tuned with dimension ordering saves `<table>.rotation` (core/rotation.py).
     rotate_tables_(model, rotations_in(state, model))
     _check_fits(model, state, path)
     model.load_state_dict(state, strict=True)

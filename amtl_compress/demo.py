@@ -13,7 +13,7 @@ from pathlib import Path
 from amtl_compress.checkpoint import load_model
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
-from amtl_compress.storage.load import load_packed_model
+from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.storage.pack import pack
 from amtl_compress.training.finetune import FinetuneConfig, finetune
 from amtl_compress.training.loop import evaluate

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from amtl_compress.checkpoint import load_model
 from amtl_compress.data.dataset import TabularData
-from amtl_compress.storage.load import load_packed_model
+from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.training.loop import evaluate
 
 

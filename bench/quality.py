@@ -55,13 +55,13 @@ from torch import Tensor, nn
 from amtl_compress._text import format_table
 from amtl_compress.checkpoint import load_model, save_checkpoint
 from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.core.rotation import principal_axes, rotate_rows
 from amtl_compress.data.counts import count_frequencies
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
+from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.models.factory import model_spec_for
-from amtl_compress.storage.load import load_packed_model
 from amtl_compress.storage.pack import pack
-from amtl_compress.surgery.rotation import principal_axes, rotate_rows
 from amtl_compress.training.finetune import FinetuneConfig, finetune
 from amtl_compress.training.loop import bce_step, evaluate
 from amtl_compress.training.train import TrainConfig, train_dlrm

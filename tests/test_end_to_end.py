@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from amtl_compress.checkpoint import load_model
+from amtl_compress.core.rotation import RotatedLookup
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.evaluation import compare
+from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
-from amtl_compress.storage.load import load_packed_model
 from amtl_compress.storage.pack import pack
-from amtl_compress.surgery.rotation import RotatedLookup
 from amtl_compress.training.finetune import FinetuneConfig, finetune
 from amtl_compress.training.loop import predict
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_lookup_helpers import assert_bitwise, dense_of, packed, random_table
+from lookup_helpers import assert_bitwise, dense_of, packed, random_table
 
 from amtl_compress.lookup import ops
 from amtl_compress.lookup.reference import (

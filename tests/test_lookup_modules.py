@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lookup_helpers import assert_bitwise, dense_of, packed, random_table
 from safetensors.torch import load_file, save_file
-from test_lookup_helpers import assert_bitwise, dense_of, packed, random_table
 from torch import nn
 
 from amtl_compress.errors import PackedFormatError
@@ -77,11 +77,16 @@ def test_negative_padding_idx_counts_from_the_end(kernel: str) -> None:
 
 
 def test_out_of_range_ids_name_the_table(kernel: str) -> None:
+    # The message is the contract (what is wrong; the fix), so it is pinned whole.
     emb, bag, _ = _modules()
-    with pytest.raises(IndexError, match=r"table `embeddings.user_id`: id 30 is outside \[0, 30\)"):
+    with pytest.raises(IndexError) as info:
         emb(torch.tensor([3, 30, 31]))
-    with pytest.raises(IndexError, match=r"table `embeddings.items`: id -2 is outside \[0, 30\)"):
+    assert str(info.value) == ("table `embeddings.user_id`: id 30 is outside [0, 30) (2 such ids); "
+                               "ids must be row numbers of this table")
+    with pytest.raises(IndexError) as info:
         bag(torch.tensor([-2, 4]), torch.tensor([0]))
+    assert str(info.value) == ("table `embeddings.items`: id -2 is outside [0, 30) (1 such ids); "
+                               "ids must be row numbers of this table")
 
 
 def test_forward_errors_match_torch_wording(kernel: str) -> None:
@@ -99,11 +104,36 @@ def test_forward_errors_match_torch_wording(kernel: str) -> None:
         bag(ids.view(1, 1, 3))
 
 
+#: The fix every offsets error in the test below ends with (D = 12, 24 values).
+OFFSETS_RULE = ("; `offsets` must start at 0, rise by 0 to embedding_dim = 12 per row and end "
+                "at len(values) = 24")
+
+
+@pytest.mark.parametrize("o, message", [
+    (torch.tensor([0, 10, 12]), "offsets[N] = 12 but `values` holds 24 entries"),
+    (torch.tensor([24, 12, 10, 0]), "offsets[0] is 24, must be 0"),
+    (torch.tensor([0, 12, 11, 24]), "offsets decrease at row 1 (12 -> 11)"),
+    (torch.tensor([0, 13, 14, 24]), "row 0 has length 13, outside [0, embedding_dim=12]"),
+    (torch.tensor([0, 10, 20, 25]), "offsets[N] = 25 points past the end of `values` (24 entries)"),
+])
+def test_offsets_errors_name_the_problem_and_the_rule(o: torch.Tensor, message: str) -> None:
+    values = torch.arange(24.0)
+    with pytest.raises(PackedFormatError) as info:
+        PackedEmbedding(values, o, 12, name="t")
+    assert str(info.value) == f"table `t`: {message}{OFFSETS_RULE}"
+
+
+def test_empty_rows_are_valid_lookups() -> None:
+    # The lookup rule allows rows of length 0 (looked up as zeros); only packed files require 1.
+    emb = PackedEmbedding(torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 2]), 3)
+    assert emb(torch.tensor([0, 1])).tolist() == [[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]]
+
+
 @pytest.mark.parametrize("change, match", [
-    (lambda v, o, s, b: (v, o[:-1], s, b), "must start at 0 and end at len\\(values\\)"),
-    (lambda v, o, s, b: (v, o.flip(0), s, b), "must start at 0"),
-    (lambda v, o, s, b: (v, torch.tensor([0, 13, 12, 24]), s, b), "non-decreasing, row 1"),
-    (lambda v, o, s, b: (v, torch.tensor([0, 13, 14, 24]), s, b), "row 0 keeps 13 values"),
+    (lambda v, o, s, b: (v, o[:-1], s, b), "offsets\\[N\\] = 12 but `values` holds 24"),
+    (lambda v, o, s, b: (v, o.flip(0), s, b), "offsets\\[0\\] is 24, must be 0"),
+    (lambda v, o, s, b: (v, torch.tensor([0, 12, 11, 24]), s, b), "decrease at row 1"),
+    (lambda v, o, s, b: (v, torch.tensor([0, 13, 14, 24]), s, b), "row 0 has length 13"),
     (lambda v, o, s, b: (v, o.int(), s, b), "`offsets` must be a non-empty 1-D int64"),
     (lambda v, o, s, b: (v.double(), o, s, b), "`values` must be a 1-D"),
     (lambda v, o, s, b: (v.to(torch.int8), o, s, b), "int8 `values` need `scale`"),
@@ -143,7 +173,8 @@ def test_state_dict_switches_dtype_and_reports_key_problems() -> None:
     with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "extra"'):
         fp32_emb.load_state_dict({**int8.state_dict(), "extra": torch.ones(1)})
     bad = {**int8.state_dict(), "offsets": torch.tensor([0, 100])}
-    with pytest.raises(PackedFormatError, match="must start at 0 and end at len"):
+    with pytest.raises(PackedFormatError,
+                       match=r"row 0 has length 100, outside \[0, embedding_dim=5\]"):
         fp32_emb.load_state_dict(bad)
     assert_bitwise(fp32_emb(ids), int8(ids))  # a failed load leaves the module as it was
 
@@ -173,19 +204,19 @@ def test_kernel_offsets_follow_the_buffer(inference: bool) -> None:
         assert_bitwise(emb(ids), F.embedding(ids, rolled))
 
 
-def test_trusted_operators_only_for_a_validated_offsets_copy(monkeypatch) -> None:
+def test_unchecked_operators_only_for_a_validated_offsets_copy(monkeypatch) -> None:
     # The modules skip the kernel's per-row offset checks only for their private int32 copy,
     # validated whole when derived; any change that could make it unsafe re-validates it, and an
     # invalid copy goes to the checked operators, which raise instead of reading outside values.
-    trusted_calls = []
-    real = ops.trusted_ops
-    monkeypatch.setattr(ops, "trusted_ops", lambda: trusted_calls.append(1) or real())
+    unchecked_calls = []
+    real = ops._unchecked_ops
+    monkeypatch.setattr(ops, "_unchecked_ops", lambda: unchecked_calls.append(1) or real())
     ids, bag_offsets = torch.arange(30), torch.tensor([0, 7])
     emb, bag, dense = _modules(n=30, d=12, seed=6, mode="sum")
     assert_bitwise(emb(ids), F.embedding(ids, dense))
     assert_bitwise(bag(ids, bag_offsets), F.embedding_bag(ids, dense, bag_offsets, mode="sum"))
-    assert len(trusted_calls) == 2
-    trusted_calls.clear()
+    assert len(unchecked_calls) == 2
+    unchecked_calls.clear()
 
     emb, bag, _ = _modules(n=30, d=12, seed=6, mode="sum")
     with torch.no_grad():
@@ -200,7 +231,7 @@ def test_trusted_operators_only_for_a_validated_offsets_copy(monkeypatch) -> Non
     emb.embedding_dim = 2  # rows now longer than D
     with pytest.raises(ValueError, match="longer than 2"):
         emb(ids)
-    assert not trusted_calls
+    assert not unchecked_calls
 
 
 def test_nested_state_dict_prefixes() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lookup_helpers import assert_bitwise, dense_of, packed, random_table
+from lookup_helpers import assert_bitwise, dense_of, packed, random_table
 
 from amtl_compress.lookup import (
     pack_rows,

@@ -13,12 +13,7 @@ from torch import nn
 
 from amtl_compress.checkpoint import load_model, save_checkpoint
 from amtl_compress.core.amtl import AMTLConfig
-from amtl_compress.errors import ConfigError, PackedFormatError, SurgeryError
-from amtl_compress.models.dlrm import DLRM, DLRMConfig
-from amtl_compress.models.factory import model_spec_for
-from amtl_compress.storage.format import read_packed_table, source_digest, write_packed_table
-from amtl_compress.surgery import amtl_layers, attach_amtl_, detach_amtl
-from amtl_compress.surgery.rotation import (
+from amtl_compress.core.rotation import (
     RotatedEmbedding,
     RotatedEmbeddingBag,
     principal_axes,
@@ -26,7 +21,18 @@ from amtl_compress.surgery.rotation import (
     unrotated,
     with_rotation,
 )
+from amtl_compress.errors import ConfigError, PackedFormatError, SurgeryError
+from amtl_compress.models.dlrm import DLRM, DLRMConfig
+from amtl_compress.models.factory import model_spec_for
+from amtl_compress.storage.format import read_packed_table, source_digest, write_packed_table
+from amtl_compress.surgery import amtl_layers, attach_amtl_, detach_amtl
 from amtl_compress.training.finetune import FinetuneConfig
+
+
+def test_orderings_are_defined_once() -> None:
+    from amtl_compress.core import amtl, rotation
+
+    assert amtl._ORDERINGS is rotation.ORDERINGS == ("none", "pca")
 
 
 def correlated_table(n: int = 200, d: int = 8, seed: int = 0) -> torch.Tensor:

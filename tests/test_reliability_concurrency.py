@@ -7,11 +7,11 @@ import shutil
 import pytest
 
 import amtl_compress._io as io_module
-import amtl_compress.storage.load as load_module
+import amtl_compress.lookup.load as load_module
 from amtl_compress._io import lock_path, output_lock
 from amtl_compress.errors import OutputExistsError
+from amtl_compress.lookup.load import load_packed, load_packed_model
 from amtl_compress.models.factory import build_model
-from amtl_compress.storage.load import load_packed, load_packed_model
 from amtl_compress.storage.manifest import read_manifest
 from amtl_compress.storage.pack import pack
 from tests.reliability_helpers import make_run_dir, start_cli

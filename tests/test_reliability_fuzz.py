@@ -155,7 +155,7 @@ def test_tampered_files_fail_cleanly_or_look_up_safely(
     if (table.num_embeddings, table.embedding_dim) != (N, D):
         # A self-consistent file may claim another D (e.g. 99999999999: every length is still
         # <= D). load_packed refuses it against the model, the trusted source of shapes
-        # (test_storage_load.py::test_model_mismatch_raises_and_leaves_model_untouched); looked
+        # (test_lookup_load.py::test_model_mismatch_raises_and_leaves_model_untouched); looked
         # up directly it would make every lookup allocate (B, D).
         event("refused by the model-fit check")
         return

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from amtl_compress.errors import PackedFormatError, RunDirError
-from amtl_compress.storage.load import load_packed_model
+from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.storage.pack import pack
 from amtl_compress.training.state import load_state, save_state
 from tests.reliability_helpers import (

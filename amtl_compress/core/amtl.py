@@ -10,11 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from amtl_compress.core.frequency import frequency_features
+from amtl_compress.core.rotation import ORDERINGS as _ORDERINGS
 from amtl_compress.errors import ConfigError
 
 _CONFIG_VERSIONS = (1,)
-#: AMTLConfig.ordering values (surgery/rotation.py implements "pca").
-_ORDERINGS = ("none", "pca")
 
 
 @dataclass(frozen=True)

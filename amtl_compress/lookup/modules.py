@@ -12,7 +12,7 @@ On CPU they call the compiled kernel (:mod:`amtl_compress.lookup.ops`); on other
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,13 +25,18 @@ from amtl_compress.lookup.reference import (
     packed_embedding_bag_reference,
     packed_embedding_reference,
 )
+from amtl_compress.storage.offsets import offsets_problem
 
 _BUFFERS = ("values", "offsets", "scale", "bias")
 
 
 def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
               bias: Tensor | None, embedding_dim: int) -> None:
-    """Check a whole packed table (O(N), never reads ``values``); raise PackedFormatError."""
+    """Check a whole packed table (O(N), never reads ``values``); raise PackedFormatError.
+
+    The offsets part is the one offsets rule (:mod:`amtl_compress.storage.offsets`) with lower
+    bound 0: a table built in memory may have empty rows, looked up as D zeros.
+    """
     where = f"table `{table}`"
     if not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise PackedFormatError(f"{where}: `embedding_dim` must be a positive int, got "
@@ -45,19 +50,11 @@ def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
         raise PackedFormatError(f"{where}: `offsets` must be a non-empty 1-D int64 tensor "
                                 "(N + 1,)")
     n = offsets.numel() - 1
-    if int(offsets[0]) != 0 or int(offsets[-1]) != values.numel():
-        raise PackedFormatError(f"{where}: `offsets` must start at 0 and end at len(values) = "
-                                f"{values.numel()}, got {int(offsets[0])} and {int(offsets[-1])}")
-    if n:
-        lengths = offsets[1:] - offsets[:-1]
-        if int(lengths.min()) < 0:
-            row = int((lengths < 0).nonzero()[0, 0])
-            raise PackedFormatError(f"{where}: `offsets` must be non-decreasing, row {row} has "
-                                    f"length {int(lengths[row])}")
-        if int(lengths.max()) > embedding_dim:
-            row = int((lengths > embedding_dim).nonzero()[0, 0])
-            raise PackedFormatError(f"{where}: row {row} keeps {int(lengths[row])} values, more "
-                                    f"than embedding_dim = {embedding_dim}")
+    problem = offsets_problem(offsets, values.numel(), embedding_dim)
+    if problem is not None:
+        raise PackedFormatError(f"{where}: {problem}; `offsets` must start at 0, rise by 0 to "
+                                f"embedding_dim = {embedding_dim} per row and end at "
+                                f"len(values) = {values.numel()}")
     quantized = values.dtype == torch.int8
     for label, t in (("scale", scale), ("bias", bias)):
         if quantized and (t is None or t.dtype != torch.float32 or t.shape != (n,)):
@@ -72,19 +69,25 @@ def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
                                 f"{sorted(map(str, devices))}")
 
 
-def _valid_index(offsets: Tensor, num_values: int, embedding_dim: int) -> bool:
-    """Whether (N + 1,) int32 ``offsets`` start at 0, end at ``num_values`` and every row length
-    is in [0, embedding_dim]: then no row can reach outside ``values`` (the trusted operators'
-    condition). It checks the int32 copy itself, the very tensor the kernel reads."""
-    if int(offsets[0]) != 0 or int(offsets[-1]) != num_values:
-        return False
-    if offsets.numel() == 1:
-        return True
-    lengths = offsets[1:] - offsets[:-1]
-    return bool(int(lengths.min()) >= 0 and int(lengths.max()) <= embedding_dim)
+class _KernelOffsets(NamedTuple):
+    """The int32 copy of ``offsets`` the kernel reads, and what it was derived from.
+
+    Valid while ``source`` is still the offsets buffer (same object; unchanged version unless an
+    inference tensor, which has no version counter), ``values`` is the same object of the same
+    length and ``embedding_dim`` is unchanged; see ``_PackedLookup._kernel_offsets``.
+    """
+
+    source: Tensor  # the int64 offsets buffer it was derived from
+    inference: bool  # source is an inference tensor: keyed by identity alone
+    version: int  # source._version when derived (-1 for an inference tensor)
+    derived: Tensor  # what the kernel reads: the int32 copy, or source itself
+    values: Tensor  # the values buffer it was validated against
+    num_values: int
+    embedding_dim: int
+    unchecked: bool  # derived is a validated private copy: the unchecked operators may read it
 
 
-class _PackedTable(nn.Module):
+class _PackedLookup(nn.Module):
     """Buffers and state_dict handling shared by the two lookup modules."""
 
     values: Tensor
@@ -103,9 +106,7 @@ class _PackedTable(nn.Module):
         self.register_buffer("offsets", offsets.detach().contiguous())
         self.register_buffer("scale", None if scale is None else scale.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
-        # (offsets buffer, is it an inference tensor, its version, the kernel's copy of it): see
-        # _kernel_offsets.
-        self._offsets_cache: tuple[Tensor, bool, int, Tensor, Tensor, int, int, bool] | None = None
+        self._offsets_cache: _KernelOffsets | None = None  # see _kernel_offsets
 
     @property
     def _table_name(self) -> str:
@@ -129,28 +130,31 @@ class _PackedTable(nn.Module):
         int64 buffer) and rebuilt when the buffer is replaced or edited in place (its version
         counter moves; inference-mode tensors have none and are keyed by identity), or when
         ``values`` or ``embedding_dim`` change. The copy is validated whole when derived (O(N),
-        once): if it is a valid packed index for the current ``values`` and D, the trusted
-        operators skip the per-row offset checks (ids are still checked). The copy is private, so
-        nothing can edit it after the check; anything else takes the checked operators.
+        once): if it is a valid packed index for the current ``values`` and D
+        (:func:`~amtl_compress.storage.offsets.offsets_problem`), the unchecked operators skip
+        the per-row offset checks (ids are still checked). The copy is private, so nothing can
+        edit it after the check; anything else takes the checked operators.
         """
         cached = self._offsets_cache
         # Inference-mode tensors have no version counter (reading it raises, slowly): keyed by
         # identity alone, a flag the cache keeps so the hot path asks nothing else.
-        if (cached is not None and cached[0] is offsets and cached[4] is values
-                and (cached[1] or cached[2] == offsets._version)
-                and cached[5] == values.numel() and cached[6] == self.embedding_dim):
-            return cached[3], cached[7]
+        if (cached is not None and cached.source is offsets and cached.values is values
+                and (cached.inference or cached.version == offsets._version)
+                and cached.num_values == values.numel()
+                and cached.embedding_dim == self.embedding_dim):
+            return cached.derived, cached.unchecked
         inference = offsets.is_inference()
-        version = -1 if inference else offsets._version
-        trusted = False
+        unchecked = False
         if values.numel() < 2**31 and offsets.dtype == torch.int64 and offsets.numel() >= 1:
             derived = offsets.to(torch.int32)
-            trusted = _valid_index(derived, values.numel(), self.embedding_dim)
+            # The copy itself is checked: it is the very tensor the unchecked operators read.
+            unchecked = offsets_problem(derived, values.numel(), self.embedding_dim) is None
         else:
             derived = offsets
-        self._offsets_cache = (offsets, inference, version, derived, values, values.numel(),
-                               self.embedding_dim, trusted)
-        return derived, trusted
+        self._offsets_cache = _KernelOffsets(
+            offsets, inference, -1 if inference else offsets._version, derived, values,
+            values.numel(), self.embedding_dim, unchecked)
+        return derived, unchecked
 
     def _index_error(self, ids: Tensor, exc: IndexError) -> IndexError:
         """``exc`` restated with the table name and N (``exc`` itself if no id is out of range)."""
@@ -191,7 +195,7 @@ class _PackedTable(nn.Module):
             self._buffers[name] = t
         self._offsets_cache = None  # would be rebuilt anyway; frees the old copy now
 
-    def _apply(self, fn: Any, recurse: bool = True) -> _PackedTable:
+    def _apply(self, fn: Any, recurse: bool = True) -> _PackedLookup:
         self._offsets_cache = None  # .to() / .cpu() / ... replace the buffers: drop the old copy
         return super()._apply(fn, recurse)
 
@@ -200,15 +204,16 @@ class _PackedTable(nn.Module):
                 f"values={self.values.dtype}, kept={self.values.numel()}")
 
 
-class PackedEmbedding(_PackedTable):
+class PackedEmbedding(_PackedLookup):
     """``nn.Embedding`` over a packed table: ids of any shape -> (*ids.shape, D) float32.
 
     Row ``i`` comes back as its kept prefix (dequantised for int8) followed by zeros.
 
     Args:
         values: (nnz_values,) float32/float16/bfloat16/int8, kept prefixes back to back.
-        offsets: (N + 1,) int64, ``offsets[0] == 0``, non-decreasing, ``offsets[N] ==
-            len(values)``, every ``offsets[i+1] - offsets[i] <= embedding_dim``.
+        offsets: (N + 1,) int64, ``offsets[0] == 0``, every row length
+            ``offsets[i+1] - offsets[i]`` in [0, embedding_dim] (an empty row is looked up as
+            zeros), ``offsets[N] == len(values)``.
         embedding_dim: D.
         scale, bias: (N,) float32, required with int8 values (value = q * scale + bias).
         name: the table's name, used in error messages (e.g. the module path it replaces).
@@ -233,14 +238,14 @@ class PackedEmbedding(_PackedTable):
             if ops.use_reference(values):
                 return packed_embedding_reference(values, b["offsets"], b["scale"], b["bias"],
                                                   input, self.embedding_dim)
-            offsets, trusted = self._kernel_offsets(b["offsets"], values)
-            op = (ops.trusted_ops() if trusted else ops.compiled_ops())[0]
+            offsets, unchecked = self._kernel_offsets(b["offsets"], values)
+            op = (ops._unchecked_ops() if unchecked else ops.compiled_ops()).embedding
             return op(values, offsets, b["scale"], b["bias"], input, self.embedding_dim)
         except IndexError as exc:
             raise self._index_error(input, exc) from None
 
 
-class PackedEmbeddingBag(_PackedTable):
+class PackedEmbeddingBag(_PackedLookup):
     """``nn.EmbeddingBag`` over a packed table: pooled (B, D) float32 per bag.
 
     Pools straight from the packed rows (no padded copy per id), with torch's arithmetic: for
@@ -322,8 +327,8 @@ class PackedEmbeddingBag(_PackedTable):
                     values, b["offsets"], b["scale"], b["bias"], input, offsets,
                     per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
                     include_last_offset)
-            kernel_offsets, trusted = self._kernel_offsets(b["offsets"], values)
-            op = (ops.trusted_ops() if trusted else ops.compiled_ops())[1]
+            kernel_offsets, unchecked = self._kernel_offsets(b["offsets"], values)
+            op = (ops._unchecked_ops() if unchecked else ops.compiled_ops()).embedding_bag
             return op(values, kernel_offsets, b["scale"], b["bias"], input, offsets,
                       per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
                       include_last_offset)

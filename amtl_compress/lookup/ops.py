@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,8 +45,17 @@ _SOURCES = (_CSRC / "lookup.cpp", _CSRC / "kernels_avx2.cpp", _CSRC / "kernels_a
 _CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
+
+class LookupOps(NamedTuple):
+    """The two operators of one kind (``torch.ops`` OpOverloads), called by the modules."""
+
+    embedding: Any  # (values, offsets, scale, bias, ids, D) -> (*ids.shape, D) float32
+    embedding_bag: Any  # (values, offsets, scale, bias, input, bag_offsets, ...) -> (B, D)
+
+
 _state: dict[str, object] = {}  # "path": loaded library, or "error": the KernelBuildError raised
-_compiled: list[Any] = []  # the OpOverloads (checked, then trusted), once loaded
+_checked: LookupOps | None = None  # set once the kernel is loaded
+_unchecked: LookupOps | None = None
 _warned_reference = False
 
 
@@ -224,34 +233,38 @@ def kernel_available() -> bool:
     return True
 
 
-def compiled_ops() -> tuple[Any, Any]:
+def compiled_ops() -> LookupOps:
     """The operators ``(packed_embedding, packed_embedding_bag)``, loading the kernel first.
 
     Their arguments are those of :func:`packed_embedding` / :func:`packed_embedding_bag`; the
-    modules call them directly to keep the per-call Python overhead small.
+    modules call them directly to keep the per-call Python overhead small. They check every
+    looked-up row's offsets (ValueError for a corrupt row) and every id (IndexError).
     """
-    if not _compiled:
+    global _checked
+    if _checked is None:
         load_kernel()
         namespace = torch.ops.amtl_compress
-        _compiled.extend((namespace.packed_embedding.default,
-                          namespace.packed_embedding_bag.default))
-    return _compiled[0], _compiled[1]
+        _checked = LookupOps(namespace.packed_embedding.default,
+                             namespace.packed_embedding_bag.default)
+    return _checked
 
 
-def trusted_ops() -> tuple[Any, Any]:
-    """The modules' operators ``(packed_embedding_trusted, packed_embedding_bag_trusted)``.
+def _unchecked_ops() -> LookupOps:
+    """The operators that do not check ``offsets`` per row, for the modules only.
 
-    Same arguments as :func:`compiled_ops`' operators, but int32 ``offsets`` are not checked per
-    row: only for a private copy the caller has validated whole (0 first, len(values) last, every
-    length in [0, D]); unvalidated offsets could make them read outside ``values``. Ids are still
-    checked (IndexError); int64 offsets are always checked.
+    Same arguments as :func:`compiled_ops`' operators (the C++ ``packed_embedding_trusted`` /
+    ``packed_embedding_bag_trusted``), but int32 ``offsets`` are not checked per row: only for a
+    private copy the caller has validated whole with
+    :func:`~amtl_compress.storage.offsets.offsets_problem`; other offsets could make them read
+    outside ``values``. Ids are still checked (IndexError); int64 offsets are always checked.
     """
-    if len(_compiled) < 4:
+    global _unchecked
+    if _unchecked is None:
         compiled_ops()
         namespace = torch.ops.amtl_compress
-        _compiled.extend((namespace.packed_embedding_trusted.default,
-                          namespace.packed_embedding_bag_trusted.default))
-    return _compiled[2], _compiled[3]
+        _unchecked = LookupOps(namespace.packed_embedding_trusted.default,
+                               namespace.packed_embedding_bag_trusted.default)
+    return _unchecked
 
 
 def packed_embedding(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Tensor | None,
@@ -263,7 +276,7 @@ def packed_embedding(values: Tensor, offsets: Tensor, scale: Tensor | None, bias
     Returns (*ids.shape, D) float32. IndexError for ids outside [0, N); ValueError for corrupt
     offsets of a looked-up row.
     """
-    return compiled_ops()[0](values, offsets, scale, bias, ids, embedding_dim)
+    return compiled_ops().embedding(values, offsets, scale, bias, ids, embedding_dim)
 
 
 def packed_embedding_bag(values: Tensor, offsets: Tensor, scale: Tensor | None,
@@ -275,5 +288,6 @@ def packed_embedding_bag(values: Tensor, offsets: Tensor, scale: Tensor | None,
     input (nnz,) int32/int64; bag_offsets (B,) or (B + 1,) with ``include_last_offset``;
     per_sample_weights (nnz,) float32 (mode "sum" only). Returns (B, D) float32.
     """
-    return compiled_ops()[1](values, offsets, scale, bias, input, bag_offsets, per_sample_weights,
-                             mode, embedding_dim, padding_idx, include_last_offset)
+    return compiled_ops().embedding_bag(values, offsets, scale, bias, input, bag_offsets,
+                                        per_sample_weights, mode, embedding_dim, padding_idx,
+                                        include_last_offset)

@@ -57,7 +57,13 @@ def pack_rows(weight: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 
 def _check_table(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Tensor | None,
                  embedding_dim: int) -> int:
-    """Validate the cheap, O(1) facts about a packed table; return N."""
+    """Check the arguments' dtypes and shapes, O(1), as the kernel's operators do; return N.
+
+    These functions take raw tensors, so they check what they read: the arguments here, and the
+    offsets of every looked-up row in :func:`_padded_rows` (the checked operators' behaviour).
+    The whole-table offsets rule (:func:`~amtl_compress.storage.offsets.offsets_problem`) is
+    checked once where a table enters: the lookup modules and the file reader.
+    """
     if values.dim() != 1 or values.dtype not in VALUE_DTYPES:
         raise TypeError(f"`values` must be 1-D float32/float16/bfloat16/int8, got "
                         f"{values.dim()}-D {values.dtype}")

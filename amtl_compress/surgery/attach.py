@@ -8,14 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from amtl_compress.core.amtl import AMTL, AMTLConfig
+from amtl_compress.core.rotation import principal_axes, unrotated, with_rotation
 from amtl_compress.errors import SurgeryError
 from amtl_compress.surgery.masked import MaskedEmbedding, MaskedEmbeddingBag
-from amtl_compress.surgery.rotation import (
-    check_rotatable,
-    principal_axes,
-    unrotated,
-    with_rotation,
-)
+from amtl_compress.surgery.rotate import check_rotatable
 from amtl_compress.surgery.targets import find_embedding_modules
 
 _Masked = (MaskedEmbedding, MaskedEmbeddingBag)
@@ -64,7 +60,7 @@ def attach_amtl_(
     needs the precision; the 0/1 mask is cast to the table's dtype exactly). Thanks to the warm
     start (see :class:`~amtl_compress.core.amtl.AMTL`), the model's outputs do not change
     (bitwise with ``ordering="none"``; up to float rounding with ``"pca"``, which rotates each
-    table's weight in place onto its principal axes, see surgery/rotation.py). A table rotated by
+    table's weight in place onto its principal axes, see core/rotation.py). A table rotated by
     an earlier run (``RotatedEmbedding``) keeps its rotation.
 
     Args:

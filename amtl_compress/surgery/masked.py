@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amtl_compress.core.amtl import AMTL
+from amtl_compress.core.rotation import rotate_rows
 from amtl_compress.errors import SurgeryError
-from amtl_compress.surgery.rotation import check_rotatable, rotate_rows
+from amtl_compress.surgery.rotate import check_rotatable
 
 
 def _check_pair(base_layer: nn.Module, amtl: AMTL, kind: type[nn.Module]) -> None:
@@ -49,7 +50,7 @@ class _MaskedTable(nn.Module):
     """What both wrappers share: ``base_layer`` + ``amtl`` and the base's table attributes.
 
     ``rotation`` (optional float32 (D, D) R, a buffer; None if absent) turns on dimension
-    ordering (surgery/rotation.py): the wrapper returns its masked output times R.
+    ordering (core/rotation.py): the wrapper returns its masked output times R.
     """
 
     _kind: type[nn.Module]

@@ -17,19 +17,18 @@ pooling), not for max bags, which are rejected.
 
 The modules here hold a plain (or packed) table plus R; their state_dict keys are the table's
 own plus ``<path>.rotation``, so a rotated model's checkpoint loads with
-:func:`amtl_compress.checkpoint.load_model`.
+:func:`amtl_compress.checkpoint.load_model`. What walks a user's model (rotate its tables, find
+the rotations of a checkpoint) is in :mod:`amtl_compress.surgery.rotate`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from amtl_compress.errors import SurgeryError
 
-#: Values of ``AMTLConfig.ordering``.
+#: Values of ``AMTLConfig.ordering``: ``"none"`` keeps the table's own dims, ``"pca"`` rotates.
 ORDERINGS = ("none", "pca")
 #: Suffix of a rotation's state_dict key: ``<module path>.rotation``.
 ROTATION_KEY = "rotation"
@@ -67,15 +66,6 @@ def rotate_rows(rows: Tensor, rotation: Tensor) -> Tensor:
     """
     shape = rows.shape
     return torch.mm(rows.reshape(-1, shape[-1]), rotation.to(rows.dtype)).reshape(shape)
-
-
-def check_rotatable(path: str, table: nn.Module) -> None:
-    """Raise SurgeryError if ``table`` pools in a way a rotation does not commute with (max)."""
-    if isinstance(table, nn.EmbeddingBag) and table.mode == "max":
-        raise SurgeryError(
-            f"module `{path}` is an EmbeddingBag with mode `max`, which does not commute with a "
-            "rotation; use AMTLConfig(ordering=\"none\") for it"
-        )
 
 
 class RotatedEmbedding(nn.Embedding):
@@ -176,47 +166,3 @@ def unrotated(table: nn.Module) -> tuple[nn.Module, Tensor | None]:
         plain._modules = dict(table._modules)
         return plain, table.rotation
     return table, None
-
-
-def rotate_tables_(model: nn.Module, rotations: Mapping[str, Tensor]) -> None:
-    """Replace each module path of ``rotations`` by its rotated twin, in place.
-
-    Args:
-        model: a model whose modules at those paths are embedding tables (or lookups).
-        rotations: module path -> float32 (D, D).
-
-    Raises:
-        SurgeryError: a path names no module, or a rotation is not (D, D) for its table.
-    """
-    modules = dict(model.named_modules())
-    for path, rotation in rotations.items():
-        table = modules.get(path)
-        if table is None or path == "":
-            raise SurgeryError(
-                f"rotation for `{path}` names no submodule of the model; pass the model it was "
-                "saved from"
-            )
-        dim = getattr(table, "embedding_dim", None)
-        if tuple(rotation.shape) != (dim, dim):
-            raise SurgeryError(
-                f"rotation for `{path}` is {tuple(rotation.shape)} but the table is {dim} wide; "
-                "pass the model it was saved from"
-            )
-        check_rotatable(path, table)
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, with_rotation(table, rotation))
-
-
-def rotations_in(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Module path -> rotation for every ``<path>.rotation`` key that the model lacks and whose
-    path is an embedding table of ``model`` (the keys a rotated checkpoint adds)."""
-    expected = model.state_dict()
-    modules = dict(model.named_modules())
-    found: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        path, _, leaf = key.rpartition(".")
-        if leaf == ROTATION_KEY and key not in expected and isinstance(
-            modules.get(path), (nn.Embedding, nn.EmbeddingBag)
-        ):
-            found[path] = value
-    return found

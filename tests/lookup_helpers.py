@@ -1,4 +1,4 @@
-"""Shared builders and comparisons for the tests/test_lookup_*.py files (no tests here)."""
+"""Shared builders and comparisons for the tests/test_lookup_*.py files (a helper, no tests)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""``load_packed``: put a packed directory's tables and weights into the user's model, in place."""
+"""Serving a packed directory: ``load_packed`` swaps its tables into the user's model, in place.
+
+``load_packed`` reads a directory written by :func:`amtl_compress.storage.pack.pack` (the file
+readers of :mod:`amtl_compress.storage`), builds a :class:`PackedEmbedding` /
+:class:`PackedEmbeddingBag` per table (wrapped in a ``RotatedLookup`` for a version 2 table),
+and puts them and the remaining weights into the model; ``load_packed_model`` first builds that
+model from the manifest's spec.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from amtl_compress.core.rotation import with_rotation
 from amtl_compress.errors import CheckpointError, PackedFormatError
+from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
+from amtl_compress.models.factory import build_model
 from amtl_compress.storage.format import PackedTable, read_packed_table
 from amtl_compress.storage.header import read_header, read_tensor
 from amtl_compress.storage.manifest import Manifest, ManifestTable, file_sha256, read_manifest
 
-_FIX = "re-create the directory with `amtl-compress pack`"
+#: The fix for a damaged or inconsistent directory (``pack`` is both the function and the command).
+_FIX = "re-create the directory by running `pack` again"
 
 
 def load_packed(
@@ -30,8 +41,9 @@ def load_packed(
     ``PackedEmbeddingBag`` (``mode``, ``padding_idx`` and ``include_last_offset`` are taken from
     the replaced module). Every other tensor of the model's state_dict must be in
     ``rest.safetensors`` and vice versa. Everything is validated before the model is touched, so
-    a failure leaves it unchanged. A directory that ``pack --overwrite`` replaces during the read
-    is read again, so the model gets one complete version, never a mix (docs/reliability.md).
+    a failure leaves it unchanged. A directory that ``pack(..., overwrite=True)`` replaces during
+    the read is read again, so the model gets one complete version, never a mix
+    (docs/reliability.md).
 
     Args:
         model: the model the directory was packed from, e.g. ``build_model(manifest.model)``.
@@ -63,8 +75,6 @@ def _apply(
     rest: dict[str, torch.Tensor],
 ) -> nn.Module:
     """Check that one read version of a packed directory fits ``model``, then put it in."""
-    from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
-
     replacements: dict[str, nn.Module] = {}
     for path, table in tables.items():
         old = _module_at(model, path)
@@ -83,8 +93,6 @@ def _apply(
             )
         if table.rotation is not None:
             # Version 2 (docs/format.md): the padded rows are rotated back, as in fine-tuning.
-            from amtl_compress.surgery.rotation import with_rotation
-
             replacements[path] = with_rotation(replacements[path], table.rotation)
 
     _check_rest(model, rest, set(tables), packed_dir / manifest.rest_file)
@@ -103,7 +111,8 @@ def _apply(
     return model
 
 
-#: How often a reader retries when ``pack --overwrite`` replaced the directory while it read.
+#: How often a reader retries when ``pack(..., overwrite=True)`` replaced the directory while it
+#: read.
 _READ_ATTEMPTS = 5
 
 
@@ -120,7 +129,7 @@ def _read_snapshot(
 ) -> tuple[Manifest, dict[str, PackedTable], dict[str, torch.Tensor]]:
     """Read the manifest, every table and the rest weights of one complete version.
 
-    ``pack --overwrite`` swaps a new directory in under the same name while this may be reading;
+    ``pack(..., overwrite=True)`` swaps a new directory in under the same name while this reads;
     a read that straddles the swap would mix files of two versions. So the directory's inode is
     compared before and after, and the read is repeated when it changed (mapped files of the old
     version stay valid after it is deleted).
@@ -145,7 +154,7 @@ def _read_snapshot(
             return manifest, tables, rest
     raise PackedFormatError(
         f"`{packed_dir}` was replaced {_READ_ATTEMPTS} times while being read; retry once "
-        "`amtl-compress pack` has finished"
+        "`pack` has finished"
     )
 
 
@@ -276,8 +285,6 @@ def load_packed_model(
     Returns:
         The model in eval mode, with its packed tables swapped in.
     """
-    from amtl_compress.models.factory import build_model
-
     packed_dir = Path(packed_dir)
     # One read serves both the spec and the weights, so a concurrent replace cannot pair the
     # old version's model with the new version's tables.
