@@ -19,9 +19,9 @@ The constraint is an equality, so mu_t is not restricted to mu_t >= 0: when the 
 would keep less than R (the optimiser's momentum and the loss's price term can carry rows past
 the target), a negative price pays rows to keep length, and the layer lands on R from below too.
 
-A dual-ascent multiplier (our first version) could not hold the ratio under the straight-through
-estimator: the hard lengths swing across a plateau of near-equal logits faster than a
-multiplier can follow (docs/amtl.md has the figures).
+Why not the usual dual-ascent multiplier: under the straight-through estimator it does not hold
+the ratio, because the hard lengths swing across a plateau of near-equal logits faster than a
+multiplier can follow (docs/amtl.md, "Why not dual ascent", has the figures).
 """
 
 from __future__ import annotations

@@ -161,9 +161,8 @@ struct MaxOp {
 };
 
 // kFull: D == NV * W (D = 16, 32, 64, 128 with AVX-512), so the output row is exactly NV whole
-// vectors: the loop over them unrolls and its lane indices are constants (the general loop spent
-// ~10 instructions per vector on loop control and lane indices). With the prefetch tests hoisted
-// out of the loop below: D = 16 uniform, N = 1M, 6.0 -> 5.0 ns per id (docs/lookup.md).
+// vectors: the loop over them unrolls and its lane indices are constants, where the general loop
+// spends ~10 instructions per vector on loop control and lane indices.
 template <int NV, bool kFull, typename T, typename OffT, typename index_t>
 void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begin, int64_t end,
                         float* out, Failures& fail) {
@@ -263,7 +262,7 @@ void bag_chunk_nv(const Table<T, OffT> t, const BagArgs<index_t> a, int64_t b_be
       };
       // Prefetches run with the first column block. Bags ending at least kAheadOffsets ids before
       // the chunk does (all but the last one or two of 20 ids) prefetch without bounds tests: two
-      // compare-and-branch pairs fewer per id (bag D = 16: 4.0 -> 3.4 ns per id).
+      // compare-and-branch pairs fewer per id (bag D = 16: 3.4 instead of 4.0 ns per id).
       constexpr int kLines = row_lines<T>(NV);
       const std::integral_constant<int, 0> clamped;
       const std::integral_constant<int, NV> prefetched;

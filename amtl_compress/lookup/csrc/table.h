@@ -51,9 +51,9 @@ namespace amtl {
 // batches stay on the calling thread.
 constexpr int64_t kGrainFloats = 32768;
 // Prefetch distance in ids: row lines are prefetched kAhead ids before they are read, offsets
-// kAheadOffsets ids before (so reading them to address the row prefetch does not stall). 32 / 64
-// measured faster than 16 / 32 for bags (a cached row takes ~3 ns, so 16 ids ahead left too
-// little time for a DRAM miss; docs/lookup.md, "Issue 3, round 3").
+// kAheadOffsets ids before (so reading them to address the row prefetch does not stall). A cached
+// row takes ~3 ns, so 16 ids ahead leaves too little time for a DRAM miss: 16 and 24 measured
+// slower than 32 for bags (docs/lookup.md, "Experiments").
 constexpr int64_t kAhead = 32;
 constexpr int64_t kAheadOffsets = 2 * kAhead;
 
@@ -106,9 +106,8 @@ struct Table {
   // [0, N)): the whole span the vector loads of the row touch, masked lanes included (this CPU
   // fetches the lines of masked-off lanes too). A fixed count, not clamped to the row's end: a
   // clamp costs two instructions per line (cmp, cmov), more than fetching the lines of the next
-  // rows costs (with the unclamped vector loads of simd_kernels.h, bench/lookup.py bag(sum) median
-  // went from 1.49-1.57 to 1.04-1.05 of torch; docs/lookup.md). Prefetches never fault, so corrupt
-  // offsets only waste a hint.
+  // rows costs (clamped variants measured slower; docs/lookup.md, "Experiments"). Prefetches never
+  // fault, so corrupt offsets only waste a hint.
   template <int kLines>
   AMTL_INLINE void prefetch_row(int64_t id) const {
     if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(rows)) return;
