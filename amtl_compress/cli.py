@@ -1,18 +1,21 @@
 """The ``amtl-compress`` command line: thin typer commands over the Python API.
 
 Results go to stdout, progress bars and logs to stderr. Known errors print one line
-``Error: ...`` and exit with code 1; set ``AMTL_COMPRESS_DEBUG=1`` for the traceback.
+``Error: ...`` and exit with code 1; set ``AMTL_COMPRESS_DEBUG=1`` for the traceback. Library
+messages name Python parameters (```overwrite=True```); :func:`cli_message` says them as flags
+(``--overwrite``). Ctrl-C exits with code 130.
+
+Over 400 lines: most of it is the typed options and help text of seven commands (docs/cli.md is
+generated from them); each command body only builds a config, calls the library and prints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
-import threading
+import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -20,6 +23,12 @@ import typer
 
 from amtl_compress._text import format_table
 from amtl_compress.errors import AmtlError
+from amtl_compress.training.launch import (
+    command_ranks,
+    hold_interrupts,
+    raised_on_every_rank,
+    torchrun_rank,
+)
 
 app = typer.Typer(
     name="amtl-compress",
@@ -29,25 +38,92 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+#: Python parameter -> its CLI option, where the two names differ.
+OPTION_ALIASES = {"fields": "field", "model_factory": "model", "counts_file": "counts"}
+#: Options never read from a bare `name`: their values (data column names) appear in messages
+#: in backticks too, e.g. "column `label` ...".
+_NOT_BARE = frozenset({"label"})
+#: `name` or `name=value` in backticks, as library messages name Python parameters.
+_PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]+))?`")
 
-def _command(func: Callable[..., None]) -> Callable[..., None]:
-    """Register ``func`` as a subcommand whose known errors become ``Error: ...``, exit code 1.
+RERUN_TO_RESUME = "Interrupted; rerun the same command to resume."
+
+
+def cli_message(message: str, options: Collection[str]) -> str:
+    """A library message as the CLI says it: Python parameters become the flags that set them.
+
+    In backticks, ```name=True``` becomes ``--name``, ```name=False``` ``--no-name``,
+    ```name=X``` ``--name X`` and a bare ```name``` ``--name``, where ``name`` (through
+    :data:`OPTION_ALIASES`) is one of ``options``, the CLI's option names with underscores
+    (``target_ratio``). Anything else in backticks (paths, columns, modules) is left as it is.
+    """
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        option = OPTION_ALIASES.get(name, name)
+        if option not in options or (value is None and option in _NOT_BARE):
+            return match.group(0)
+        dashed = option.replace("_", "-")
+        if value is None or value == "True":
+            return f"--{dashed}"
+        if value == "False":
+            return f"--no-{dashed}"
+        return f"--{dashed} {value}"
+
+    return _PARAMETER.sub(flag, message)
+
+
+@functools.cache
+def _option_names() -> frozenset[str]:
+    """The parameter names of every command's options (``target_ratio`` for --target-ratio)."""
+    import click
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    return frozenset(
+        param.name
+        for command in group.commands.values()
+        for param in command.params
+        if isinstance(param, click.Option) and param.name
+    )
+
+
+def _command(
+    interrupted: Callable[..., str] = lambda **_: RERUN_TO_RESUME,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a subcommand whose known errors become ``Error: ...`` (exit code 1) and whose
+    Ctrl-C prints ``interrupted(**the command's arguments)`` (exit code 130).
 
     The command is named after the function, less a trailing ``_`` (``eval_`` -> ``eval``).
     """
 
-    @functools.wraps(func)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        try:
-            func(*args, **kwargs)
-        except (AmtlError, FileNotFoundError) as exc:
-            _fail(exc)
-        except KeyboardInterrupt:
-            if _rank() == 0:
-                typer.echo("Interrupted; rerun the same command to resume.", err=True)
-            raise typer.Exit(130) from None
+    def register(func: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(func)
+        def wrapper(**kwargs: object) -> None:
+            try:
+                func(**kwargs)
+            except BaseException as exc:
+                _report(exc, lambda: interrupted(**kwargs))
+                raise
 
-    return app.command(func.__name__.rstrip("_"))(wrapper)
+        return app.command(func.__name__.rstrip("_"))(wrapper)
+
+    return register
+
+
+def _report(exc: BaseException, interrupted: Callable[[], str]) -> None:
+    """Print the outcome ``exc`` of a command and raise its exit, or return for a bug.
+
+    Known errors: see :func:`_fail`. Ctrl-C: rank 0 prints ``interrupted()`` (every rank got
+    the signal), exit code 130. Under torchrun this runs in every rank's process group
+    (training/launch.py ``command_ranks``), so rank 0 prints before any rank exits.
+    """
+    if isinstance(exc, (AmtlError, FileNotFoundError)):
+        _fail(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        if torchrun_rank() == 0:
+            typer.echo(interrupted(), err=True)
+        raise typer.Exit(130) from None
 
 
 def _fail(exc: AmtlError | FileNotFoundError) -> NoReturn:
@@ -62,62 +138,13 @@ def _fail(exc: AmtlError | FileNotFoundError) -> NoReturn:
     if isinstance(exc, FileNotFoundError):
         message = f"no such file `{exc.filename}`; check the path"
     else:
-        message = str(exc)
-    rank = _rank()
+        message = cli_message(str(exc), _option_names())
+    rank = torchrun_rank()
     if rank == 0:
         typer.echo(f"Error: {message}", err=True)
-    elif not _every_rank(exc):  # rank 0 did not see it: say it here, and where
+    elif not raised_on_every_rank(exc):  # rank 0 did not see it: say it here, and where
         typer.echo(f"Error: (rank {rank}) {message}", err=True)
-    raise _exit_like(exc, 1) from None
-
-
-def _every_rank(exc: BaseException) -> bool:
-    """Whether every torchrun rank raised ``exc`` (False outside torchrun, without importing
-    torch)."""
-    if "WORLD_SIZE" not in os.environ:
-        return False
-    from amtl_compress.training.distributed import raised_on_every_rank
-
-    return raised_on_every_rank(exc)
-
-
-def _exit_like(exc: BaseException, code: int) -> typer.Exit:
-    """``typer.Exit(code)``, marked as raised on every rank when ``exc`` was, so that the
-    process group lets every rank wait until rank 0 has printed (distributed.process_group)."""
-    if not _every_rank(exc):
-        return typer.Exit(code)
-    from amtl_compress.training.distributed import mark_every_rank
-
-    return mark_every_rank(typer.Exit(code))
-
-
-def _rank() -> int:
-    """This process's torchrun rank, 0 outside torchrun. Read from the environment without
-    importing torch: the Ctrl-C handlers call it, and Ctrl-C may have cut that import short."""
-    value = os.environ.get("RANK", "0")
-    return int(value) if value.isdigit() and "WORLD_SIZE" in os.environ else 0
-
-
-@contextlib.contextmanager
-def _interrupt_after_imports() -> Iterator[None]:
-    """Hold Ctrl-C while heavy modules import, then raise it.
-
-    An import cut short by KeyboardInterrupt can leave a half-initialised module in
-    ``sys.modules`` (seen with numpy during ``import torch``); where a library swallows that
-    interrupt, the run goes on and crashes later with an unrelated error. Outside the main
-    thread this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+    raise typer.Exit(1) from None
 
 
 ModelOpt = Annotated[
@@ -137,7 +164,7 @@ def _echo_table(rows: list[list[str]]) -> None:
     typer.echo(format_table(rows))
 
 
-@_command
+@_command()
 def train(
     data: Annotated[Path, typer.Argument(help="Training data (Parquet or CSV).")],
     valid: Annotated[Path, typer.Option(help="Validation data for AUC/logloss per epoch.")],
@@ -159,27 +186,23 @@ def train(
     Data-parallel on N processes: torchrun --nproc_per_node=N -m amtl_compress train ...
     (docs/scaling.md).
     """
-    from amtl_compress.training.distributed import process_group
-    from amtl_compress.training.train import TrainConfig, train_dlrm
-
-    # Under torchrun the ranks hold the process group until rank 0 has printed (see _fail).
-    with process_group() as world:
-        try:
-            with world.errors_agreed():
-                config = TrainConfig(
-                    embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size, lr=lr,
-                    seed=seed, label=label,
-                )
-            result = train_dlrm(data, valid, out, config, progress=not quiet)
-        except (AmtlError, FileNotFoundError) as exc:
-            _fail(exc)
+    with command_ranks(functools.partial(_report, interrupted=lambda: RERUN_TO_RESUME)) as world:
+        with hold_interrupts():
+            from amtl_compress.training.config import TrainConfig
+            from amtl_compress.training.train import train_dlrm
+        with world.errors_agreed():
+            config = TrainConfig(
+                embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size, lr=lr,
+                seed=seed, label=label,
+            )
+        result = train_dlrm(data, valid, out, config, progress=not quiet)
         if world.is_main:
             typer.echo(
                 f"wrote {out}: valid AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}"
             )
 
 
-@_command
+@_command(interrupted=lambda out, **_: _interrupted_message(out))
 def finetune(
     checkpoint: Annotated[Path, typer.Argument(help="Trained weights (.safetensors or .pt).")],
     data: Annotated[Path, typer.Option(help="Training data (Parquet or CSV).")],
@@ -253,78 +276,57 @@ def finetune(
     Data-parallel on N processes: torchrun --nproc_per_node=N -m amtl_compress finetune ...
     (docs/scaling.md).
     """
-    # Everything, imports included, is inside the try: Ctrl-C may land anywhere.
-    try:
-        with _interrupt_after_imports():
-            import numpy  # noqa: F401 - imported here so that no later import can be cut short
+    report = functools.partial(_report, interrupted=lambda: _interrupted_message(out))
+    with command_ranks(report) as world:
+        with hold_interrupts():
+            # Imported here, all at once, so that no later import can be cut short by Ctrl-C.
+            import numpy  # noqa: F401
             import pyarrow.parquet  # noqa: F401
             import safetensors.torch  # noqa: F401
 
             from amtl_compress.core.amtl import AMTLConfig
-            from amtl_compress.training.distributed import process_group
-            from amtl_compress.training.finetune import (
-                CollapseWarning,
-                FinetuneConfig,
-                parse_field,
-            )
+            from amtl_compress.training.config import FinetuneConfig, parse_field
             from amtl_compress.training.finetune import finetune as run_finetune
-
-        # Under torchrun the ranks hold the process group until rank 0 has printed (see _fail).
-        with process_group() as world:
-            try:
-                with world.errors_agreed():
-                    fields = dict(parse_field(f) for f in field)
-                    config = FinetuneConfig(
-                        fields=fields, epochs=epochs, batch_size=batch_size, lr=lr,
-                        amtl_lr=amtl_lr, final_temperature=final_temperature,
-                        target_ratio=target_ratio, seed=seed, label=label,
-                        save_every=save_every, budget_weight=budget_weight, amtl=AMTLConfig(
-                            twins=not single_branch, straight_through=not no_ste,
-                            temperature=temperature, ordering=ordering,
-                        ),
-                    )
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", CollapseWarning)  # reported below, once
-                    result = run_finetune(
-                        checkpoint, data, valid, out, config, model_factory=model,
-                        counts_file=counts, resume=resume, overwrite=overwrite,
-                        progress=not quiet,
-                    )
-            except (AmtlError, FileNotFoundError) as exc:
-                _fail(exc)
-            except KeyboardInterrupt as exc:
-                _say_interrupted(out)
-                raise _exit_like(exc, 130) from None
-            if world.is_main:
-                if result.metrics["collapsed"]:
-                    typer.echo(
-                        f"Warning: {CollapseWarning(result.metrics['collapsed'])}", err=True
-                    )
-                _print_finetune_metrics(result.metrics)
-                typer.echo(f"wrote {result.run_dir}")
-    except KeyboardInterrupt:
-        # Outside the process group's lifetime: during the imports, or its setup.
-        _say_interrupted(out)
-        raise typer.Exit(130) from None
+            from amtl_compress.training.result import CollapseWarning
+        with world.errors_agreed():
+            config = FinetuneConfig(
+                fields=dict(parse_field(f) for f in field), epochs=epochs, batch_size=batch_size,
+                lr=lr, amtl_lr=amtl_lr, final_temperature=final_temperature,
+                target_ratio=target_ratio, seed=seed, label=label, save_every=save_every,
+                budget_weight=budget_weight, amtl=AMTLConfig(
+                    twins=not single_branch, straight_through=not no_ste,
+                    temperature=temperature, ordering=ordering,
+                ),
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CollapseWarning)  # reported below, once
+            result = run_finetune(
+                checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
+                resume=resume, overwrite=overwrite, progress=not quiet,
+            )
+        if world.is_main:
+            if result.metrics["collapsed"]:
+                warning = CollapseWarning(result.metrics["collapsed"])
+                typer.echo(f"Warning: {cli_message(str(warning), _option_names())}", err=True)
+            _print_finetune_metrics(result.metrics)
+            typer.echo(f"wrote {result.run_dir}")
 
 
-def _say_interrupted(out: Path) -> None:
-    """Tell whether an interrupted ``finetune`` left a state to resume from (rank 0 only: every
-    rank got the Ctrl-C).
+def _interrupted_message(out: Path) -> str:
+    """What an interrupted ``finetune`` tells: whether it left a state to resume from.
 
-    No import here: Ctrl-C may have cut `import torch` short, and importing it again would crash.
-    The file name is training/state.py's `state.safetensors`.
+    Every import of the command runs under ``hold_interrupts``, which lets none be cut short,
+    so importing run_dir (and torch) here never meets a half-imported module.
     """
-    if _rank() != 0:
-        return
-    state = out.with_name(out.name + ".resume")
-    if (state / "state.safetensors").is_file():
-        typer.echo(
+    from amtl_compress.run_dir import STATE_FILE, resume_dir
+
+    state = resume_dir(out)
+    if (state / STATE_FILE).is_file():
+        return (
             f"Interrupted; progress is saved in `{state}`: rerun the same command to resume "
-            "(or add --no-resume to start over)", err=True,
+            "(or add --no-resume to start over)"
         )
-    else:
-        typer.echo("Interrupted before the first saved step; nothing to resume.", err=True)
+    return "Interrupted before the first saved step; nothing to resume."
 
 
 def _print_finetune_metrics(metrics: dict) -> None:
@@ -341,7 +343,7 @@ def _print_finetune_metrics(metrics: dict) -> None:
     _echo_table(rows)
 
 
-@_command
+@_command()
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.safetensors or .pt).")],
     model: ModelOpt = None,
@@ -350,10 +352,10 @@ def inspect(
 
     Example: amtl-compress inspect base.safetensors
     """
-    from amtl_compress.checkpoint import embedding_tables, load_model, load_state_dict
+    from amtl_compress.checkpoint import SPEC_KEY, embedding_tables, load_model, load_state_dict
 
     state, metadata = load_state_dict(checkpoint)
-    if model is not None or "amtl_compress.model" in metadata:
+    if model is not None or SPEC_KEY in metadata:
         source = load_model(checkpoint, model)[0]
     else:
         source = state
@@ -364,7 +366,7 @@ def inspect(
     _echo_table(rows)
 
 
-@_command
+@_command()
 def pack(
     run: Annotated[Path, typer.Argument(help="Run directory written by `finetune`.")],
     out: Annotated[Path, typer.Option(help="Packed directory to create.")],
@@ -385,7 +387,7 @@ def pack(
     typer.echo(f"wrote {out}")
 
 
-@_command
+@_command()
 def eval_(
     test: Annotated[Path, typer.Argument(help="Test data (Parquet or CSV).")],
     checkpoint: Annotated[
@@ -416,7 +418,7 @@ def eval_(
     _echo_table(rows)
 
 
-@_command
+@_command()
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo's files.")] = Path("runs/demo"),
     target_ratio: Annotated[float, typer.Option(help="Memory budget of AMTL.")] = 0.4,

@@ -1,4 +1,4 @@
-"""``amtl-compress demo``: the whole path on MovieLens-100k in a few minutes on 2 CPU cores.
+"""``amtl-compress demo``: the whole path on MovieLens-100k, a few minutes on two CPU cores.
 
 Train the reference DLRM (the fixed-dimension baseline), fine-tune AMTL on user_id and item_id at
 a memory budget, pack the result in float32 and int8, and compare all of them on the held-out
@@ -14,10 +14,12 @@ from amtl_compress.checkpoint import load_model
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
 from amtl_compress.lookup.load import load_packed_model
+from amtl_compress.run_dir import RunDir
 from amtl_compress.storage.pack import pack
-from amtl_compress.training.finetune import FinetuneConfig, finetune
+from amtl_compress.training.config import FinetuneConfig, TrainConfig
+from amtl_compress.training.finetune import finetune
 from amtl_compress.training.loop import evaluate
-from amtl_compress.training.train import TrainConfig, train_dlrm
+from amtl_compress.training.train import train_dlrm
 
 DEMO_FIELDS = ("user_id", "item_id")
 
@@ -60,7 +62,7 @@ def run_demo(
     dim = str(ctr.dlrm_config().embedding_dim)
     models = [
         ("FBE (trained)", load_model(base)[0], [dim] * len(DEMO_FIELDS), dense_bytes),
-        (f"AMTL (budget {target_ratio:g})", load_model(result.run_dir / "model.safetensors")[0],
+        (f"AMTL (budget {target_ratio:g})", load_model(RunDir(result.run_dir).model_file)[0],
          [avg[f] for f in DEMO_FIELDS], dense_bytes),
     ]
     for dtype, report in reports.items():

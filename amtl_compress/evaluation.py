@@ -9,6 +9,7 @@ from pathlib import Path
 from amtl_compress.checkpoint import load_model
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.lookup.load import load_packed_model
+from amtl_compress.run_dir import RunDir
 from amtl_compress.training.loop import evaluate
 
 
@@ -51,7 +52,7 @@ def compare(
     rows: list[EvalRow] = []
     sources = [
         ("checkpoint", checkpoint, lambda p: load_model(p, factory)[0]),
-        ("fine-tuned", None if run_dir is None else Path(run_dir) / "model.safetensors",
+        ("fine-tuned", None if run_dir is None else RunDir(run_dir).model_file,
          lambda p: load_model(p, factory)[0]),
         ("packed", packed_dir, lambda p: load_packed_model(p, factory)),
     ]

@@ -11,7 +11,7 @@ counted.
     FBE trained / FBE fine-tuned     the baseline, and the baseline given the same extra steps
     PTQ fp16 / int8                  post-training quantization of the full trained tables
     truncate k (+/- pca)             every row keeps its first k dims (optionally after the
-                                     principal-axes rotation of surgery/rotation.py)
+                                     principal-axes rotation of core/rotation.py)
     freq rule                        rows with count >= t keep all D dims, the rest 1; t chosen
                                      for the budget
     MDE                              Ginart et al. 2019: 4 frequency blocks, block dim

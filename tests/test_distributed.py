@@ -43,10 +43,11 @@ from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.cli import app
 from amtl_compress.errors import ConfigError, DataError, RunDirError, TrainingError
 from amtl_compress.training import distributed
+from amtl_compress.training.config import FinetuneConfig, TrainConfig
 from amtl_compress.training.distributed import World, process_group
-from amtl_compress.training.finetune import FinetuneConfig, finetune
+from amtl_compress.training.finetune import finetune
 from amtl_compress.training.loop import predict, predict_sharded
-from amtl_compress.training.train import TrainConfig, train_dlrm
+from amtl_compress.training.train import train_dlrm
 from tests.reliability_helpers import REPO, saved_step
 
 #: Fraction of rows whose length must equal the single-process run's, per table.

@@ -10,7 +10,8 @@ from amtl_compress.evaluation import compare
 from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
 from amtl_compress.storage.pack import pack
-from amtl_compress.training.finetune import FinetuneConfig, finetune
+from amtl_compress.training.config import FinetuneConfig
+from amtl_compress.training.finetune import finetune
 from amtl_compress.training.loop import predict
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from amtl_compress.errors import DataError
+from amtl_compress.errors import ConfigError, DataError
 from amtl_compress.models.dlrm import DLRM, DLRMConfig
 
 CONFIG = DLRMConfig(
@@ -73,10 +73,25 @@ def test_bottom_mlp_is_dropped_without_dense_features() -> None:
 
 
 def test_from_dict_rejects_unknown_and_missing_keys() -> None:
-    with pytest.raises(ValueError, match="unknown key `dims`"):
+    with pytest.raises(ConfigError, match=r"unknown DLRMConfig keys \['dims'\]"):
         DLRMConfig.from_dict({**CONFIG.to_dict(), "dims": 3})
-    with pytest.raises(ValueError, match="`categorical` is missing"):
+    with pytest.raises(ConfigError, match="`categorical` is missing"):
         DLRMConfig.from_dict({"embedding_dim": 4})
+    with pytest.raises(ConfigError, match="DLRMConfig `version` 2 is not supported"):
+        DLRMConfig.from_dict({**CONFIG.to_dict(), "version": 2})
+
+
+def test_config_errors_are_config_errors_and_value_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        DLRMConfig(categorical={"a": 2})
+    assert isinstance(info.value, ValueError)
+
+
+def test_config_round_trips_through_json() -> None:
+    text = json.dumps(CONFIG.to_dict())
+    assert DLRMConfig.from_dict(json.loads(text)) == CONFIG
+    legacy = {k: v for k, v in CONFIG.to_dict().items() if k != "version"}
+    assert DLRMConfig.from_dict(legacy) == CONFIG  # written before configs had a version
 
 
 def test_modules_live_under_embeddings() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from amtl_compress.errors import PackedFormatError, RunDirError
 from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.storage.pack import pack
-from amtl_compress.training.state import load_state, save_state
+from amtl_compress.training.resume import load_state, save_state
 from tests.reliability_helpers import (
     make_run_dir,
     run_cli,
@@ -259,10 +259,10 @@ def test_corrupt_resume_state_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_first_ctrl_c_is_deferred_second_interrupts_at_once() -> None:
-    from amtl_compress.training.finetune import _DeferredInterrupt
+    from amtl_compress.training.launch import DeferredInterrupt
 
     before = signal.getsignal(signal.SIGINT)
-    with _DeferredInterrupt() as interrupt:
+    with DeferredInterrupt() as interrupt:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # the handler runs between bytecodes of the main thread
         assert interrupt.requested  # and no KeyboardInterrupt was raised

@@ -86,6 +86,9 @@ def same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     )
 
 
+#: The unrotated layer: these tests check exact (bitwise) outputs and a max-mode EmbeddingBag.
+RAW = AMTLConfig(ordering="none")
+
 SIZES = {"tables.user": 20, "tables.item": 30, "bags.0": 15, "bags.1": 25, "side.0": 7}
 
 
@@ -114,7 +117,7 @@ def scramble_(model: nn.Module) -> None:
 
 def test_attach_wraps_every_layout() -> None:
     model = make_model()
-    got = attach_amtl_(model, all_counts())
+    got = attach_amtl_(model, all_counts(), RAW)
     assert got == {
         "tables.user": "tables.user",
         "tables.item": "tables.item",
@@ -135,7 +138,7 @@ def test_warm_start_outputs_are_bitwise_identical(training: bool) -> None:
     model = make_model().train(training)
     batch = make_batch()
     before = lookups(model, batch)
-    attach_amtl_(model, all_counts(), AMTLConfig(hidden_dims=(8,)))
+    attach_amtl_(model, all_counts(), AMTLConfig(hidden_dims=(8,), ordering="none"))
     model.train(training)
     assert same_bits(lookups(model, batch), before)
     with torch.no_grad():
@@ -225,7 +228,7 @@ def test_shared_table_and_root_table_raise() -> None:
 def test_detach_merge_equals_the_masked_forward() -> None:
     model = make_model()
     batch = make_batch(1)
-    attach_amtl_(model, all_counts())
+    attach_amtl_(model, all_counts(), RAW)
     scramble_(model)
     model.eval()
     lengths_before = {p: layer.lengths() for p, layer in amtl_layers(model).items()}
@@ -251,7 +254,7 @@ def test_detach_without_merge_keeps_raw_weights_and_types() -> None:
     tables = (nn.Embedding, nn.EmbeddingBag)
     originals = {p: m for p, m in model.named_modules() if isinstance(m, tables)}
     raw = {k: v.clone() for k, v in model.state_dict().items()}
-    attach_amtl_(model, all_counts())
+    attach_amtl_(model, all_counts(), RAW)
     scramble_(model)
     plain, lengths = detach_amtl(model, merge=False)
     assert set(lengths) == set(originals)
@@ -265,14 +268,14 @@ def test_detach_without_merge_keeps_raw_weights_and_types() -> None:
 
 def test_attach_again_after_detach() -> None:
     model = make_model()
-    attach_amtl_(model, all_counts())
+    attach_amtl_(model, all_counts(), RAW)
     detach_amtl(model)
-    assert len(attach_amtl_(model, all_counts())) == 5
+    assert len(attach_amtl_(model, all_counts(), RAW)) == 5
 
 
 def test_state_dict_and_parameter_groups() -> None:
     model = make_model()
-    attach_amtl_(model, all_counts())
+    attach_amtl_(model, all_counts(), RAW)
     state = model.state_dict()
     amtl_keys = [k for k in state if ".amtl." in k]
     assert "tables.user.amtl.h_aml.0.weight" in amtl_keys
@@ -288,7 +291,7 @@ def test_state_dict_and_parameter_groups() -> None:
 
 def test_training_step_with_separate_learning_rates() -> None:
     model = make_model()
-    attach_amtl_(model, all_counts())
+    attach_amtl_(model, all_counts(), RAW)
     scramble_(model)
     opt = torch.optim.Adam(
         [{"params": model_parameters(model), "lr": 1e-3}, {"params": amtl_parameters(model)}],
@@ -313,7 +316,7 @@ def test_layer_follows_the_table_dtype(dtype: torch.dtype, amtl_dtype: torch.dty
     model = nn.ModuleDict({"t": nn.Embedding(50, 300)}).to(dtype)
     ids = torch.arange(50)
     before = model["t"](ids)
-    attach_amtl_(model, {"t": torch.arange(50)})
+    attach_amtl_(model, {"t": torch.arange(50)}, RAW)
     layer = amtl_layers(model)["t"]
     assert layer.h_aml[0].weight.dtype == amtl_dtype
     assert layer.freq_index.dtype == torch.int64

@@ -6,8 +6,9 @@ from safetensors.torch import load_file
 
 import amtl_compress.training.finetune as finetune_mod
 from amtl_compress.checkpoint import load_model
-from amtl_compress.errors import AmtlError, NoMatchingModuleError
-from amtl_compress.training.finetune import FinetuneConfig, finetune, parse_field
+from amtl_compress.errors import ConfigError, NoMatchingModuleError, OutputExistsError
+from amtl_compress.training.config import FinetuneConfig, parse_field
+from amtl_compress.training.finetune import finetune
 
 FIELDS = {"user_id": "user_id", "item_id": "item_id"}
 
@@ -21,7 +22,8 @@ def _config(**kw):
 def test_parse_field():
     assert parse_field("user_id") == ("user_id", "user_id")
     assert parse_field("embeddings.u=user_id") == ("embeddings.u", "user_id")
-    with pytest.raises(AmtlError, match="bad --field"):
+    bad = r"^bad `fields` entry `x=`; use `MODULE=COLUMN` or a bare name used for both$"
+    with pytest.raises(ConfigError, match=bad):
         parse_field("x=")
 
 
@@ -96,7 +98,8 @@ def test_errors_before_any_work(synthetic, baseline, tmp_path):
         finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "r",
                  _config(fields={"no_such_table": "user_id"}), progress=False)
     (tmp_path / "exists").mkdir()
-    with pytest.raises(AmtlError, match="--overwrite"):
+    exists = r"exists; pass `overwrite=True` or choose another `out`$"
+    with pytest.raises(OutputExistsError, match=exists):
         finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "exists", _config(),
                  progress=False)
     assert not (tmp_path / "r").exists()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from amtl_compress._config import check_version, known_keys
 from amtl_compress.core.frequency import frequency_features
 from amtl_compress.core.rotation import ORDERINGS as _ORDERINGS
 from amtl_compress.errors import ConfigError
@@ -37,10 +38,11 @@ class AMTLConfig:
             longer, more confident start. The ramp is concave so that a memory budget's linear
             price on length (core/budget.py) can select every intermediate length at the start;
             a linear ramp would tie all lengths at one price.
-        ordering: ``"none"`` = mask the table's own dims (the paper); ``"pca"`` = at attach,
+        ordering: ``"pca"`` (the default: the recipe docs/benchmarks.md measured) = at attach,
             rotate the table onto its principal axes so the kept prefix holds the most energy,
-            and rotate each looked-up row back (surgery/rotation.py; outputs unchanged at full
-            length up to float rounding). Not for EmbeddingBags with mode max.
+            and rotate each looked-up row back (core/rotation.py; outputs unchanged at full
+            length up to float rounding); ``"none"`` = mask the table's own dims (the paper,
+            outputs unchanged bit for bit at attach). Not for EmbeddingBags with mode max.
         version: format version of this config, for reading old run directories.
 
     Raises:
@@ -52,7 +54,7 @@ class AMTLConfig:
     straight_through: bool = True
     temperature: float = 1.0
     init_margin: float = 4.0
-    ordering: str = "none"
+    ordering: str = "pca"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -85,11 +87,7 @@ class AMTLConfig:
             raise ConfigError(
                 f"AMTLConfig `ordering` must be one of {list(_ORDERINGS)}, got {self.ordering!r}"
             )
-        if self.version not in _CONFIG_VERSIONS:
-            raise ConfigError(
-                f"AMTLConfig `version` {self.version!r} is not supported (known: "
-                f"{list(_CONFIG_VERSIONS)}); upgrade amtl-compress to read this config"
-            )
+        check_version(AMTLConfig, self.version, _CONFIG_VERSIONS)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``hidden_dims`` becomes a list)."""
@@ -100,13 +98,7 @@ class AMTLConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AMTLConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ConfigError, missing ones get defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown AMTLConfig keys {unknown}; expected a subset of {sorted(known)}"
-            )
-        return cls(**d)
+        return cls(**known_keys(cls, d))
 
 
 def _branch(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:

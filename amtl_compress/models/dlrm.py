@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from amtl_compress.errors import DataError
+from amtl_compress._config import check_version, known_keys
+from amtl_compress.errors import ConfigError, DataError
 
-_CONFIG_KEYS = ("categorical", "list_fields", "dense", "embedding_dim", "bottom_mlp", "top_mlp")
+_CONFIG_VERSIONS = (1,)
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,13 @@ class DLRMConfig:
             there are dense features; dropped (stored as ()) when there are none.
         top_mlp: widths of the top MLP's hidden layers (Linear + ReLU each); a final Linear to 1
             logit is always added.
+        version: format version of this config, for reading old checkpoints' model specs.
 
     Field order (categorical first, then list fields, both in dict order) fixes the order of the
     interaction terms, so it is kept through :meth:`to_dict` / :meth:`from_dict`.
+
+    Raises:
+        ConfigError: (a ValueError) a field has the wrong value.
     """
 
     categorical: dict[str, int]
@@ -49,6 +54,7 @@ class DLRMConfig:
     embedding_dim: int = 16
     bottom_mlp: tuple[int, ...] = ()
     top_mlp: tuple[int, ...] = (64, 32)
+    version: int = 1
 
     def __post_init__(self) -> None:
         # Normalize sequences so a config built from lists equals one built from tuples.
@@ -63,37 +69,38 @@ class DLRMConfig:
         self._validate()
 
     def _validate(self) -> None:
+        check_version(DLRMConfig, self.version, _CONFIG_VERSIONS)
         if self.embedding_dim < 1:
-            raise ValueError(f"DLRMConfig: embedding_dim must be >= 1, got {self.embedding_dim}")
+            raise ConfigError(f"DLRMConfig: embedding_dim must be >= 1, got {self.embedding_dim}")
         tables = [*self.categorical, *self.list_fields]
         names = [*tables, *self.dense]
         for name in tables:
             if not isinstance(name, str) or not name or "." in name or _clashes(name):
-                raise ValueError(
+                raise ConfigError(
                     f"DLRMConfig: field name `{name}` cannot be a module name; "
                     "rename the column (no dots, not empty, not a ModuleDict attribute)"
                 )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"DLRMConfig: field `{dup[0]}` is listed twice; list it once")
+            raise ConfigError(f"DLRMConfig: field `{dup[0]}` is listed twice; list it once")
         for name, rows in self.categorical.items():
             if rows < 1:
-                raise ValueError(f"DLRMConfig: table `{name}` needs >= 1 row, got {rows}")
+                raise ConfigError(f"DLRMConfig: table `{name}` needs >= 1 row, got {rows}")
         for name, rows in self.list_fields.items():
             if rows < 2:
-                raise ValueError(
+                raise ConfigError(
                     f"DLRMConfig: list table `{name}` needs >= 2 rows (row 0 is padding), "
                     f"got {rows}"
                 )
         if self.dense and (not self.bottom_mlp or self.bottom_mlp[-1] != self.embedding_dim):
-            raise ValueError(
+            raise ConfigError(
                 f"DLRMConfig: bottom_mlp {self.bottom_mlp} must end with embedding_dim "
                 f"{self.embedding_dim} so its output joins the interaction"
             )
         if any(w < 1 for w in self.bottom_mlp + self.top_mlp):
-            raise ValueError("DLRMConfig: MLP widths must be >= 1")
+            raise ConfigError("DLRMConfig: MLP widths must be >= 1")
         if self.num_vectors < 2:
-            raise ValueError(
+            raise ConfigError(
                 "DLRMConfig: the interaction needs >= 2 vectors (tables, plus 1 for dense "
                 "features); add a field"
             )
@@ -112,17 +119,17 @@ class DLRMConfig:
             "embedding_dim": self.embedding_dim,
             "bottom_mlp": list(self.bottom_mlp),
             "top_mlp": list(self.top_mlp),
+            "version": self.version,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DLRMConfig:
-        """Rebuild a config from :meth:`to_dict` output; unknown or missing keys raise."""
-        unknown = sorted(set(data) - set(_CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"DLRMConfig: unknown key `{unknown[0]}`; known: {_CONFIG_KEYS}")
+        """Inverse of :meth:`to_dict`; unknown keys, a missing ``categorical`` or an unknown
+        ``version`` raise ConfigError, other missing keys get their defaults."""
+        data = known_keys(cls, data)
         if "categorical" not in data:
-            raise ValueError("DLRMConfig: key `categorical` is missing")
-        return cls(**{k: data[k] for k in _CONFIG_KEYS if k in data})
+            raise ConfigError("DLRMConfig: key `categorical` is missing")
+        return cls(**data)
 
 
 def _clashes(name: str) -> bool:

@@ -22,7 +22,6 @@ import os
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,15 +29,15 @@ from torch import Tensor, nn
 
 from amtl_compress import errors
 from amtl_compress.errors import AmtlError, ConfigError, TrainingError
+from amtl_compress.training.launch import mark_every_rank, raised_on_every_rank
+
+__all__ = [
+    "TORCHRUN_ENV", "World", "launched_by_torchrun", "mark_every_rank", "process_group",
+    "raised_on_every_rank", "wrap_ddp",
+]
 
 #: The variables torchrun sets for every worker; all or none must be present.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-_E = TypeVar("_E", bound=BaseException)
-
-# Attribute set on an exception that every rank raised, so the CLI prints it once (rank 0)
-# instead of once per rank.
-_EVERY_RANK = "amtl_every_rank"
 
 
 def launched_by_torchrun() -> bool:
@@ -75,19 +74,6 @@ def _env_int(name: str) -> int:
         raise ConfigError(
             f"environment variable `{name}` is `{value}`, not an integer; launch with `torchrun`"
         ) from None
-
-
-def raised_on_every_rank(exc: BaseException) -> bool:
-    """Whether every rank raised ``exc`` (see :func:`mark_every_rank`): the CLI prints it on
-    rank 0 only."""
-    return bool(getattr(exc, _EVERY_RANK, False))
-
-
-def mark_every_rank(exc: _E) -> _E:
-    """Mark ``exc`` as raised by every rank (a decision taken from values all ranks share, or
-    the outcome of :meth:`World.errors_agreed`); returns ``exc``."""
-    setattr(exc, _EVERY_RANK, True)
-    return exc
 
 
 @dataclass(frozen=True)
@@ -287,7 +273,7 @@ def process_group() -> Iterator[World]:
         finally:
             # A DDP model that outlives the process group keeps gloo's threads alive into the
             # interpreter's shutdown, where one of them can abort the process ("terminate
-            # called without an active exception"; up to 1 run in 6 in our tests). DDP
+            # called without an active exception"; up to 1 run in 6 without it). DDP
             # sits in a reference cycle, so collect it first.
             gc.collect()
             dist.destroy_process_group()

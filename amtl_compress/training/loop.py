@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from amtl_compress.errors import AmtlError, TrainingError
-from amtl_compress.training.distributed import World, mark_every_rank
+from amtl_compress.training.distributed import World
+from amtl_compress.training.launch import mark_every_rank
 from amtl_compress.training.metrics import logloss, roc_auc
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -198,7 +199,7 @@ def bce_step(
     if not torch.isfinite(observed[1]):
         error = TrainingError(
             f"the training loss became {float(observed[0])}; the last good state is kept - "
-            "lower the learning rate (--lr / --amtl-lr) or check the data for extreme values"
+            "lower the learning rate (`lr` / `amtl_lr`) or check the data for extreme values"
         )
         raise mark_every_rank(error) if shared else error
     total.backward()
@@ -210,7 +211,7 @@ def bce_step(
         # Every rank holds the same weights and averaged gradients, so every rank gets here.
         error = TrainingError(
             "the optimiser step overflowed float32; the last good state is kept - lower the "
-            "learning rate (--lr / --amtl-lr)"
+            "learning rate (`lr` / `amtl_lr`)"
         )
         raise (mark_every_rank(error) if shared else error) from None
     return float(observed[0])

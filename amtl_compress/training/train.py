@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,33 +17,11 @@ from amtl_compress.checkpoint import save_checkpoint
 from amtl_compress.data import CTRData, open_data
 from amtl_compress.models.dlrm import DLRM, DLRMConfig
 from amtl_compress.models.factory import model_spec_for
+from amtl_compress.training.config import TrainConfig
 from amtl_compress.training.distributed import World, process_group, wrap_ddp
 from amtl_compress.training.loop import bce_step, evaluate, read_batches, sync_batch
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of baseline training.
-
-    Args:
-        embedding_dim: D of every table.
-        bottom_mlp: hidden sizes of the bottom MLP on dense features (its output is D).
-        top_mlp: hidden sizes of the top MLP (its output is one logit).
-        epochs: passes over the training data.
-        batch_size: rows per optimiser step and process (under torchrun a step sees W x this).
-        lr: Adam learning rate.
-        seed: parameter init and data order.
-        label: name of the label column.
-    """
-
-    embedding_dim: int = 16
-    bottom_mlp: tuple[int, ...] = (32,)
-    top_mlp: tuple[int, ...] = (64, 32)
-    epochs: int = 3
-    batch_size: int = 1024
-    lr: float = 3e-3
-    seed: int = 0
-    label: str = "label"
+__all__ = ["TrainConfig", "fit", "infer_dlrm_config", "train_dlrm"]
 
 
 def infer_dlrm_config(datasets: list[CTRData], config: TrainConfig) -> DLRMConfig:
@@ -119,7 +96,7 @@ def train_dlrm(
     data: str | os.PathLike[str],
     valid: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig = TrainConfig(),  # noqa: B008 (frozen dataclass: immutable)
     dlrm_config: DLRMConfig | None = None,
     progress: bool = True,
 ) -> dict[str, float]:

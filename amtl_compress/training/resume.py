@@ -1,24 +1,29 @@
-"""Resumable training state: model + optimiser tensors in safetensors, the rest in JSON.
+"""Resuming an interrupted run: the state file, and the decision to resume or start over.
 
-No pickle is involved, so a state directory can be read back without trusting it to run code.
+The state is model + optimiser tensors in safetensors, the rest (progress, the run's config) in
+JSON. No pickle is involved, so a state directory can be read back without trusting it to run
+code. Rank 0 writes it in ``<out>.resume`` (run_dir.py); under torchrun every rank reads it back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 from amtl_compress._io import atomic_save_safetensors, atomic_write_text
 from amtl_compress.errors import RunDirError
+from amtl_compress.run_dir import STATE_COPY as _STATE_JSON
+from amtl_compress.run_dir import STATE_FILE as _STATE_TENSORS
+from amtl_compress.training.distributed import World
 
-_STATE_TENSORS = "state.safetensors"
-_STATE_JSON = "state.json"
 _PROGRESS_KEY = "amtl_compress.progress"
 
 
@@ -92,7 +97,7 @@ def load_state(
         tensors = load_file(str(directory / _STATE_TENSORS))
         if _PROGRESS_KEY in stored:
             meta = json.loads(stored[_PROGRESS_KEY])
-        else:  # written before the progress moved into the tensor file
+        else:  # a state whose progress is only in the JSON copy
             meta = json.loads((directory / _STATE_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError, SafetensorError) as exc:
         raise RunDirError(
@@ -117,3 +122,77 @@ def load_state(
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resume_or_restart(
+    state_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config_json: str,
+    resume: bool,
+    world: World,
+) -> dict[str, Any]:
+    """Load the state an interrupted run left in ``state_dir`` (every rank reads rank 0's file),
+    or clear the directory; returns the progress to start from.
+
+    Args:
+        config_json: the run's config as sorted JSON; a saved state of another config refuses
+            to resume.
+        resume: False = start over whatever ``state_dir`` holds.
+    """
+    with world.errors_agreed():
+        saved = None
+        if resume and has_state(state_dir):
+            saved = load_state(state_dir, model, optimizer)
+            if saved.get("config") != config_json:
+                raise RunDirError(
+                    f"`{state_dir}` holds an interrupted run with a different configuration; "
+                    "rerun with the same options, or pass `resume=False` to start over"
+                )
+            # A state without a world size comes from a single process.
+            saved_world = saved.get("world_size", 1)
+            if saved_world != world.size:
+                raise RunDirError(
+                    f"`{state_dir}` was saved by a run of {saved_world} process(es), this one has "
+                    f"{world.size}; resume with as many (torchrun --nnodes x --nproc_per_node), "
+                    "or pass `resume=False` to start over"
+                )
+    if world.active:
+        steps = world.gather_rows(torch.tensor([-1 if saved is None else saved["step"]]))
+        with world.errors_agreed():
+            if len({int(s) for s in steps}) > 1:
+                raise RunDirError(
+                    f"the ranks do not see the same resume state in `{state_dir}` (saved step "
+                    f"by rank: {[int(s) for s in steps]}, -1 = none); put `out` on a "
+                    "filesystem every node shares"
+                )
+    if saved is not None:
+        return saved
+    with world.errors_agreed():
+        if world.is_main and state_dir.exists():
+            shutil.rmtree(state_dir)
+    if world.active:
+        _check_shared(state_dir, world)
+    return {
+        "step": 0, "history": [], "best": None, "config": config_json, "world_size": world.size,
+    }
+
+
+def _check_shared(state_dir: Path, world: World) -> None:
+    """Fail now, not at the first resume, when rank 0's files are invisible to other ranks.
+
+    Rank 0 writes the resume state and the best epoch's weights, and every rank reads them back
+    (resume, end of run), so ``state_dir`` must be on a filesystem all ranks share.
+    """
+    with world.errors_agreed():
+        if world.is_main:
+            state_dir.mkdir(parents=True, exist_ok=True)
+    with world.errors_agreed():
+        if not state_dir.is_dir():
+            raise RunDirError(
+                f"rank {world.rank} does not see `{state_dir}`, which rank 0 created; put `out` "
+                "on a filesystem every node shares"
+            )
+    with world.errors_agreed():
+        if world.is_main:
+            state_dir.rmdir()  # empty until the first save; a run that fails leaves nothing
