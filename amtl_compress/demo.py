@@ -13,6 +13,7 @@ from pathlib import Path
 from amtl_compress.checkpoint import load_model
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
+from amtl_compress.models.dlrm import dlrm_config_for
 from amtl_compress.storage.load import load_packed_model
 from amtl_compress.storage.pack import pack
 from amtl_compress.training.finetune import FinetuneConfig, finetune
@@ -40,7 +41,7 @@ def run_demo(
     ctr = build_ctr_dataset(source, out / "data", seed=seed)
     base = out / "base.safetensors"
     train_dlrm(
-        ctr.train, ctr.valid, base, TrainConfig(seed=seed), dlrm_config=ctr.dlrm_config(),
+        ctr.train, ctr.valid, base, TrainConfig(seed=seed), dlrm_config=dlrm_config_for(ctr),
         progress=progress,
     )
     result = finetune(
@@ -57,7 +58,7 @@ def run_demo(
     tables = result.metrics["tables"]
     dense_bytes = sum(t["rows"] * t["dim"] * 4 for t in tables.values())
     avg = {t["column"]: f"{t['avg_kept_dim']:.2f}" for t in tables.values()}
-    dim = str(ctr.dlrm_config().embedding_dim)
+    dim = str(dlrm_config_for(ctr).embedding_dim)
     models = [
         ("FBE (trained)", load_model(base)[0], [dim] * len(DEMO_FIELDS), dense_bytes),
         (f"AMTL (budget {target_ratio:g})", load_model(result.run_dir / "model.safetensors")[0],
