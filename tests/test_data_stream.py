@@ -406,6 +406,7 @@ def test_file_without_rows_and_missing_label(tmp_path: Path) -> None:
     (folder / "part-05.parquet").unlink()
     msg = _one_line_error(lambda: ParquetDataset.open(folder, label="click"))
     assert "has no label column `click`" in msg and "`user`" in msg
+    assert msg.endswith("): add it or pass the label column's name as `label`")
     strings = _write_parts(tmp_path / "s", table.append_column("city", pa.array(["a"] * ROWS)))
     assert "column `city` has type string" in _one_line_error(lambda: ParquetDataset.open(strings))
 

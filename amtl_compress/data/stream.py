@@ -123,7 +123,7 @@ class ParquetDataset(ColumnKinds):
         if label not in schema.names:
             raise DataError(
                 f"`{p}` has no label column `{label}` (columns: {names_list(schema.names)}): "
-                "add it or pass the label column's name"
+                "add it or pass the label column's name as `label`"
             )
         kinds: dict[str, ColumnKind] = {}
         for field in schema:
