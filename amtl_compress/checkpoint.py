@@ -182,17 +182,17 @@ def load_model(
         except json.JSONDecodeError:
             raise CheckpointError(
                 f"checkpoint `{path}` has a model spec that is not JSON: "
-                "pass --model package.module:factory"
+                "pass `model_factory=package.module:function`"
             ) from None
         if not isinstance(spec, dict):
             raise CheckpointError(
                 f"checkpoint `{path}` has a model spec that is not a JSON object: "
-                "pass --model package.module:factory"
+                "pass `model_factory=package.module:function`"
             )
     else:
         raise CheckpointError(
             f"checkpoint `{path}` does not say how to build its model (no `{SPEC_KEY}` "
-            "metadata): pass --model package.module:factory"
+            "metadata): pass `model_factory=package.module:function`"
         )
     model = build_model(spec)
     # A model fine-tuned with dimension ordering saves `<table>.rotation` (core/rotation.py).
@@ -222,7 +222,7 @@ def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path: objec
     if problems:
         raise CheckpointError(
             f"checkpoint `{path}` does not fit its model: {'; '.join(problems)}. "
-            "Pass the --model package.module:factory that built this checkpoint"
+            "Pass the `model_factory=package.module:function` that built this checkpoint"
         )
 
 

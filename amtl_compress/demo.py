@@ -14,6 +14,7 @@ from amtl_compress.checkpoint import load_model
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
 from amtl_compress.lookup.load import load_packed_model
+from amtl_compress.models.dlrm import dlrm_config_for
 from amtl_compress.run_dir import RunDir
 from amtl_compress.storage.pack import pack
 from amtl_compress.training.config import FinetuneConfig, TrainConfig
@@ -42,7 +43,7 @@ def run_demo(
     ctr = build_ctr_dataset(source, out / "data", seed=seed)
     base = out / "base.safetensors"
     train_dlrm(
-        ctr.train, ctr.valid, base, TrainConfig(seed=seed), dlrm_config=ctr.dlrm_config(),
+        ctr.train, ctr.valid, base, TrainConfig(seed=seed), dlrm_config=dlrm_config_for(ctr),
         progress=progress,
     )
     result = finetune(
@@ -59,7 +60,7 @@ def run_demo(
     tables = result.metrics["tables"]
     dense_bytes = sum(t["rows"] * t["dim"] * 4 for t in tables.values())
     avg = {t["column"]: f"{t['avg_kept_dim']:.2f}" for t in tables.values()}
-    dim = str(ctr.dlrm_config().embedding_dim)
+    dim = str(dlrm_config_for(ctr).embedding_dim)
     models = [
         ("FBE (trained)", load_model(base)[0], [dim] * len(DEMO_FIELDS), dense_bytes),
         (f"AMTL (budget {target_ratio:g})", load_model(RunDir(result.run_dir).model_file)[0],

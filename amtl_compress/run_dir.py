@@ -30,8 +30,8 @@ from amtl_compress.errors import RunDirError
 
 __all__ = [
     "AMTL_FILE", "CONFIG_FILE", "LENGTHS_FILE", "METRICS_FILE", "MODEL_FILE", "RESUME_SUFFIX",
-    "RUN_FILES", "SPEC_KEY", "STATE_COPY", "STATE_FILE", "RunDir", "resume_dir", "table_report",
-    "write_run_dir",
+    "RUN_FILES", "RUN_FIX", "SPEC_KEY", "STATE_COPY", "STATE_FILE", "RunDir", "resume_dir",
+    "table_report", "write_run_dir",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -50,7 +50,7 @@ STATE_FILE = "state.safetensors"
 STATE_COPY = "state.json"
 
 #: The fix a reader's error gives for an incomplete run directory.
-RUN_FIX = "re-run `amtl-compress finetune` to write a complete run directory"
+RUN_FIX = "re-run `finetune` to write a complete run directory"
 
 
 def resume_dir(out: str | os.PathLike[str]) -> Path:
@@ -97,7 +97,7 @@ class RunDir:
         five) in it; returns ``self``."""
         if not self.path.is_dir():
             raise RunDirError(
-                f"run directory `{self.path}` does not exist; pass the `out` of finetune"
+                f"run directory `{self.path}` does not exist; pass the `out` of `finetune`"
             )
         for name in names or RUN_FILES:
             if not (self.path / name).is_file():

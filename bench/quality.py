@@ -60,6 +60,7 @@ from amtl_compress.data.counts import count_frequencies
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
 from amtl_compress.lookup.load import load_packed_model
+from amtl_compress.models.dlrm import dlrm_config_for
 from amtl_compress.models.factory import model_spec_for
 from amtl_compress.storage.pack import pack
 from amtl_compress.training.finetune import FinetuneConfig, finetune
@@ -222,7 +223,7 @@ def prepare(seed: int, work: Path) -> dict:
     ctr = build_ctr_dataset(fetch_movielens_100k(), work / "data", seed=seed)
     base = work / "base.safetensors"
     train_dlrm(ctr.train, ctr.valid, base, TrainConfig(seed=seed),
-               dlrm_config=ctr.dlrm_config(), progress=False)
+               dlrm_config=dlrm_config_for(ctr), progress=False)
     model, _ = load_model(base)
     rows = {f: model.embeddings[f].num_embeddings for f in FIELDS}
     return {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from amtl_compress.data.synthetic import make_synthetic_ctr
 from amtl_compress.training.train import TrainConfig, train_dlrm
-from fixtures.synthetic import make_synthetic_ctr
 
 
 @pytest.fixture(scope="session")

@@ -107,8 +107,12 @@ def test_price_enters_selection_and_state_dict() -> None:
 
 def test_unreachable_target_is_a_config_error() -> None:
     layer = AMTL(torch.tensor([0, 1, 5]), 4)
-    with pytest.raises(ConfigError, match="--target-ratio"):
+    with pytest.raises(ConfigError) as info:
         apply_budget_({"t": layer}, 0.2)
+    assert str(info.value) == (
+        "target ratio 0.2 is out of reach for table `t` (D = 4: every row keeps at least 1 "
+        "value, so R >= 0.2500); choose a larger `target_ratio`"
+    )
 
 
 def test_reported_ratio_is_the_layers_own_after_the_price_is_stored() -> None:

@@ -252,7 +252,7 @@ def test_reads_and_buffers_hold_a_bounded_number_of_rows(files, monkeypatch, shu
     _, folder = files
     read_sizes: list[int] = []
     buffer_sizes: list[int] = []
-    real_read, real_concat = stream_module.read_row_group, stream_module._Block.concat
+    real_read, real_concat = stream_module.read_row_group, stream_module.Block.concat
 
     def spy_read(group, columns, read_rows):
         for batch, row0 in real_read(group, columns, read_rows):
@@ -265,7 +265,7 @@ def test_reads_and_buffers_hold_a_bounded_number_of_rows(files, monkeypatch, shu
         return out
 
     monkeypatch.setattr(stream_module, "read_row_group", spy_read)
-    monkeypatch.setattr(stream_module._Block, "concat", staticmethod(spy_concat))
+    monkeypatch.setattr(stream_module.Block, "concat", staticmethod(spy_concat))
     read_rows, capacity, batch = 16, 100, 24
     data = ParquetDataset.open(folder, read_rows=read_rows, shuffle_buffer=capacity)
     assert sum(len(y) for _, y in data.batches(batch, shuffle=shuffle, seed=1)) == ROWS
@@ -406,6 +406,7 @@ def test_file_without_rows_and_missing_label(tmp_path: Path) -> None:
     (folder / "part-05.parquet").unlink()
     msg = _one_line_error(lambda: ParquetDataset.open(folder, label="click"))
     assert "has no label column `click`" in msg and "`user`" in msg
+    assert msg.endswith("): add it or pass the label column's name as `label`")
     strings = _write_parts(tmp_path / "s", table.append_column("city", pa.array(["a"] * ROWS)))
     assert "column `city` has type string" in _one_line_error(lambda: ParquetDataset.open(strings))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -14,11 +13,8 @@ import torch
 from amtl_compress.data.counts import count_frequencies
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.splits import CTRSplits
-from amtl_compress.models.dlrm import DLRM
-
-# `fixtures` sits at the repository root, which pytest does not put on sys.path by itself.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures.synthetic import make_synthetic_ctr, zipf_ids  # noqa: E402
+from amtl_compress.data.synthetic import make_synthetic_ctr, zipf_ids
+from amtl_compress.models.dlrm import DLRM, dlrm_config_for
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +81,7 @@ def test_label_carries_the_planted_signal(synthetic: CTRSplits) -> None:
 
 def _train_and_score(synthetic: CTRSplits, train: TabularData) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = DLRM(synthetic.dlrm_config(embedding_dim=8))
+    model = DLRM(dlrm_config_for(synthetic, embedding_dim=8))
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     for epoch in range(3):  # 48 steps: big batches keep this test cheap
         for x, y in train.batches(1024, shuffle=True, seed=epoch):

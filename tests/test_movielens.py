@@ -15,6 +15,7 @@ from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
 from amtl_compress.data.splits import CTRSplits
 from amtl_compress.errors import DataError
+from amtl_compress.models.dlrm import dlrm_config_for
 
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
 10\t2\t5\t881250949
@@ -87,7 +88,7 @@ def test_build_ctr_dataset_encodes_every_field(tmp_path: Path) -> None:
     assert train.list_columns == ("genres",)
     for column, n in {**splits.categorical, **splits.list_fields}.items():
         train.validate_ids(column, n)
-    assert splits.dlrm_config().categorical == splits.categorical
+    assert dlrm_config_for(splits).categorical == splits.categorical
 
 
 def test_split_is_80_10_10_and_fixed_by_the_seed(tmp_path: Path) -> None:

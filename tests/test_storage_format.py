@@ -305,7 +305,31 @@ def test_reader_rejects_tampered_header_or_offsets(
         read_packed_table(path)
     text = str(info.value)
     assert text.startswith(f"`{path}`: ") and "\n" not in text
-    assert text.endswith("re-create it with `amtl-compress pack`")
+    assert text.endswith("; re-create it with `pack`")
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (
+            meta("format_version", "3"),
+            "format_version `3` is not supported (this amtl-compress reads versions 1, 2; a later "
+            "release wrote it)",
+        ),
+        (offsets_are([0, 3, 2, 7]), "offsets decrease at row 1 (3 -> 2)"),
+        (offsets_are([0, 2, 5, 8]), "offsets[N] = 8 points past the end of `values` (7 entries)"),
+    ],
+    ids=["version", "offsets decrease", "offsets past values"],
+)
+def test_reader_error_strings_are_pinned(
+    tmp_path: Path, edit: Callable[[dict, bytes], tuple[dict, bytes]], problem: str
+) -> None:
+    path = tmp_path / "t.safetensors"
+    write_table(path)
+    join(path, *edit(*split(path)))
+    with pytest.raises(PackedFormatError) as info:
+        read_packed_table(path)
+    assert str(info.value) == f"`{path}`: {problem}; re-create it with `pack`"
 
 
 @pytest.mark.parametrize(

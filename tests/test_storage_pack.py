@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.errors import AmtlError, OutputExistsError, PackedFormatError, RunDirError
 from amtl_compress.storage import pack as pack_module
+from amtl_compress.storage import stream as stream_module
 from amtl_compress.storage.format import (
     prefix_mask,
     read_packed_table,
@@ -204,14 +205,21 @@ def test_nan_in_a_kept_value_is_rejected_but_not_in_the_tail(tmp_path: Path) -> 
     assert read_packed_table(out).values.numel() == 3  # the NaN sat past L_1 = 1: dropped
     weight[0, 1] = float("inf")
     save_file({"t.weight": weight}, str(tmp_path / "s.safetensors"))
-    with pytest.raises(RunDirError, match="table `t` row 0 holds a non-finite value"):
+    with pytest.raises(
+        RunDirError,
+        match="table `t` row 0 holds a non-finite value; the fine-tuned model is broken, "
+        r"re-run `finetune` \(e.g. with a lower `lr`\)$",
+    ):
         pack_table(tmp_path / "s.safetensors", "t.weight", lengths, out, "float32", "t")
 
 
 def test_float16_overflow_is_rejected(tmp_path: Path) -> None:
     weight = torch.tensor([[1.0, 70000.0]])
     save_file({"t.weight": weight}, str(tmp_path / "s.safetensors"))
-    with pytest.raises(RunDirError, match="beyond float16's range .* pack with dtype float32"):
+    with pytest.raises(
+        RunDirError,
+        match=r"beyond float16's range .*; pack with `dtype=float32` or `dtype=bfloat16`$",
+    ):
         pack_table(
             tmp_path / "s.safetensors", "t.weight", torch.tensor([2]), tmp_path / "t.safetensors",
             "float16", "t",
@@ -252,8 +260,11 @@ def test_pack_table_rejects_bad_input(
 
 def test_unknown_dtype_is_rejected(tmp_path: Path) -> None:
     src, _, lengths = source_file(tmp_path)
-    with pytest.raises(PackedFormatError, match="dtype `fp8` is not a packed dtype; choose one of"):
+    with pytest.raises(PackedFormatError) as info:
         pack_table(src, "t.weight", lengths, tmp_path / "t.safetensors", "fp8", "t")
+    assert str(info.value) == (
+        "`dtype=fp8` is not a packed dtype; pass one of float32, float16, bfloat16, int8"
+    )
 
 
 # --- pack (run directory -> packed directory) -------------------------------------------------
@@ -293,8 +304,11 @@ def test_pack_writes_tables_rest_and_manifest(tmp_path: Path, toy) -> None:
 def test_pack_refuses_existing_output_without_overwrite(tmp_path: Path, toy) -> None:
     make_run_dir(tmp_path / "run", toy)
     (tmp_path / "out").mkdir()
-    with pytest.raises(OutputExistsError, match="exists; pass --overwrite") as info:
+    with pytest.raises(OutputExistsError) as info:
         pack(tmp_path / "run", tmp_path / "out", progress=False)
+    assert str(info.value) == (
+        f"output directory `{tmp_path / 'out'}` exists; pass `overwrite=True` to replace it"
+    )
     assert isinstance(info.value, FileExistsError) and isinstance(info.value, AmtlError)
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -321,7 +335,7 @@ def test_interrupted_pack_leaves_nothing_and_keeps_previous_output(
     before = {p.name: p.read_bytes() for p in (tmp_path / "previous").iterdir()}
 
     calls = 0
-    real = pack_module._as_bytes
+    real = stream_module._as_bytes
 
     def failing(t: torch.Tensor):
         nonlocal calls
@@ -330,8 +344,8 @@ def test_interrupted_pack_leaves_nothing_and_keeps_previous_output(
             raise Interrupted
         return real(t)
 
-    monkeypatch.setattr(pack_module, "_as_bytes", failing)
-    monkeypatch.setattr(pack_module, "DEFAULT_CHUNK_BYTES", 40)
+    monkeypatch.setattr(stream_module, "_as_bytes", failing)
+    monkeypatch.setattr(stream_module, "DEFAULT_CHUNK_BYTES", 40)
     for target, overwrite in ((tmp_path / "fresh", False), (tmp_path / "previous", True)):
         calls = 0
         with pytest.raises(Interrupted):
@@ -357,11 +371,17 @@ def test_interrupted_before_manifest_leaves_nothing(
 
 def test_pack_run_dir_errors(tmp_path: Path, toy) -> None:
     run = tmp_path / "run"
-    with pytest.raises(RunDirError, match=f"run directory `{run}` does not exist"):
+    with pytest.raises(RunDirError) as info:
         pack(run, tmp_path / "out", progress=False)
+    assert str(info.value) == (
+        f"run directory `{run}` does not exist; pass the `out` of `finetune`"
+    )
     state, lengths = make_run_dir(run, toy)
     (run / "lengths.safetensors").unlink()
-    with pytest.raises(RunDirError, match="has no `lengths.safetensors`; re-run"):
+    with pytest.raises(
+        RunDirError,
+        match="has no `lengths.safetensors`; re-run `finetune` to write a complete run directory$",
+    ):
         pack(run, tmp_path / "out", progress=False)
 
     save_file({"tables.usr": lengths["tables.user"]}, str(run / "lengths.safetensors"))
@@ -401,7 +421,9 @@ def test_pack_reports_an_unbuildable_spec(tmp_path: Path, toy) -> None:
 
 def test_int8_rejects_a_row_whose_range_overflows(tmp_path: Path) -> None:
     save_file({"t.weight": torch.tensor([[-3e38, 3e38]])}, str(tmp_path / "s.safetensors"))
-    with pytest.raises(RunDirError, match="row 0 spans more than float32 .* dtype float32"):
+    with pytest.raises(
+        RunDirError, match="row 0 spans more than float32 .*; pack with `dtype=float32` or"
+    ):
         pack_table(
             tmp_path / "s.safetensors", "t.weight", torch.tensor([2]), tmp_path / "t.safetensors",
             "int8", "t",

@@ -129,7 +129,7 @@ def apply_budget_(layers: Mapping[str, AMTL], target_ratio: float) -> dict[str, 
             raise ConfigError(
                 f"target ratio {target_ratio} is out of reach for table `{name}` (D = "
                 f"{layer.embedding_dim}: every row keeps at least 1 value, so R >= "
-                f"{1 / layer.embedding_dim:.4f}); choose a larger --target-ratio"
+                f"{1 / layer.embedding_dim:.4f}); choose a larger `target_ratio`"
             )
         freq_ids = torch.arange(layer.num_frequencies, device=layer.rows_per_freq.device)
         logits = layer.logits(freq_ids)

@@ -31,7 +31,7 @@ from amtl_compress.data.columns import (
     names_list,
 )
 from amtl_compress.data.dataset import check_rank
-from amtl_compress.data.stream import is_multi_file, parquet_row_groups, read_row_group
+from amtl_compress.data.parquet import is_multi_file, parquet_row_groups, read_row_group
 from amtl_compress.errors import DataError
 
 # A CSV block must hold at least one whole row; the first try sizes blocks from the rows of the
@@ -80,7 +80,7 @@ def count_frequencies(
         ValueError: ``num_embeddings`` or ``batch_rows`` < 1, or a bad ``rank``/``world_size``.
         DataError: missing/unknown file, no such column, a column that does not hold ids,
             empty cells, negative ids, an id >= N, or (folder/glob) a bad file set as in
-            :func:`~amtl_compress.data.stream.parquet_row_groups`.
+            :func:`~amtl_compress.data.parquet.parquet_row_groups`.
     """
     if num_embeddings < 1:
         raise ValueError(f"num_embeddings must be >= 1, got {num_embeddings}")

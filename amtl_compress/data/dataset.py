@@ -230,7 +230,7 @@ class TabularData(ColumnKinds):
             raise DataError(
                 f"`{src}` has no label column `{label}` "
                 f"(columns: {names_list(table.column_names)}): "
-                "add it or pass the label column's name"
+                "add it or pass the label column's name as `label`"
             )
         labels = torch.from_numpy(label_values(table.column(label).combine_chunks(), src, label))
         features: dict[str, torch.Tensor] = {}

@@ -1,4 +1,8 @@
-"""A CTR data set on disk: train/valid/test Parquet files plus the schema a DLRM needs."""
+"""A CTR data set on disk: train/valid/test Parquet files plus the schema of their columns.
+
+The schema records each id column's table size, which is what a model needs to build its
+embedding tables (for the reference DLRM: ``amtl_compress.models.dlrm.dlrm_config_for``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from typing import Any
 
 from amtl_compress._io import atomic_write_text
 from amtl_compress.errors import DataError
-from amtl_compress.models.dlrm import DLRMConfig
 
 SPLITS_FILE = "splits.json"
 
@@ -34,27 +37,6 @@ class CTRSplits:
     list_fields: dict[str, int] = field(default_factory=dict)
     dense: tuple[str, ...] = ()
     label: str = "label"
-
-    def dlrm_config(
-        self,
-        embedding_dim: int = 16,
-        bottom_mlp: tuple[int, ...] | None = None,
-        top_mlp: tuple[int, ...] = (64, 32),
-    ) -> DLRMConfig:
-        """A :class:`DLRMConfig` with one table per id column of this data set.
-
-        ``bottom_mlp`` defaults to ``(32, embedding_dim)`` when there are dense columns, else ().
-        """
-        if bottom_mlp is None:
-            bottom_mlp = (32, embedding_dim) if self.dense else ()
-        return DLRMConfig(
-            categorical=dict(self.categorical),
-            list_fields=dict(self.list_fields),
-            dense=self.dense,
-            embedding_dim=embedding_dim,
-            bottom_mlp=bottom_mlp,
-            top_mlp=top_mlp,
-        )
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``splits.json`` into ``directory`` (paths relative to it when inside it)."""

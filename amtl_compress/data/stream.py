@@ -1,9 +1,10 @@
 """Many Parquet files (a folder or a glob) streamed in batches, never read whole.
 
-The read unit is a Parquet **row group**, in file-path order then row-group order; it is also the
-unit of data-parallel sharding (rank r of W reads row groups i with i % W == r). Memory holds at
-most one row group's pages (pyarrow decodes them ``read_rows`` rows at a time) plus the batch or
-shuffle buffer, so it does not grow with the number of files or rows.
+The read unit is a Parquet **row group** (data/parquet.py), in file-path order then row-group
+order; it is also the unit of data-parallel sharding (rank r of W reads row groups i with
+i % W == r). Memory holds at most one row group's pages (pyarrow decodes them ``read_rows`` rows at
+a time) plus the batch or shuffle buffer (data/block.py), so it does not grow with the number of
+files or rows.
 
 :func:`open_data` picks :class:`~amtl_compress.data.dataset.TabularData` for one file and
 :class:`ParquetDataset` for a folder or glob.
@@ -13,27 +14,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from amtl_compress.data.block import Block
 from amtl_compress.data.columns import (
-    PARQUET_SUFFIXES,
     ColumnKind,
     bag_ids,
     categorical_ids,
     dense_values,
-    first_line,
     first_true,
     kind_of,
     label_values,
     names_list,
-    pad_lists,
 )
 from amtl_compress.data.dataset import (
     Batch,
@@ -43,235 +38,31 @@ from amtl_compress.data.dataset import (
     check_batch_size,
     check_rank,
 )
+from amtl_compress.data.parquet import (
+    READ_ROWS,
+    RowGroup,
+    is_multi_file,
+    parquet_files,
+    parquet_row_groups,
+    read_row_group,
+)
 from amtl_compress.errors import DataError
 
-#: Rows decoded from a row group at a time.
-READ_ROWS = 1 << 16
+# The Parquet file helpers keep this module as a public home too.
+__all__ = [
+    "READ_ROWS",
+    "SHUFFLE_BUFFER",
+    "ParquetDataset",
+    "RowGroup",
+    "is_multi_file",
+    "open_data",
+    "parquet_files",
+    "parquet_row_groups",
+    "read_row_group",
+]
+
 #: Rows the shuffle buffer holds before it is permuted and cut into batches.
 SHUFFLE_BUFFER = 1 << 16
-
-_GLOB_CHARS = ("*", "?", "[")
-
-
-class RowGroup(NamedTuple):
-    """One Parquet row group: the read and sharding unit.
-
-    Attributes:
-        file: the Parquet file.
-        index: the row group's index in the file.
-        rows: its number of rows (from the footer, no data read).
-        row0: the file row of its first row (rows in error messages are file rows).
-        metadata: the file's footer, shared by its row groups, so reopening skips re-reading it.
-    """
-
-    file: Path
-    index: int
-    rows: int
-    row0: int
-    metadata: pq.FileMetaData
-
-
-def is_multi_file(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` names a folder, or is a glob pattern rather than an existing file."""
-    p = Path(path)
-    return p.is_dir() or (not p.exists() and any(c in str(path) for c in _GLOB_CHARS))
-
-
-def parquet_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The Parquet files of a folder, a glob or a single file, sorted by path.
-
-    In a folder, names starting with ``.`` or ``_`` are skipped (hidden files, Spark/Hive markers
-    such as ``_SUCCESS``); every other entry must be a ``.parquet``/``.pq`` file.
-
-    Raises:
-        DataError: no such path, an empty folder, a glob matching nothing, a sub-folder, or a
-            file that is not Parquet.
-    """
-    p = Path(path)
-    text = str(path)
-    if p.is_dir():
-        files = []
-        for entry in sorted(p.iterdir()):
-            if entry.name.startswith((".", "_")):
-                continue
-            if entry.is_dir():
-                raise DataError(
-                    f"`{entry}` is a folder inside data folder `{p}`: sub-folders are not read; "
-                    "move its Parquet files up or pass a glob such as `data/*/*.parquet`"
-                )
-            _check_parquet_suffix(entry, f"in data folder `{p}`")
-            files.append(entry)
-        if not files:
-            raise DataError(
-                f"data folder `{p}` holds no Parquet files: write `.parquet` files into it "
-                "or check the path"
-            )
-        return files
-    if p.is_file():
-        _check_parquet_suffix(p, "")
-        return [p]
-    if any(c in text for c in _GLOB_CHARS):
-        # Path.glob takes no absolute patterns; split off the longest literal folder first.
-        root, pattern = _split_glob(p)
-        matches = sorted(m for m in root.glob(pattern) if m.is_file())
-        if not matches:
-            raise DataError(f"`{text}` matches no files: check the pattern and the folder")
-        for m in matches:
-            _check_parquet_suffix(m, f"matched by `{text}`")
-        return matches
-    raise DataError(f"data path `{p}` does not exist: check the path")
-
-
-def _split_glob(p: Path) -> tuple[Path, str]:
-    parts = p.parts
-    literal = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
-    root = Path(*parts[:literal]) if literal else Path(".")
-    return root, str(Path(*parts[literal:]))
-
-
-def _check_parquet_suffix(path: Path, where: str) -> None:
-    if path.suffix.lower() not in PARQUET_SUFFIXES:
-        where = f" {where}" if where else ""
-        raise DataError(
-            f"`{path}`{where} is not a Parquet file (`.parquet`/`.pq`): streaming reads Parquet "
-            "only; remove or convert it, or pass a glob that skips it"
-        )
-
-
-def parquet_row_groups(path: str | os.PathLike[str]) -> tuple[pa.Schema, list[RowGroup]]:
-    """Read the footers of :func:`parquet_files` ``(path)``: the common schema and every row group.
-
-    Row groups with no rows are left out. Only footers are read, no data pages.
-
-    Raises:
-        DataError: see :func:`parquet_files`; also an unreadable file, a file whose columns or
-            types differ from the first file's, or a file with no rows.
-    """
-    files = parquet_files(path)
-    schema = _footer(files[0])[1]
-    groups: list[RowGroup] = []
-    for f in files:
-        meta, file_schema = _footer(f)
-        _check_same_schema(f, file_schema, files[0], schema)
-        if meta.num_rows == 0:
-            raise DataError(f"`{f}` has no rows: remove it or write rows into it")
-        row0 = 0
-        for i in range(meta.num_row_groups):
-            rows = meta.row_group(i).num_rows
-            if rows:
-                groups.append(RowGroup(f, i, rows, row0, meta))
-            row0 += rows
-    return schema, groups
-
-
-def _footer(path: Path) -> tuple[pq.FileMetaData, pa.Schema]:
-    try:
-        with pq.ParquetFile(path) as pf:
-            return pf.metadata, pf.schema_arrow
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(
-            f"cannot read `{path}` as Parquet ({first_line(exc)}): write the file again"
-        ) from None
-
-
-def _check_same_schema(path: Path, schema: pa.Schema, first: Path, expected: pa.Schema) -> None:
-    fix = "write every file with the same columns and types"
-    got = {f.name: f.type for f in schema}
-    want = {f.name: f.type for f in expected}
-    for name, t in want.items():
-        if name not in got:
-            raise DataError(f"`{path}` lacks column `{name}` of `{first}`: {fix}")
-        if got[name] != t:
-            raise DataError(
-                f"`{path}`, column `{name}` has type {got[name]} but {t} in `{first}`: {fix}"
-            )
-    for name in got:
-        if name not in want:
-            raise DataError(f"`{path}` has column `{name}`, which `{first}` lacks: {fix}")
-    if schema.names != expected.names:
-        raise DataError(f"`{path}` orders its columns unlike `{first}`: {fix}")
-
-
-def read_row_group(
-    group: RowGroup, columns: list[str], read_rows: int = READ_ROWS
-) -> Iterator[tuple[pa.RecordBatch, int]]:
-    """Yield ``(record batch of <= read_rows rows, file row of its first row)`` of ``group``.
-
-    Raises:
-        DataError: the file cannot be read (changed or truncated since it was opened).
-    """
-    row0 = group.row0
-    try:
-        with pq.ParquetFile(group.file, metadata=group.metadata) as pf:
-            for batch in pf.iter_batches(
-                batch_size=read_rows, row_groups=[group.index], columns=columns, use_threads=False
-            ):
-                yield batch, row0
-                row0 += batch.num_rows
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(
-            f"cannot read row group {group.index} of `{group.file}` ({first_line(exc)}): "
-            "check that the file is complete and was not rewritten while reading"
-        ) from None
-
-
-@dataclass
-class _Block:
-    """Decoded, validated rows held by the reader.
-
-    ``flat``: categorical int64 (n,) and dense float32 (n,) columns. ``lists``: a list column as
-    ``(lengths (n,), values (nnz,))`` int64, unpadded, so a block costs O(nnz) not O(n * L).
-    ``labels``: float32 (n,).
-    """
-
-    flat: dict[str, np.ndarray]
-    lists: dict[str, tuple[np.ndarray, np.ndarray]]
-    labels: np.ndarray
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.labels)
-
-    @staticmethod
-    def concat(blocks: list[_Block]) -> _Block:
-        if len(blocks) == 1:
-            return blocks[0]
-        first = blocks[0]
-        return _Block(
-            {k: np.concatenate([b.flat[k] for b in blocks]) for k in first.flat},
-            {
-                k: (
-                    np.concatenate([b.lists[k][0] for b in blocks]),
-                    np.concatenate([b.lists[k][1] for b in blocks]),
-                )
-                for k in first.lists
-            },
-            np.concatenate([b.labels for b in blocks]),
-        )
-
-    def take(self, idx: np.ndarray) -> _Block:
-        """The rows ``idx`` (int64 (b,)), in that order."""
-        lists = {}
-        for k, (lengths, values) in self.lists.items():
-            starts = np.cumsum(lengths) - lengths
-            lens = lengths[idx]
-            # Element j of taken row i sits at starts[idx[i]] + j.
-            within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-            lists[k] = (lens, values[np.repeat(starts[idx], lens) + within])
-        return _Block({k: v[idx] for k, v in self.flat.items()}, lists, self.labels[idx])
-
-    def to_batch(self, columns: tuple[str, ...]) -> Batch:
-        """``(features, labels)``; a list column is padded to the longest list of this batch."""
-        n = self.num_rows
-        features = {}
-        for name in columns:
-            if name in self.flat:
-                features[name] = torch.from_numpy(self.flat[name])
-            else:
-                lengths, values = self.lists[name]
-                rows = np.repeat(np.arange(n), lengths)
-                features[name] = torch.from_numpy(pad_lists(rows, values, n))
-        return features, torch.from_numpy(self.labels)
 
 
 class ParquetDataset(ColumnKinds):
@@ -332,7 +123,7 @@ class ParquetDataset(ColumnKinds):
         if label not in schema.names:
             raise DataError(
                 f"`{p}` has no label column `{label}` (columns: {names_list(schema.names)}): "
-                "add it or pass the label column's name"
+                "add it or pass the label column's name as `label`"
             )
         kinds: dict[str, ColumnKind] = {}
         for field in schema:
@@ -413,7 +204,7 @@ class ParquetDataset(ColumnKinds):
             groups = [groups[i] for i in rng.permutation(len(groups))]
         capacity = max(self.shuffle_buffer, batch_size) if shuffle else batch_size
         blocks = self._blocks(groups, self.columns, with_labels=True)
-        pending: list[_Block] = []
+        pending: list[Block] = []
         pending_rows = 0
         try:
             while remaining > 0:
@@ -428,7 +219,7 @@ class ParquetDataset(ColumnKinds):
                         f"`{self.path}` ended before the rows its footers promised: a file "
                         "changed while it was read; open the data again"
                     )
-                buffer = _Block.concat(pending)
+                buffer = Block.concat(pending)
                 n = buffer.num_rows
                 order = rng.permutation(n) if rng is not None else np.arange(n)
                 # Emit whole batches only; the rest waits for more rows unless the data ended.
@@ -444,7 +235,7 @@ class ParquetDataset(ColumnKinds):
 
     def _blocks(
         self, groups: Iterable[RowGroup], columns: tuple[str, ...], with_labels: bool
-    ) -> Iterator[_Block]:
+    ) -> Iterator[Block]:
         """Decoded, validated ``columns`` (and labels) of ``groups``, <= read_rows rows a block."""
         names = [*columns, self.label] if with_labels else list(columns)
         for group in groups:
@@ -466,7 +257,7 @@ class ParquetDataset(ColumnKinds):
                     labels = label_values(batch.column(self.label), src, self.label, row0)
                 else:  # placeholders, so that the block still knows its row count
                     labels = np.zeros(batch.num_rows, dtype=np.float32)
-                yield _Block(flat, lists, labels)
+                yield Block(flat, lists, labels)
 
     def _ids(self, column: str) -> Iterator[tuple[RowGroup, int, np.ndarray, np.ndarray]]:
         """``(row group, file row of the chunk, ids (k,), chunk row of each id (k,))`` chunks."""
@@ -524,7 +315,7 @@ class ParquetDataset(ColumnKinds):
         to size a table.
         """
         self._check_column(name)
-        block = _Block.concat(list(self._blocks(self.row_groups, (name,), with_labels=False)))
+        block = Block.concat(list(self._blocks(self.row_groups, (name,), with_labels=False)))
         return block.to_batch((name,))[0][name]
 
 

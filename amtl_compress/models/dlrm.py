@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from amtl_compress._config import check_version, known_keys
 from amtl_compress.errors import ConfigError, DataError
 
 _CONFIG_VERSIONS = (1,)
+
+if TYPE_CHECKING:  # annotation only: models/ does not import data/ at run time
+    from amtl_compress.data.splits import CTRSplits
 
 
 @dataclass(frozen=True)
@@ -218,3 +221,31 @@ def _mlp(width_in: int, widths: tuple[int, ...], last_relu: bool) -> nn.Sequenti
             layers.append(nn.ReLU())
         width_in = width
     return nn.Sequential(*layers)
+
+
+def dlrm_config_for(
+    splits: CTRSplits,
+    embedding_dim: int = 16,
+    bottom_mlp: tuple[int, ...] | None = None,
+    top_mlp: tuple[int, ...] = (64, 32),
+) -> DLRMConfig:
+    """A :class:`DLRMConfig` with one table per id column of a data set's splits.
+
+    Args:
+        splits: the data set (``build_ctr_dataset``, ``make_synthetic_ctr`` or
+            ``CTRSplits.load``); its categorical and list columns become tables of the sizes it
+            records, its dense columns the bottom MLP's input.
+        embedding_dim: D of every table.
+        bottom_mlp: defaults to ``(32, embedding_dim)`` when there are dense columns, else ().
+        top_mlp: widths of the top MLP's hidden layers.
+    """
+    if bottom_mlp is None:
+        bottom_mlp = (32, embedding_dim) if splits.dense else ()
+    return DLRMConfig(
+        categorical=dict(splits.categorical),
+        list_fields=dict(splits.list_fields),
+        dense=splits.dense,
+        embedding_dim=embedding_dim,
+        bottom_mlp=bottom_mlp,
+        top_mlp=top_mlp,
+    )

@@ -71,7 +71,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         return _call_factory(spec.get("factory"))
     raise CheckpointError(
         f"model spec kind `{kind}` is unknown: use `dlrm` or `factory` "
-        "(or pass --model package.module:factory)"
+        "(or pass `model_factory=package.module:function`)"
     )
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,39 +32,40 @@ from amtl_compress.storage.header import (
     read_tensor,
 )
 from amtl_compress.storage.quantize import PACKED_DTYPES
-
-FORMAT_NAME = "amtl-packed-table"
-FORMAT_VERSION = "1"
-#: Version of a table that carries a ``rotation`` (dimension ordering, docs/format.md).
-ROTATED_FORMAT_VERSION = "2"
-#: Versions this reader accepts.
-FORMAT_VERSIONS = (FORMAT_VERSION, ROTATED_FORMAT_VERSION)
-#: Metadata keys every packed table carries (all values are strings).
-REQUIRED_METADATA = (
-    "format",
-    "format_version",
-    "field",
-    "num_embeddings",
-    "embedding_dim",
-    "dtype",
-    "source_dtype",
-    "source_sha256",
+from amtl_compress.storage.validate import (
+    FIX,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS,
+    MAX_EMBEDDING_DIM,
+    REQUIRED_METADATA,
+    ROTATED_FORMAT_VERSION,
+    SOURCE_DTYPES,
+    expected_tensors,
+    validate_data,
+    validate_layout,
+    validate_metadata,
+    validate_tensors,
 )
-_FIX = "re-create it with `amtl-compress pack`"
-_DECIMAL = re.compile(r"(0|[1-9][0-9]*)")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-#: Dtypes a source table may have (``source_dtype``); it is converted to float32 before encoding.
-SOURCE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 
-#: Largest D a reader accepts (docs/format.md): a lookup allocates (B, D) outputs, so a tampered
-#: header claiming a huge D must not get that far.
-MAX_EMBEDDING_DIM = 65536
-
+# The format's constants are defined beside the checks (storage/validate.py); this module stays
+# their public home.
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
+    "MAX_EMBEDDING_DIM",
+    "REQUIRED_METADATA",
+    "ROTATED_FORMAT_VERSION",
+    "SOURCE_DTYPES",
+    "PackedTable",
+    "kept_values",
+    "prefix_mask",
+    "read_packed_table",
+    "source_digest",
+    "table_header",
+    "write_packed_table",
+]
 
 @dataclass
 class PackedTable:
@@ -127,7 +126,7 @@ def kept_values(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     Returns:
         (S,) same dtype, ``cat([rows[i, :L_i] for i])``.
     """
-    # numpy's boolean indexing measured ~10x faster than torch's on CPU for this gather.
+    # numpy's boolean indexing is ~10x faster than torch's on CPU for this gather.
     mask = np.arange(rows.shape[1]) < lengths.numpy()[:, None]
     return torch.from_numpy(rows.numpy()[mask])
 
@@ -241,7 +240,7 @@ def write_packed_table(
     def fail(problem: str) -> PackedFormatError:
         return PackedFormatError(f"cannot write `{path}`: {problem}; fix the tensors passed in")
 
-    _validate(tensors, metadata, fail)
+    validate_tensors(tensors, metadata, fail)
     prefix, starts = table_header(
         n, embedding_dim, values.numel(), dtype, field, source_dtype, source_sha256, rotated
     )
@@ -270,14 +269,14 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
             "Reader validation".
     """
     path = Path(path)
-    header = read_header(path, PackedFormatError, _FIX)
+    header = read_header(path, PackedFormatError, FIX)
 
     def fail(problem: str) -> PackedFormatError:
-        return PackedFormatError(f"`{path}`: {problem}; {_FIX}")
+        return PackedFormatError(f"`{path}`: {problem}; {FIX}")
 
     meta = header.metadata
-    _validate_metadata(meta, fail)
-    expected = _expected_tensors(meta)
+    validate_metadata(meta, fail)
+    expected = expected_tensors(meta)
     missing = sorted(expected - header.tensors.keys())
     if missing:
         raise fail(f"missing tensor(s) {', '.join(f'`{m}`' for m in missing)}")
@@ -287,14 +286,14 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
     # Check dtypes and shapes from the header before reading any data.
     shapes = {name: entry.shape for name, entry in header.tensors.items()}
     codes = {name: entry.dtype for name, entry in header.tensors.items()}
-    _validate_layout(shapes, codes, meta, fail)
+    validate_layout(shapes, codes, meta, fail)
 
     tensors = {
         name: read_tensor(path, entry) for name, entry in header.tensors.items() if name != "values"
     }
     entry = header.tensors["values"]
     tensors["values"] = map_tensor(path, entry) if mmap else read_tensor(path, entry)
-    _validate_data(tensors, meta, fail)
+    validate_data(tensors, meta, fail)
     return PackedTable(
         values=tensors["values"],
         offsets=tensors["offsets"],
@@ -307,130 +306,3 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
         metadata=meta,
         rotation=tensors.get("rotation"),
     )
-
-
-def _expected_tensors(meta: dict[str, str]) -> set[str]:
-    expected = {"values", "offsets"}
-    if meta["dtype"] == "int8":
-        expected |= {"scale", "bias"}
-    if meta["format_version"] == ROTATED_FORMAT_VERSION:
-        expected.add("rotation")
-    return expected
-
-
-def _validate(
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, str],
-    fail: Callable[[str], PackedFormatError],
-) -> None:
-    """All checks of docs/format.md on in-memory tensors (the writer's side)."""
-    _validate_metadata(meta, fail)
-    expected = _expected_tensors(meta)
-    if tensors.keys() != expected:
-        raise fail(f"tensors must be exactly {sorted(expected)}, got {sorted(tensors)}")
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    codes = {name: CODE_OF.get(t.dtype, str(t.dtype)) for name, t in tensors.items()}
-    _validate_layout(shapes, codes, meta, fail)
-    _validate_data(tensors, meta, fail)
-
-
-def _validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatError]) -> None:
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise fail(f"metadata key(s) {', '.join(f'`{k}`' for k in missing)} missing")
-    if meta["format"] != FORMAT_NAME:
-        raise fail(f"metadata `format` is `{meta['format']}`, expected `{FORMAT_NAME}`")
-    if meta["format_version"] not in FORMAT_VERSIONS:
-        raise fail(
-            f"format_version `{meta['format_version']}` is not supported (this amtl-compress "
-            f"reads versions {', '.join(FORMAT_VERSIONS)}); use the amtl-compress release that "
-            "wrote it, or"
-        )
-    for key in ("num_embeddings", "embedding_dim"):
-        if not _DECIMAL.fullmatch(meta[key]):
-            raise fail(f"metadata `{key}` is `{meta[key]}`, not a non-negative decimal integer")
-    if not 1 <= int(meta["embedding_dim"]) <= MAX_EMBEDDING_DIM:
-        raise fail(
-            f"metadata `embedding_dim` is {meta['embedding_dim']}, must be in "
-            f"[1, {MAX_EMBEDDING_DIM}]"
-        )
-    if meta["dtype"] not in PACKED_DTYPES:
-        raise fail(
-            f"metadata `dtype` is `{meta['dtype']}`, expected one of {sorted(PACKED_DTYPES)}"
-        )
-    if meta["source_dtype"] not in SOURCE_DTYPES:
-        raise fail(
-            f"metadata `source_dtype` is `{meta['source_dtype']}`, "
-            f"expected one of {sorted(SOURCE_DTYPES)}"
-        )
-    if not meta["field"]:
-        raise fail("metadata `field` is empty")
-    if not _SHA256.fullmatch(meta["source_sha256"]):
-        raise fail("metadata `source_sha256` is not 64 lowercase hex digits")
-
-
-def _validate_layout(
-    shapes: dict[str, tuple[int, ...]],
-    codes: dict[str, str],
-    meta: dict[str, str],
-    fail: Callable[[str], PackedFormatError],
-) -> None:
-    """Dtypes and shapes of every tensor against the metadata (no data needed)."""
-    n = int(meta["num_embeddings"])
-    values_code = CODE_OF[PACKED_DTYPES[meta["dtype"]]]
-    if codes["values"] != values_code:
-        raise fail(f"tensor `values` has dtype {codes['values']}, metadata says {values_code}")
-    if len(shapes["values"]) != 1:
-        raise fail(f"tensor `values` has shape {list(shapes['values'])}, must be 1-D")
-    d = int(meta["embedding_dim"])
-    want = {
-        "offsets": ("I64", (n + 1,)),
-        "scale": ("F32", (n,)),
-        "bias": ("F32", (n,)),
-        "rotation": ("F32", (d, d)),
-    }
-    for name, (code, shape) in want.items():
-        if name not in shapes:
-            continue
-        if codes[name] != code:
-            raise fail(f"tensor `{name}` has dtype {codes[name]}, expected {code}")
-        if shapes[name] != shape:
-            raise fail(
-                f"tensor `{name}` has shape {list(shapes[name])}, expected {list(shape)} "
-                f"for num_embeddings {n}"
-            )
-
-
-def _validate_data(
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, str],
-    fail: Callable[[str], PackedFormatError],
-) -> None:
-    """The O(N) content checks: offsets monotone and within bounds, lengths in [1, D], int8 affine
-    parameters finite. ``values`` itself is never scanned (it may be larger than RAM)."""
-    offsets = tensors["offsets"]
-    num_values = tensors["values"].numel()
-    dim = int(meta["embedding_dim"])
-    if offsets[0].item() != 0:
-        raise fail(f"offsets[0] is {offsets[0].item()}, must be 0")
-    steps = offsets[1:] - offsets[:-1]
-    bad = ((steps < 1) | (steps > dim)).nonzero()
-    if bad.numel():
-        i = int(bad[0, 0])
-        step = int(steps[i])
-        if step < 0:
-            raise fail(f"offsets decrease at row {i} ({int(offsets[i])} -> {int(offsets[i + 1])})")
-        raise fail(f"row {i} has length {step}, outside [1, embedding_dim={dim}]")
-    end = int(offsets[-1])
-    if end > num_values:
-        raise fail(f"offsets[N] = {end} points past the end of `values` ({num_values} entries)")
-    if end < num_values:
-        raise fail(f"offsets[N] = {end} but `values` holds {num_values} entries")
-    if "scale" in tensors:
-        scale, bias = tensors["scale"], tensors["bias"]
-        if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
-            raise fail("tensor `scale` or `bias` holds a non-finite value")
-        if (scale < 0).any():
-            raise fail("tensor `scale` holds a negative value")
-    if "rotation" in tensors and not torch.isfinite(tensors["rotation"]).all():
-        raise fail("tensor `rotation` holds a non-finite value")

@@ -228,10 +228,11 @@ def map_tensor(path: str | os.PathLike[str], entry: TensorEntry) -> torch.Tensor
 
     The mapping is advised ``MADV_RANDOM`` where the OS has it: lookups touch rows at random,
     and the default read-around pulls ~32 neighbouring pages into memory (and into the process's
-    RSS, as RssFile) for every page a lookup faults in. For 819,200 Zipf lookups into a 3.3 GB
-    packed table this kept 0.9 GB of it resident instead of 3.0 GB; the price is one small read
-    per first touch of a page, which made that cold first pass ~7x slower (docs/benchmarks.md,
-    "Scale"). Pages already in the page cache are still mapped in batches (fault-around).
+    RSS, as RssFile) for every page a lookup faults in, so random lookups into a large table
+    keep a fraction of it resident instead of most of it. The price is one small read per first
+    touch of a page, which makes a cold first pass several times slower (figures in
+    docs/benchmarks.md, "Scale"). Pages already in the page cache are still mapped in batches
+    (fault-around).
     """
     torch_dtype, np_dtype = DTYPES[entry.dtype]
     if entry.numel == 0 or entry.offset % np_dtype.itemsize:

@@ -20,7 +20,7 @@ REST_NAME = "rest.safetensors"
 MODEL_FORMAT_NAME = "amtl-packed-model"
 MODEL_FORMAT_VERSION = 1
 KINDS = ("Embedding", "EmbeddingBag")
-_FIX = "re-create the directory with `amtl-compress pack`"
+_FIX = "re-create the directory with `pack`"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 #: Names of the temporary siblings that ``_io.atomic_directory`` builds an output under.
@@ -116,8 +116,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
 
     if not directory.is_dir():
         raise PackedFormatError(
-            f"packed directory `{directory}` does not exist; pass a directory written by "
-            "`amtl-compress pack`"
+            f"packed directory `{directory}` does not exist; pass a directory written by `pack`"
         )
     if _TEMPORARY.fullmatch(directory.name):
         # A finished temporary (manifest written, rename not yet done) would look complete, but
@@ -141,7 +140,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     if doc.get("format_version") != MODEL_FORMAT_VERSION:
         raise fail(
             f"`format_version` {doc.get('format_version')!r} is not supported (this "
-            f"amtl-compress reads {MODEL_FORMAT_VERSION}); use the release that wrote it, or"
+            f"amtl-compress reads {MODEL_FORMAT_VERSION}; a later release wrote it)"
         )
     if "model" not in doc:
         raise fail("`model` (the model spec) is missing")

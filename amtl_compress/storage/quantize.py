@@ -6,7 +6,7 @@ never stored, so it must not widen the row's range): ``value = float32(q) * scal
 
 Symbols: r rows in a chunk, L_i kept lengths, S = sum(L_i) kept values. The encoders work on the
 kept values back to back (S,), the layout of ``values``. They run in numpy: its segmented
-reductions (``minimum.reduceat``) and elementwise float32 kernels measured 5-10x faster than the
+reductions (``minimum.reduceat``) and elementwise float32 kernels are 5-10x faster than the
 equivalent torch CPU ops on the pack path, with identical IEEE float32 results.
 """
 
