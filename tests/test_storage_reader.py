@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from amtl_compress.errors import RunDirError
 from amtl_compress.storage.format import prefix_mask, read_packed_table
 from amtl_compress.storage.pack import pack_table
-from amtl_compress.storage.stream import _ChunkReader
+from amtl_compress.storage.table_pack import _ChunkReader
 
 
 def reader_threads() -> list[threading.Thread]:

@@ -1,10 +1,10 @@
 """``pack``: turn a run directory into a packed model directory, streaming, out of core.
 
 Each AMTL table (a key of ``lengths.safetensors``) is streamed from ``model.safetensors`` into its
-own packed table file by :func:`~amtl_compress.storage.stream.pack_table`; every other tensor goes
-to ``rest.safetensors``; ``manifest.json`` is written last. The run directory is read and checked
-by storage/source.py before anything is written; the sizes come back as a :class:`PackReport`
-(storage/report.py).
+own packed table file by :func:`~amtl_compress.storage.table_pack.pack_table`; every other tensor
+goes to ``rest.safetensors``; ``manifest.json`` is written last. The run directory is read and
+checked by storage/source.py before anything is written; the sizes come back as a
+:class:`PackReport` (storage/report.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from amtl_compress.storage.source import (
     read_lengths,
     read_rotations,
 )
-from amtl_compress.storage.stream import DEFAULT_CHUNK_BYTES, check_dtype, pack_table
+from amtl_compress.storage.table_pack import DEFAULT_CHUNK_BYTES, check_dtype, pack_table
 
 # pack_table, the reports and the chunk size keep this module as a public home.
 __all__ = ["DEFAULT_CHUNK_BYTES", "PackReport", "TableReport", "pack", "pack_table"]

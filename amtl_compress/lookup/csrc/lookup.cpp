@@ -23,7 +23,9 @@
 //
 // This file: the portable kernels, the parallel drivers, the operators and their registration.
 // The vector kernels are simd_kernels.h, compiled per ISA in kernels_avx2.cpp / kernels_avx512.cpp;
-// what all of them share is in table.h.
+// what all of them share is in table.h. It is over 400 lines because the operators' argument
+// checks and registration sit beside the drivers they call: all of them are instantiated from the
+// same templates in this one translation unit.
 
 #include "table.h"
 
