@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.errors import AmtlError, OutputExistsError, PackedFormatError, RunDirError
 from amtl_compress.storage import pack as pack_module
-from amtl_compress.storage import stream as stream_module
+from amtl_compress.storage import table_pack as table_pack_module
 from amtl_compress.storage.format import (
     prefix_mask,
     read_packed_table,
@@ -335,7 +335,7 @@ def test_interrupted_pack_leaves_nothing_and_keeps_previous_output(
     before = {p.name: p.read_bytes() for p in (tmp_path / "previous").iterdir()}
 
     calls = 0
-    real = stream_module._as_bytes
+    real = table_pack_module._as_bytes
 
     def failing(t: torch.Tensor):
         nonlocal calls
@@ -344,8 +344,8 @@ def test_interrupted_pack_leaves_nothing_and_keeps_previous_output(
             raise Interrupted
         return real(t)
 
-    monkeypatch.setattr(stream_module, "_as_bytes", failing)
-    monkeypatch.setattr(stream_module, "DEFAULT_CHUNK_BYTES", 40)
+    monkeypatch.setattr(table_pack_module, "_as_bytes", failing)
+    monkeypatch.setattr(table_pack_module, "DEFAULT_CHUNK_BYTES", 40)
     for target, overwrite in ((tmp_path / "fresh", False), (tmp_path / "previous", True)):
         calls = 0
         with pytest.raises(Interrupted):
