@@ -22,6 +22,7 @@ PALETTE = (
 _WIDTH, _HEIGHT = 720, 440
 _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 200, 40, 50  # margins: the legend sits on the right
 _TICKS = 5
+_GREY = "#555555"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ class HLine:
 
     y: float
     label: str
+
+
+def _legend_row(row: int, label: str, style: str) -> list[str]:
+    """A legend row: a line sample drawn with ``style`` and its label, right of the plot."""
+    x, y = _WIDTH - _RIGHT + 16, _TOP + 10 + 20 * row
+    return [f'<line x1="{x}" y1="{y}" x2="{x + 20}" y2="{y}" {style}/>',
+            f'<text x="{x + 26}" y="{y + 4}">{escape(label)}</text>']
 
 
 def _ticks(low: float, high: float, count: int = _TICKS) -> list[float]:
@@ -63,6 +71,7 @@ def line_chart(
     x_range: tuple[float, float] = (0.0, 1.0),
     hlines: Sequence[HLine] = (),
     marks: Mapping[str, tuple[float, float]] | None = None,
+    mark_label: str = "",
 ) -> str:
     """An SVG document (UTF-8 text) of one polyline with dot markers per entry of ``series``.
 
@@ -74,6 +83,7 @@ def line_chart(
             5 % (a flat chart gets a span of 0.01 around its value).
         hlines: dashed reference lines across the plot.
         marks: name -> (x, y) of a point to ring in that series' colour (a chosen point).
+        mark_label: the legend's text for the rings (none if empty).
     """
     marks = dict(marks or {})
     ys = [y for points in series.values() for _, y in points]
@@ -123,9 +133,7 @@ def line_chart(
     for line in hlines:
         y = py(line.y)
         out.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + plot_w}" y2="{y:.1f}" '
-                   'stroke="#555555" stroke-dasharray="6 4"/>')
-        out.append(f'<text x="{_LEFT + plot_w - 4}" y="{y - 5:.1f}" text-anchor="end" '
-                   f'fill="#555555">{escape(line.label)}</text>')
+                   f'stroke="{_GREY}" stroke-dasharray="6 4"/>')
     for i, (name, points) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         ordered = sorted(points)
@@ -139,10 +147,17 @@ def line_chart(
             out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="7" fill="none" '
                        'stroke-width="2"/>')
         out.append("</g>")
-        legend_y = _TOP + 10 + 20 * i
-        legend_x = _LEFT + plot_w + 16
-        out.append(f'<line x1="{legend_x}" y1="{legend_y}" x2="{legend_x + 20}" y2="{legend_y}" '
-                   f'stroke={quoteattr(colour)} stroke-width="2"/>')
-        out.append(f'<text x="{legend_x + 26}" y="{legend_y + 4}">{escape(name)}</text>')
+        out += _legend_row(i, name, f'stroke={quoteattr(colour)} stroke-width="2"')
+    # The reference lines and the ring are explained in the legend, never on the plot, where
+    # their labels would cross the curves.
+    row = len(series)
+    for line in hlines:
+        out += _legend_row(row, line.label, f'stroke="{_GREY}" stroke-dasharray="6 4"')
+        row += 1
+    if marks and mark_label:
+        x, y = _WIDTH - _RIGHT + 16, _TOP + 10 + 20 * row
+        out.append(f'<circle cx="{x + 10}" cy="{y}" r="7" fill="none" stroke="{_GREY}" '
+                   'stroke-width="2"/>')
+        out.append(f'<text x="{x + 26}" y="{y + 4}">{escape(mark_label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -344,6 +344,7 @@ def plot_svg(result: Plan) -> str:
         hlines=[HLine(result.baseline_auc - result.max_auc_drop,
                       f"trained {result.baseline_auc:.4f} - {result.max_auc_drop:g}")],
         marks=marks,
+        mark_label="recommended",
     )
 
 
