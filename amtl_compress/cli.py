@@ -441,6 +441,82 @@ def demo(
     _echo_table(rows)
 
 
+@_command(interrupted=lambda **_: "Interrupted; nothing was written.")
+def plan(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained weights (.safetensors or .pt).")],
+    valid: Annotated[Path, typer.Option(help="Validation data to score (never the test split).")],
+    field: Annotated[
+        list[str],
+        typer.Option(
+            help="Table to plan: `MODULE=COLUMN`, or a bare name for both (repeatable), as in "
+            "`finetune`."
+        ),
+    ],
+    model: ModelOpt = None,
+    ratios: Annotated[
+        str, typer.Option(help="Comma-separated kept ratios to try, each in (0, 1]; 1 is added.")
+    ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+    max_auc_drop: Annotated[
+        float,
+        typer.Option(help="Validation AUC a table may lose; the smallest ratio within it is "
+                     "recommended."),
+    ] = 0.002,
+    plot: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write the curves to this .svg file."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per evaluation batch.")] = 4096,
+    label: LabelOpt = "label",
+    quiet: QuietOpt = False,
+) -> None:
+    """Suggest a --target-ratio per table from the validation AUC of training-free truncation.
+
+    Each table in turn is rotated onto its principal axes and cut to each kept ratio of the grid
+    (no training); the smallest ratio within --max-auc-drop of the trained model's AUC is
+    recommended. docs/planning.md explains the curve.
+
+    Example: amtl-compress plan base.safetensors --valid valid.parquet --field user_id
+    --field item_id --max-auc-drop 0.002 --plot plan.svg
+    """
+    from amtl_compress.planning import kept_dims, parse_ratios
+    from amtl_compress.planning import plan as run_plan
+    from amtl_compress.training.config import parse_field
+
+    result = run_plan(
+        checkpoint, valid, dict(parse_field(f) for f in field), ratios=parse_ratios(ratios),
+        max_auc_drop=max_auc_drop, model_factory=model, batch_size=batch_size, label=label,
+        plot=plot, progress=not quiet,
+    )
+    paths = list(result.curves)
+    typer.echo("validation AUC, one table truncated at a time (1 = the trained model):")
+    rows = [["ratio", *paths]]
+    for i, (ratio, _) in enumerate(result.curves[paths[0]]):
+        rows.append([_ratio_text(ratio)] + [
+            f"{result.curves[p][i][1]:.4f}{'*' if result.recommended[p] == ratio else ''}"
+            for p in paths
+        ])
+    _echo_table(rows)
+    typer.echo("")
+    typer.echo(f"recommended (*): the smallest ratio within {result.max_auc_drop:g} AUC of "
+               f"{result.baseline_auc:.4f}:")
+    rows = [["table", "D", "ratio", "kept dims", "AUC", "vs trained"]]
+    for p in paths:
+        ratio, dim = result.recommended[p], result.dims[p]
+        auc = dict(result.curves[p])[ratio]
+        rows.append([p, str(dim), _ratio_text(ratio), str(kept_dims(ratio, dim)), f"{auc:.4f}",
+                     f"{auc - result.baseline_auc:+.4f}"])
+    _echo_table(rows)
+    typer.echo("")
+    typer.echo(f"finetune with: {result.finetune_args()}")
+    if result.plot is not None:
+        typer.echo(f"wrote {result.plot}")
+
+
+def _ratio_text(ratio: float) -> str:
+    """0.1 -> "0.10", 1.0 -> "1.00", 0.125 -> "0.125": two decimals unless it has more."""
+    return f"{ratio:.2f}" if round(ratio, 2) == ratio else f"{ratio:g}"
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

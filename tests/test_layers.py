@@ -9,7 +9,7 @@ PACKAGE = Path(amtl_compress.__file__).parent
 
 #: Lowest first; a module may import from its own layer and the layers before it.
 LAYERS = [
-    {"errors", "_io", "_text", "_config"},
+    {"errors", "_io", "_text", "_svg", "_config"},
     {"core"},
     {"surgery"},
     {"data"},
@@ -19,7 +19,7 @@ LAYERS = [
     {"training"},
     {"storage"},
     {"lookup"},
-    {"evaluation", "demo"},
+    {"evaluation", "demo", "planning"},
     {"cli", "__main__", "__init__"},
 ]
 
