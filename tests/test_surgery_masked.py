@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from amtl_compress.core.amtl import AMTL
+from amtl_compress.core.amtl import AMTL, AMTLConfig
 from amtl_compress.surgery import MaskedEmbedding, MaskedEmbeddingBag, SurgeryError
 
 N, D = 30, 6
@@ -16,7 +16,9 @@ def scrambled_amtl(seed: int = 0) -> AMTL:
     """AMTL for an (N, D) table whose rows get various lengths."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    layer = AMTL(torch.randint(0, 50, (N,), generator=g), D)
+    # The paper's head (D free logits read from the raw activation): random last layers give
+    # rows of many lengths, which is what the wrappers are tested with.
+    layer = AMTL(torch.randint(0, 50, (N,), generator=g), D, AMTLConfig(head="plain"))
     with torch.no_grad():
         for branch in (layer.h_aml, layer.l_aml):
             branch[-1].weight.normal_(0, 2.0)

@@ -14,7 +14,10 @@ from amtl_compress.core.frequency import frequency_features
 from amtl_compress.core.rotation import ORDERINGS as _ORDERINGS
 from amtl_compress.errors import ConfigError
 
-_CONFIG_VERSIONS = (1,)
+#: Config versions this code reads. Version 1 predates ``head``: it always meant ``"plain"``.
+_CONFIG_VERSIONS = (1, 2)
+#: The last layer of each branch (see :class:`AMTLConfig` ``head``).
+HEADS = ("price", "price_plain", "unit", "plain")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,29 @@ class AMTLConfig:
             and rotate each looked-up row back (core/rotation.py; outputs unchanged at full
             length up to float rounding); ``"none"`` = mask the table's own dims (the paper,
             outputs unchanged bit for bit at attach). Not for EmbeddingBags with mode max.
-        version: format version of this config, for reading old run directories.
+        head: the last layer of each branch (our departure from the paper; docs/amtl.md,
+            "Allocation follows frequency", has the measurements):
+
+            * ``"price"`` (the default): ``h_L = b - rho * (1..D) / D``, a logit vector ``b``
+              (D,) shared by all rows minus one *row price* ``rho = w^T phi' + c + slope *
+              prior`` on kept length, where ``phi'`` is the last hidden activation divided by
+              its root mean square and ``prior`` is the frequency prior (see
+              ``frequency_prior``). A row's length is then a non-increasing function of its
+              price, and no weight update moves one row's logits more than another's because
+              its activation is larger.
+            * ``"price_plain"``: the same with ``phi`` as is (ablation).
+            * ``"unit"``: the paper's linear last layer (D free logits) reading ``phi'``.
+            * ``"plain"``: the paper's linear last layer reading ``phi`` (version 1 configs
+              mean this). The memory price in the loss then shortens rows in proportion to
+              their hidden-activation norm, so lengths follow that norm, not the frequency.
+        frequency_prior: the price heads' start value of ``slope``, in [0, 1); other heads
+            ignore it. ``prior = B * (1 - 2 * percentile)`` per row (``percentile`` = the
+            row's frequency rank in (0, 1), Sec. 2.2.1), where ``B`` is the largest row price
+            at which the full length still wins at price 0. So at attach every row keeps its
+            full length (the warm start stays exact), and under a memory budget frequent rows
+            start longer than rare ones; ``slope`` is learned from there. 0 = no prior.
+        version: format version of this config, for reading old run directories. Version 1
+            (written before ``head`` existed) reads as ``head="plain"``.
 
     Raises:
         ConfigError: (a ValueError) a field has the wrong type or range.
@@ -55,7 +80,9 @@ class AMTLConfig:
     temperature: float = 1.0
     init_margin: float = 4.0
     ordering: str = "pca"
-    version: int = 1
+    head: str = "price"
+    frequency_prior: float = 0.7
+    version: int = 2
 
     def __post_init__(self) -> None:
         dims = self.hidden_dims
@@ -87,7 +114,25 @@ class AMTLConfig:
             raise ConfigError(
                 f"AMTLConfig `ordering` must be one of {list(_ORDERINGS)}, got {self.ordering!r}"
             )
+        if self.head not in HEADS:
+            raise ConfigError(
+                f"AMTLConfig `head` must be one of {list(HEADS)}, got {self.head!r}"
+            )
+        prior = self.frequency_prior
+        if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (
+            0.0 <= prior < 1.0
+        ):
+            raise ConfigError(
+                f"AMTLConfig `frequency_prior` must be a number in [0, 1), got {prior!r}; "
+                "e.g. 0.5, or 0 for no prior"
+            )
+        object.__setattr__(self, "frequency_prior", float(prior))
         check_version(AMTLConfig, self.version, _CONFIG_VERSIONS)
+        if self.version == 1 and self.head != "plain":
+            raise ConfigError(
+                f"AMTLConfig `version` 1 has no `head` (it always meant \"plain\"), got "
+                f"head={self.head!r}; use `version=2` for other heads"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``hidden_dims`` becomes a list)."""
@@ -97,26 +142,87 @@ class AMTLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AMTLConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ConfigError, missing ones get defaults."""
-        return cls(**known_keys(cls, d))
+        """Inverse of :meth:`to_dict`; unknown keys raise ConfigError, missing ones get defaults.
+
+        A version 1 dict (written before ``head`` existed) keeps its meaning: ``head="plain"``
+        (and ``frequency_prior=0.0``, which that head ignores).
+        """
+        data = known_keys(cls, d)
+        if data.get("version") == 1:
+            data.setdefault("head", "plain")
+            data.setdefault("frequency_prior", 0.0)
+        return cls(**data)
 
 
-def _branch(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int) -> nn.Sequential:
+def _branch(
+    in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, price_head: bool = False
+) -> nn.Sequential:
     """One AML: h_l = ReLU(W_l^T h_{l-1} + b_l), last layer linear (Sec. 2.2.2)."""
     layers: list[nn.Module] = []
     for width in hidden_dims:
         layers += [nn.Linear(in_dim, width), nn.ReLU()]
         in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim))
+    layers.append(PriceHead(in_dim, out_dim) if price_head else nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
 
 
-def _warm_start_(branch: nn.Sequential, ramp: Tensor) -> None:
+class PriceHead(nn.Module):
+    """Last layer ``h_L = b - rho * (1..D) / D``: shared logits minus a row price on length.
+
+    ``rho = w^T phi + c + slope * prior`` is one number per row; ``b`` (D,) is shared by all
+    rows, so every row's logits have the same shape and its price alone moves its argmax (to
+    shorter lengths as it grows, whatever ``b`` is). Parameters: ``weight`` w (1, in) and
+    ``bias`` b (D,) (nn.Linear's names, so the warm start and the tests treat both heads
+    alike), ``offset`` c (1,), ``slope`` (1,).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, in_dim))
+        self.offset = nn.Parameter(torch.zeros(1))
+        # rho's direct path from the frequency prior (AMTL.prior, one number per row).
+        self.slope = nn.Parameter(torch.zeros(1))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def row_price(self, phi: Tensor, prior: Tensor) -> Tensor:
+        """float (U', 1): rho of each row from phi (U', in) and the prior (U', 1)."""
+        return phi @ self.weight.T + self.slope * prior + self.offset
+
+    def forward(self, phi: Tensor, prior: Tensor) -> Tensor:
+        rho = self.row_price(phi, prior)
+        return self.bias - rho * length_grid(self.bias.numel(), phi)
+
+
+def _unit_rms(x: Tensor) -> Tensor:
+    """x / RMS(x) over the last dim (float (..., w)); an all-zero row stays 0 (no NaN)."""
+    return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True).clamp_min(_RMS_FLOOR))
+
+
+#: Floor of the mean square in :func:`_unit_rms`: only an all-zero (dead ReLU) row is near it.
+_RMS_FLOOR = 1e-12
+
+
+def _run_branch(branch: nn.Sequential, s: Tensor, unit: bool, prior: Tensor) -> Tensor:
+    """h_L of one AML for inputs s (U', z); with ``unit`` the last layer reads phi / RMS(phi)."""
+    phi = branch[:-1](s)
+    if unit:
+        phi = _unit_rms(phi)
+    last = branch[-1]
+    if isinstance(last, PriceHead):
+        return last(phi, prior)
+    return last(phi)
+
+
+def _warm_start_(branch: nn.Sequential, ramp: Tensor, slope: float = 0.0) -> None:
     """Zero the last layer's weights and set its bias to ``ramp`` so every input gives ``ramp``."""
     last = branch[-1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(ramp)
+        if isinstance(last, PriceHead):
+            last.offset.zero_()
+            last.slope.fill_(slope)
 
 
 class AMTL(nn.Module):
@@ -127,9 +233,10 @@ class AMTL(nn.Module):
     (Eq. 2-5) of the row's frequency attributes. All rows with the same count share one decision,
     so the branch MLPs run over the U distinct counts, never over the N rows.
 
-    Warm start guarantee: right after construction the logits of every row are the same strictly
+    Warm start guarantee: right after construction the logits of every row are a strictly
     increasing ramp (the last layer of each branch has zero weights and the bias ramp described
-    in :class:`AMTLConfig`), so every row's argmax is D - 1, every hard mask is all ones and a
+    in :class:`AMTLConfig`; the price heads subtract the frequency prior, which is bounded so
+    the ramp stays increasing), so every row's argmax is D - 1, every hard mask is all ones and a
     model with the layer attached computes exactly what it computed before. Because the ramp
     lives in the biases, gradients reach the last layer's weights from the first step.
 
@@ -169,13 +276,23 @@ class AMTL(nn.Module):
         self.register_buffer("price", torch.zeros((), dtype=table.features.dtype))
 
         z = table.features.shape[1]
-        self.h_aml = _branch(z, config.hidden_dims, embedding_dim)
-        self.l_aml = _branch(z, config.hidden_dims, embedding_dim) if config.twins else None
+        price_head = config.head.startswith("price")
+        self.h_aml = _branch(z, config.hidden_dims, embedding_dim, price_head)
+        self.l_aml = (
+            _branch(z, config.hidden_dims, embedding_dim, price_head) if config.twins else None
+        )
         ramp = config.init_margin * torch.log1p(torch.arange(embedding_dim, dtype=torch.float64))
         ramp = (ramp / max(math.log(embedding_dim), 1e-12)).float()
-        _warm_start_(self.h_aml, ramp)
+        _warm_start_(self.h_aml, ramp, config.frequency_prior)
         if self.l_aml is not None:
-            _warm_start_(self.l_aml, ramp)
+            _warm_start_(self.l_aml, ramp, config.frequency_prior)
+        # The frequency prior of the price head: B * (1 - 2 * percentile), in (-B, B), where
+        # B = D * (last step of the ramp) is the largest row price at which the full length
+        # still wins at price 0 (the ramp is concave, so its last step is its smallest). With
+        # |slope| < 1 every row starts at full length: the warm start stays exact.
+        last_step = float(ramp[-1] - ramp[-2]) if embedding_dim > 1 else 0.0
+        prior = embedding_dim * last_step * (1 - 2 * table.percentile.double())
+        self.register_buffer("prior", prior.to(table.features.dtype).unsqueeze(1), persistent=False)
 
     @property
     def temperature(self) -> float:
@@ -203,12 +320,26 @@ class AMTL(nn.Module):
         Returns:
             float (U', D), the layer's dtype (float32 by default); logit p scores length p + 1.
         """
-        s = self.features[freq_ids]
-        h = self.h_aml(s)
-        if self.l_aml is None:
+        h, l_out = self.branch_logits(self.features[freq_ids], self.prior[freq_ids])
+        if l_out is None:
             return h
         alpha = self.alpha[freq_ids].unsqueeze(-1)
-        return alpha * h + (1 - alpha) * self.l_aml(s)
+        return alpha * h + (1 - alpha) * l_out
+
+    def branch_logits(self, s: Tensor, prior: Tensor) -> tuple[Tensor, Tensor | None]:
+        """h_L of h-AML and of l-AML (None without ``twins``) for frequency attributes s.
+
+        Args:
+            s: float (U', z), rows of ``features``.
+            prior: float (U', 1), the same rows of ``prior`` (read by the price head only).
+
+        Returns:
+            two float (U', D) tensors (or one and None). With ``head="unit"`` each branch's
+            last layer reads its last hidden activation divided by its RMS.
+        """
+        unit = self.config.head in ("unit", "price")  # phi / RMS(phi)
+        h = _run_branch(self.h_aml, s, unit, prior)
+        return h, (None if self.l_aml is None else _run_branch(self.l_aml, s, unit, prior))
 
     def selection_logits(self, freq_ids: Tensor) -> Tensor:
         """The logits the length is selected from: ``h_p - price * (p + 1) / D``.

@@ -29,6 +29,8 @@ class FrequencyTable:
             :data:`FEATURE_NAMES`, each standardised over the N rows.
         alpha: float32 (U,); twin weight ``sigmoid(norm(log(1 + q)))`` in (0, 1) (Eq. 3).
         rows_per_freq: int64 (U,); how many rows have each distinct count (sums to N).
+        percentile: float64 (U,); share of rows with a smaller count plus half the share with
+            the same count, in (0, 1) (the ``percentile`` column before standardisation).
     """
 
     freq_index: Tensor
@@ -36,6 +38,7 @@ class FrequencyTable:
     features: Tensor
     alpha: Tensor
     rows_per_freq: Tensor
+    percentile: Tensor
 
 
 def _standardize(x: Tensor, weight: Tensor) -> Tensor:
@@ -114,4 +117,5 @@ def frequency_features(counts: Tensor) -> FrequencyTable:
         features=features.float(),
         alpha=alpha.float(),
         rows_per_freq=rows,
+        percentile=percentile,
     )

@@ -1,0 +1,152 @@
+"""Does kept length follow frequency? One fine-tune per seed, scored on the VALIDATION split.
+
+For every AMTL table of the run it prints Spearman's rho between each row's kept length and its
+training count, the mean kept length of the 7 frequency groups G0..G6 (rows sorted by count and
+split into 7 equal groups, as the paper's Fig. 3), and the best epoch's validation AUC.
+
+    .venv/bin/python scripts/allocation_probe.py --task movielens --seeds 0 1 2
+    .venv/bin/python scripts/allocation_probe.py --task synthetic --seeds 0 1 2 \
+        --amtl '{"head": "plain"}'
+
+MovieLens: the demo's data split and trained DLRM for each seed (``amtl-compress demo`` does the
+same), cached under ``--work``; then ``finetune`` at budget 0.4 with the demo's defaults plus
+the overrides given. Synthetic: the tests' fixture (tests/conftest.py: make_synthetic_ctr with
+6000 rows, 400 users, 200 items, data seed 0; the DLRM trained 2 epochs at D = 8); only the
+fine-tune's seed changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.data.counts import count_frequencies
+from amtl_compress.training.config import FinetuneConfig, TrainConfig
+from amtl_compress.training.finetune import finetune
+from amtl_compress.training.train import train_dlrm
+
+GROUPS = 7
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rho with average ranks for ties (NaN when one side is constant)."""
+
+    def ranks(v: torch.Tensor) -> torch.Tensor:
+        v = v.double()
+        order = torch.argsort(v, stable=True)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        _, inverse = torch.unique(v, return_inverse=True)
+        sums = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, r)
+        n = torch.bincount(inverse).double()
+        return (sums / n)[inverse]
+
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float((rx.square().sum() * ry.square().sum()).sqrt())
+    return float((rx * ry).sum()) / den if den > 0 else float("nan")
+
+
+def group_means(lengths: torch.Tensor, counts: torch.Tensor) -> list[float]:
+    """Mean kept length of G0..G6 (7 equal groups of rows by ascending count)."""
+    order = torch.argsort(counts, stable=True)
+    return [float(g.double().mean()) for g in torch.tensor_split(lengths[order], GROUPS)]
+
+
+def prepare(task: str, seed: int, work: Path):
+    """(splits, base checkpoint, dlrm_config or None) of one seed, trained once and cached."""
+    if task == "movielens":
+        from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
+        from amtl_compress.models.dlrm import dlrm_config_for
+
+        root = work / f"movielens-{seed}"
+        ctr = build_ctr_dataset(fetch_movielens_100k(), root / "data", seed=seed)
+        base = root / "base.safetensors"
+        if not base.exists():
+            train_dlrm(ctr.train, ctr.valid, base, TrainConfig(seed=seed),
+                       dlrm_config=dlrm_config_for(ctr), progress=False)
+        return ctr, base
+    from amtl_compress.data.synthetic import make_synthetic_ctr
+
+    root = work / "synthetic"
+    ctr = make_synthetic_ctr(root / "data", num_rows=6000, num_users=400, num_items=200, seed=0)
+    base = root / "base.safetensors"
+    if not base.exists():
+        torch.set_num_threads(1)
+        train_dlrm(ctr.train, ctr.valid, base,
+                   TrainConfig(embedding_dim=8, epochs=2, batch_size=512), progress=False)
+    return ctr, base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=("movielens", "synthetic"), default="movielens")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--amtl", default="{}", help="JSON overrides of AMTLConfig")
+    parser.add_argument("--budget-weight", type=float, default=None)
+    parser.add_argument("--target-ratio", type=float, default=0.4)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--finetune", default="{}", help="JSON overrides of FinetuneConfig")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/allocation_probe"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    amtl = AMTLConfig(**json.loads(args.amtl))
+    fields = ("user_id", "item_id")
+    rows = []
+    for seed in args.seeds:
+        ctr, base = prepare(args.task, seed, args.work)
+        extra = {}
+        if args.budget_weight is not None:
+            extra["budget_weight"] = args.budget_weight
+        if args.epochs is not None:
+            extra["epochs"] = args.epochs
+        elif args.task == "synthetic":
+            extra.update(epochs=2, batch_size=256)
+        extra.update(json.loads(args.finetune))
+        config = FinetuneConfig(fields={f: f for f in fields}, target_ratio=args.target_ratio,
+                                seed=seed, amtl=amtl, **extra)
+        result = finetune(base, ctr.train, ctr.valid, args.work / "run", config,
+                          resume=False, overwrite=True, progress=False)
+        best = result.metrics["best_epoch"]
+        auc = next(e["auc"] for e in result.metrics["epochs"] if e["epoch"] == best)
+        line = {"seed": seed, "valid_auc": auc}
+        state = load_file(str(Path(result.run_dir) / "amtl.safetensors"))
+        for path, lengths in result.lengths.items():
+            column = result.metrics["tables"][path]["column"]
+            dim = int(result.metrics["tables"][path]["dim"])
+            counts = count_frequencies(ctr.train, column, lengths.numel())
+            line[column] = {
+                "rho": spearman(lengths, counts),
+                "groups": group_means(lengths, counts),
+                "ratio": float(lengths.double().mean()) / dim,
+                # the price head's learned weight on the frequency prior, per branch
+                "slope": [float(v) for k, v in sorted(state.items())
+                          if k.startswith(path + ".") and k.endswith(".slope")],
+            }
+        rows.append(line)
+        print(json.dumps(line), file=sys.stderr)
+    print(f"task={args.task} amtl={args.amtl} finetune={args.finetune} "
+          f"budget_weight={args.budget_weight} "
+          f"seeds={args.seeds}")
+    for f in fields:
+        rhos = [r[f]["rho"] for r in rows]
+        groups = [statistics.mean(r[f]["groups"][g] for r in rows) for g in range(GROUPS)]
+        print(f"  {f:8s} rho " + " ".join(f"{x:.3f}" for x in rhos)
+              + f"  mean {statistics.mean(rhos):.3f}   G0..G6 "
+              + " ".join(f"{g:.2f}" for g in groups)
+              + ("   slope h/l " + " ".join("/".join(f"{x:.2f}" for x in r[f]["slope"])
+                                          for r in rows) if rows[0][f]["slope"] else ""))
+    aucs = [r["valid_auc"] for r in rows]
+    print("  valid AUC " + " ".join(f"{a:.4f}" for a in aucs)
+          + f"  mean {statistics.mean(aucs):.4f}")
+
+
+if __name__ == "__main__":
+    main()
