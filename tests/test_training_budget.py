@@ -168,8 +168,8 @@ def test_warm_start_auc_is_kept_after_attach_and_first_step(synthetic, baseline)
 
 
 def test_finetune_starts_with_nothing_cut(synthetic, baseline, tmp_path, monkeypatch) -> None:
-    """finetune uses the same hook: at its first step every table keeps ratio 1 and the model
-    scores the trained model's validation AUC."""
+    """finetune uses the same hook: with a warmup, at its first step every table keeps ratio 1
+    and the model scores the trained model's validation AUC."""
     real_step = finetune_mod.bce_step
     seen: dict = {}
 
@@ -181,7 +181,7 @@ def test_finetune_starts_with_nothing_cut(synthetic, baseline, tmp_path, monkeyp
 
     monkeypatch.setattr(finetune_mod, "bce_step", first_step)
     result = finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "run",
-                      _config(), progress=False)
+                      _config(budget_warmup=0.25), progress=False)
     assert seen["ratios"] == {p: 1.0 for p in PATHS}
     assert seen["auc"] == pytest.approx(result.metrics["before"]["auc"], abs=1e-6)
     assert result.metrics["budget_met"] is True and result.metrics["budget_missed"] == {}

@@ -221,9 +221,9 @@ def plan_ratios(inputs: Inputs, config: FinetuneConfig, progress: bool) -> dict[
     Returns:
         module path -> R, at least the table's 1/D.
     """
-    # amtl_compress/planning.py (the `plan` command's API, PLAN.md "planning API") is written
-    # beside this part and merged after it: looked up when called, so this module imports
-    # without it. At the merge this becomes a plain import, once planning.py sits in a layer
+    # amtl_compress/planning.py (the `plan` command's API, docs/planning.md) is developed
+    # beside this module and joins it later: looked up when called, so this module imports
+    # without it. It becomes a plain import once planning.py sits in a layer
     # training/ may import from (tests/test_layers.py).
     planning = importlib.import_module("amtl_compress.planning")
     smallest = max(1.0 / d for d in inputs.dims.values())
