@@ -3,6 +3,8 @@
 The public API (imported lazily, so ``import amtl_compress`` stays cheap)::
 
     attach_amtl_(model, counts, AMTLConfig())   # wrap embedding tables in place
+    budget = AMTLBudget(model, 0.4, total_steps=n)  # your own loop: loss + budget.penalty(),
+                                                # budget.step() after each optimiser step
     detach_amtl(model)                          # -> (plain model, lengths per table)
     open_data(path)                             # one file in memory, or Parquet files streamed
     finetune(checkpoint, data, valid, out, FinetuneConfig(...))
@@ -22,6 +24,7 @@ _EXPORTS = {
     "AMTLConfig": "amtl_compress.core.amtl",
     "attach_amtl_": "amtl_compress.surgery.attach",
     "detach_amtl": "amtl_compress.surgery.attach",
+    "AMTLBudget": "amtl_compress.training.budget",
     "FinetuneConfig": "amtl_compress.training.config",
     "finetune": "amtl_compress.training.finetune",
     "TrainConfig": "amtl_compress.training.config",

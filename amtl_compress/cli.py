@@ -217,9 +217,25 @@ def finetune(
     ],
     model: ModelOpt = None,
     target_ratio: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(help="Memory budget: kept values / (N*D) per table, e.g. 0.4."),
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            help="Memory budget, kept values / (N*D) per table: `0.4` for every table, "
+            "`TABLE=0.3` per table (repeatable; TABLE as in --field), or `auto` (a ratio per "
+            "table from the truncation plan on --valid, see --max-auc-drop). None: the "
+            "paper's loss, no budget."
+        ),
     ] = None,
+    max_auc_drop: Annotated[
+        float,
+        typer.Option(help="With --target-ratio auto: validation AUC each table's cut may lose."),
+    ] = 0.002,
+    budget_warmup: Annotated[
+        float,
+        typer.Option(
+            help="Share of the steps over which the budget goes from 1 (nothing cut) to "
+            "--target-ratio; epochs that end earlier do not meet the budget."
+        ),
+    ] = 0.0,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
     batch_size: Annotated[
         int, typer.Option(help="Rows per step and process (torchrun: a step sees W x this).")
@@ -285,21 +301,28 @@ def finetune(
             import safetensors.torch  # noqa: F401
 
             from amtl_compress.core.amtl import AMTLConfig
-            from amtl_compress.training.config import FinetuneConfig, parse_field
+            from amtl_compress.training.config import (
+                FinetuneConfig,
+                parse_field,
+                parse_target_ratio,
+            )
             from amtl_compress.training.finetune import finetune as run_finetune
-            from amtl_compress.training.result import CollapseWarning
+            from amtl_compress.training.result import BudgetWarning, CollapseWarning
         with world.errors_agreed():
             config = FinetuneConfig(
                 fields=dict(parse_field(f) for f in field), epochs=epochs, batch_size=batch_size,
                 lr=lr, amtl_lr=amtl_lr, final_temperature=final_temperature,
-                target_ratio=target_ratio, seed=seed, label=label, save_every=save_every,
+                target_ratio=parse_target_ratio(target_ratio or []), max_auc_drop=max_auc_drop,
+                budget_warmup=budget_warmup, seed=seed, label=label, save_every=save_every,
                 budget_weight=budget_weight, amtl=AMTLConfig(
                     twins=not single_branch, straight_through=not no_ste,
                     temperature=temperature, ordering=ordering,
                 ),
             )
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CollapseWarning)  # reported below, once
+            # Reported below, once (rank 0), as `Warning: ...` lines.
+            warnings.simplefilter("ignore", CollapseWarning)
+            warnings.simplefilter("ignore", BudgetWarning)
             result = run_finetune(
                 checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
                 resume=resume, overwrite=overwrite, progress=not quiet,
@@ -307,6 +330,14 @@ def finetune(
         if world.is_main:
             if result.metrics["collapsed"]:
                 warning = CollapseWarning(result.metrics["collapsed"])
+                typer.echo(f"Warning: {cli_message(str(warning), _option_names())}", err=True)
+            if result.metrics["budget_met"] is False:
+                best = result.metrics["best_epoch"]
+                epoch = next(e for e in result.metrics["epochs"] if e["epoch"] == best)
+                warning = BudgetWarning(
+                    result.metrics["budget_missed"], best,
+                    epoch["step"] < result.metrics["budget_warmup_steps"],
+                )
                 typer.echo(f"Warning: {cli_message(str(warning), _option_names())}", err=True)
             _print_finetune_metrics(result.metrics)
             typer.echo(f"wrote {result.run_dir}")
@@ -336,10 +367,17 @@ def _print_finetune_metrics(metrics: dict) -> None:
         rows.append([name, f"{m['auc']:.4f}", f"{m['logloss']:.4f}"])
     _echo_table(rows)
     typer.echo("")
-    rows = [["table", "rows", "D", "avg kept dim", "memory ratio"]]
+    targets = metrics.get("target_ratios") or {}
+    missed = metrics.get("budget_missed") or {}
+    rows = [["table", "rows", "D", "avg kept dim", "memory ratio", "target", "budget"]]
     for path, t in metrics["tables"].items():
+        target, verdict = "-", "-"
+        if path in targets:
+            target = f"{targets[path]:.3f}"
+            gap = t["memory_ratio"] - targets[path]
+            verdict = f"missed by {gap:+.3f}" if path in missed else "met"
         rows.append([path, str(t["rows"]), str(t["dim"]), f"{t['avg_kept_dim']:.2f}",
-                     f"{t['memory_ratio']:.3f}"])
+                     f"{t['memory_ratio']:.3f}", target, verdict])
     _echo_table(rows)
 
 

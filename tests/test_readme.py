@@ -70,7 +70,11 @@ def _snippet(marker: str) -> str:
 
 def _write_data(path: Path, rows: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    users = np.minimum(rng.zipf(1.2, rows) - 1, NUM_USERS - 1).astype(np.int64)
+    # Half the rows from a Zipf head, half uniform: most users appear, so the realized ratio can
+    # land near any budget (rows that share a count share a length, docs/amtl.md).
+    head = np.minimum(rng.zipf(1.2, rows) - 1, NUM_USERS - 1)
+    users = np.where(rng.random(rows) < 0.5, head, rng.integers(0, NUM_USERS, rows))
+    users = users.astype(np.int64)
     items = rng.integers(0, NUM_ITEMS, rows, dtype=np.int64)
     labels = ((users + items) % 3 == 0).astype(np.int64)
     pq.write_table(pa.table({"user_id": users, "item_id": items, "label": labels}), path)
@@ -117,6 +121,7 @@ def test_every_snippet_is_covered() -> None:
     blocks = snippets()
     assert len(blocks) == 2, "a README ```python block was added or removed: cover it here"
     assert "load_packed" in blocks[0] and "attach_amtl_" in blocks[1]
+    assert "AMTLBudget" in blocks[1]
 
 
 def test_serving_snippet_gives_the_fine_tuned_outputs(workspace: Path) -> None:
@@ -152,44 +157,55 @@ def test_serving_snippet_on_the_meta_device(workspace: Path) -> None:
         assert torch.equal(namespace["logits"].detach(), finetuned(batch))
 
 
-def test_python_steps_snippet_attaches_trains_and_detaches(workspace: Path) -> None:
+def _statement_end(lines: list[str], prefix: str) -> int:
+    """Index just past the one top-level statement starting with ``prefix`` (its comment lines
+    included), so the snippet can be run in pieces."""
+    starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    assert len(starts) == 1, f"expected one line starting with {prefix!r}"
+    end = starts[0] + 1
+    while end < len(lines) and (lines[end].startswith("#") or lines[end].startswith(" " * 20)):
+        end += 1
+    return end
+
+
+def test_python_steps_snippet_attaches_trains_and_compresses(workspace: Path) -> None:
+    """The loop snippet, run in three pieces: attach + budget (outputs unchanged), the user's
+    loop ("train as usual" with the two budget lines: it compresses to 40%), detach."""
     from my_pkg.models import build
 
     source = _snippet("attach_amtl_")
-    placeholder = [line for line in source.splitlines() if line.split("#")[0].strip() == "..."]
-    assert len(placeholder) == 1, "the snippet's one `...` line stands for the user's training"
+    lines = source.splitlines()
+    assert not [line for line in lines if line.split("#")[0].strip() == "..."], "runs as written"
+    setup_end = _statement_end(lines, "budget = AMTLBudget(")
+    detach_at = _statement_end(lines, "model, lengths = detach_amtl(model)") - 1
+    pieces = ["\n".join(lines[:setup_end]), "\n".join(lines[setup_end:detach_at]),
+              "\n".join(lines[detach_at:])]
+    assert "for epoch in range(epochs)" in pieces[1] and "budget.step()" in pieces[1]
+
     batch = _first_batch("train.parquet", rows=256)
-    plain = build().eval()
     with torch.no_grad():
-        original = plain(batch)
-    seen: dict[str, torch.Tensor] = {}
+        original = build().eval()(batch)
+    namespace: dict = {}
+    exec(compile(pieces[0], "README.md", "exec"), namespace)
+    model, budget = namespace["model"], namespace["budget"]
+    model.eval()
+    with torch.no_grad():
+        # Attached, under a budget whose schedule starts at ratio 1: nothing is cut yet, and the
+        # default ordering="pca" rotates each table and back (float rounding only).
+        torch.testing.assert_close(model(batch), original, rtol=0, atol=1e-5)
+    assert budget.realized == {"embeddings.user_id": 1.0}
+    model.train()
 
-    def train(model: nn.Module) -> None:
-        """What the `...` line stands for: check the warm start, then a few real steps."""
-        model.eval()
-        with torch.no_grad():
-            # The default ordering="pca" rotates the table onto its principal axes and back:
-            # outputs start unchanged up to float rounding.
-            torch.testing.assert_close(model(batch), original, rtol=0, atol=1e-5)
-        model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        data = amtl_compress.open_data("train.parquet")
-        for step, (features, labels) in enumerate(data.batches(256, shuffle=True, seed=0)):
-            loss = nn.functional.binary_cross_entropy_with_logits(model(features), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step == 5:
-                break
-        model.eval()
-        with torch.no_grad():
-            seen["masked"] = model(batch)
+    exec(compile(pieces[1], "README.md", "exec"), namespace)
+    assert not budget.warming_up and budget.steps_done == budget.total_steps
+    realized = namespace["ratios"]["embeddings.user_id"]
+    # "train as usual" compresses: the table lands on the budget.
+    assert abs(realized - 0.4) <= amtl_compress_tolerance()
+    model.eval()
+    with torch.no_grad():
+        masked = model(batch)
 
-    runnable = source.replace(placeholder[0], placeholder[0].replace("...", "train(model)", 1))
-    namespace: dict = {"train": train}
-    exec(compile(runnable, "README.md", "exec"), namespace)
-
-    assert "masked" in seen, "the training step ran between attach and detach"
+    exec(compile(pieces[2], "README.md", "exec"), namespace)
     model, lengths = namespace["model"], namespace["lengths"]
     # detach gives a plain nn.Embedding back (RotatedEmbedding: an nn.Embedding whose rows are
     # multiplied by the stored rotation after the lookup).
@@ -198,5 +214,13 @@ def test_python_steps_snippet_attaches_trains_and_detaches(workspace: Path) -> N
     assert lengths["embeddings.user_id"].shape == (NUM_USERS,)
     assert int(lengths["embeddings.user_id"].min()) >= 1
     assert int(lengths["embeddings.user_id"].max()) <= DIM
+    kept = float(lengths["embeddings.user_id"].double().mean()) / DIM
+    assert kept == pytest.approx(realized)
     with torch.no_grad():
-        assert torch.equal(model.eval()(batch), seen["masked"]), "plain model = masked model"
+        assert torch.equal(model.eval()(batch), masked), "plain model = masked model"
+
+
+def amtl_compress_tolerance() -> float:
+    from amtl_compress.training.finetune import BUDGET_TOLERANCE
+
+    return BUDGET_TOLERANCE

@@ -110,30 +110,45 @@ def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> f
 
 
 @torch.no_grad()
-def apply_budget_(layers: Mapping[str, AMTL], target_ratio: float) -> dict[str, float]:
-    """Set every layer's ``price`` so its realized ratio lands as close to R as it can.
+def apply_budget_(
+    layers: Mapping[str, AMTL], target_ratio: float | Mapping[str, float]
+) -> dict[str, float]:
+    """Set every layer's ``price`` so its realized ratio lands as close to its R as it can.
 
-    Call it once after attaching (so training starts under the budget) and after every
-    optimiser step.
+    Call it once after attaching and after every optimiser step (``AMTLBudget`` in
+    training/budget.py does both, with R annealed from 1 over a warmup).
 
     Args:
         layers: table name (module path) -> its AMTL layer.
-        target_ratio: R, kept values / (N * D) for EACH table, in [1/D, 1].
+        target_ratio: R, kept values / (N * D) for EACH table, in [1/D, 1]; or module path ->
+            that table's R, with an entry for every layer in ``layers``.
 
     Returns:
         table name -> realized ratio after the update.
+
+    Raises:
+        ConfigError: an R out of [1/D, 1], or a layer with no entry in the mapping.
     """
     realized: dict[str, float] = {}
     for name, layer in layers.items():
-        if not 1.0 / layer.embedding_dim <= target_ratio <= 1.0:
+        if isinstance(target_ratio, Mapping):
+            if name not in target_ratio:
+                raise ConfigError(
+                    f"no target ratio for table `{name}`; give `target_ratio` an entry for "
+                    "every layer, keyed by module path"
+                )
+            ratio = float(target_ratio[name])
+        else:
+            ratio = float(target_ratio)
+        if not 1.0 / layer.embedding_dim <= ratio <= 1.0:
             raise ConfigError(
-                f"target ratio {target_ratio} is out of reach for table `{name}` (D = "
+                f"target ratio {ratio} is out of reach for table `{name}` (D = "
                 f"{layer.embedding_dim}: every row keeps at least 1 value, so R >= "
                 f"{1 / layer.embedding_dim:.4f}); choose a larger `target_ratio`"
             )
         freq_ids = torch.arange(layer.num_frequencies, device=layer.rows_per_freq.device)
         logits = layer.logits(freq_ids)
-        price = solve_price(logits, layer.rows_per_freq, target_ratio)
+        price = solve_price(logits, layer.rows_per_freq, ratio)
         layer.price.fill_(price)
         # The same arithmetic as layer.realized_ratio(), without a second pass of the MLPs.
         realized[name] = realized_ratio_at(logits, layer.rows_per_freq, price)

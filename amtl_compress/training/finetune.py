@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,9 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from amtl_compress import planning
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.core.amtl import AMTL
-from amtl_compress.core.budget import apply_budget_
 from amtl_compress.data import CTRData
 from amtl_compress.errors import TrainingError
 from amtl_compress.run_dir import resume_dir, table_report, write_run_dir
@@ -42,7 +42,8 @@ from amtl_compress.surgery.attach import (
     detach_amtl,
     model_parameters,
 )
-from amtl_compress.training.config import FinetuneConfig
+from amtl_compress.training.budget import AMTLBudget, resolve_targets
+from amtl_compress.training.config import AUTO, FinetuneConfig
 from amtl_compress.training.distributed import (
     World,
     mark_every_rank,
@@ -53,17 +54,21 @@ from amtl_compress.training.distributed import (
 from amtl_compress.training.launch import DeferredInterrupt
 from amtl_compress.training.loop import bce_step, evaluate, read_batches, sync_batch
 from amtl_compress.training.request import FinetuneRequest, Inputs, prepare
-from amtl_compress.training.result import CollapseWarning, FinetuneResult
+from amtl_compress.training.result import BudgetWarning, CollapseWarning, FinetuneResult
 from amtl_compress.training.resume import resume_or_restart, save_state
 
 __all__ = [
-    "BUDGET_TOLERANCE", "CollapseWarning", "FinetuneConfig", "FinetuneRequest", "FinetuneResult",
-    "finetune",
+    "AUTO_RATIO_GRID", "BUDGET_TOLERANCE", "BudgetWarning", "CollapseWarning", "FinetuneConfig",
+    "FinetuneRequest", "FinetuneResult", "finetune",
 ]
 
 #: How close the realized memory ratio must land to ``target_ratio`` for an epoch to count as
 #: meeting the budget.
 BUDGET_TOLERANCE = 0.02
+
+#: The ratios the truncation plan scores for ``target_ratio="auto"`` (1.0: the trained model);
+#: those under a table's 1/D are left out for it (every row keeps at least one value).
+AUTO_RATIO_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 #: The best epoch's weights, kept in the resume directory until the run directory is written.
 _BEST_FILE = "best.safetensors"
@@ -86,6 +91,7 @@ class _Run:
     model: nn.Module  # AMTL attached; evaluated and saved
     ddp: nn.Module  # what the steps call: ``model`` in DistributedDataParallel, or ``model``
     layers: dict[str, AMTL]
+    budget: AMTLBudget | None  # None: no target ratio (the paper's loss)
     optimizer: torch.optim.Optimizer
     train_data: CTRData
     valid_data: CTRData
@@ -140,6 +146,8 @@ def finetune(
 
     Warns:
         CollapseWarning: a table's rows were all cut to length 1.
+        BudgetWarning: no epoch met the budget (the run is still written, from the best epoch;
+            ``metrics.json`` has ``"budget_met": false`` and the tables that missed).
     """
     request = FinetuneRequest(checkpoint, data, valid, Path(out), config, model_factory,
                               counts_file, resume, overwrite, progress)
@@ -160,6 +168,7 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
     config, model = request.config, inputs.model
     before = evaluate(model, inputs.valid_data.batches(config.batch_size), world)
     with world.errors_agreed():
+        targets = _resolve_targets(config, inputs, request.progress and world.is_main)
         attach_amtl_(model, inputs.counts, config.amtl)
         layers = amtl_layers(model)
         optimizer = torch.optim.Adam(
@@ -174,37 +183,60 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
         state_dir, model, optimizer, config_json, request.resume, world
     )
     with world.errors_agreed():
-        if config.target_ratio is not None:
-            apply_budget_(layers, config.target_ratio)  # train under the budget from step 0
+        # Prices for the saved step: at step 0 with a warmup the ratio is 1 and nothing is cut.
+        budget = None if targets is None else AMTLBudget(
+            model, targets, total_steps=inputs.steps_per_epoch * config.epochs,
+            warmup=config.budget_warmup, weight=config.budget_weight,
+            step=progress_state["step"],
+        )
     # After the resume: DDP broadcasts rank 0's weights as they are now (the same on every rank:
     # the same checkpoint, seed, counts and state file; the broadcast makes sure of it).
     ddp = wrap_ddp(model, world)
-    return _Run(config, world, model, ddp, layers, optimizer, inputs.train_data,
+    return _Run(config, world, model, ddp, layers, budget, optimizer, inputs.train_data,
                 inputs.valid_data, state_dir, progress_state, before, inputs.steps_per_epoch)
 
 
-def _budget_penalty(
-    config: FinetuneConfig, layers: dict[str, AMTL]
-) -> Callable[[], torch.Tensor] | None:
-    """The Lagrangian's memory term ``budget_weight * sum_t mu_t * expected_ratio_t``, or None."""
-    if config.target_ratio is None or config.budget_weight == 0:
+def _resolve_targets(
+    config: FinetuneConfig, inputs: Inputs, progress: bool
+) -> dict[str, float] | None:
+    """Module path -> R of every table with a budget, or None without one.
+
+    Raises:
+        ConfigError: a key of a ``target_ratio`` dict matches none of the chosen tables (keys
+            are matched against module paths the way ``fields`` targets are).
+    """
+    if config.target_ratio is None:
         return None
+    if config.target_ratio == AUTO:
+        return plan_ratios(inputs, config, progress)
+    assert isinstance(config.target_ratio, (float, int, Mapping))
+    return resolve_targets(config.target_ratio, inputs.column_of)
 
-    def penalty() -> torch.Tensor:
-        # Its gradient shortens rows the task does not defend (rare rows barely appear in
-        # batches, so without it they keep their start length). It is computed outside the
-        # model's forward, from the same weights on every rank: under DDP it joins the task
-        # loss before backward, and the average over ranks of identical gradients is itself.
-        term = sum(layer.price * layer.expected_ratio() for layer in layers.values())
-        return config.budget_weight * term
 
-    return penalty
+def plan_ratios(inputs: Inputs, config: FinetuneConfig, progress: bool) -> dict[str, float]:
+    """``target_ratio="auto"``: each table's R from the training-free truncation plan of the
+    trained model (before AMTL is attached) on the validation data: the smallest ratio of
+    :data:`AUTO_RATIO_GRID` whose AUC is within ``config.max_auc_drop`` of the trained model's.
+
+    Returns:
+        module path -> R, at least the table's 1/D.
+    """
+    smallest = max(1.0 / d for d in inputs.dims.values())
+    grid = [r for r in AUTO_RATIO_GRID if r >= smallest]
+    curves = planning.truncation_curves(
+        inputs.model, inputs.valid_data, dict(inputs.column_of), grid,
+        batch_size=config.batch_size, label=config.label, progress=progress,
+    )
+    ratios = planning.recommend_ratios(curves, config.max_auc_drop)
+    return {path: max(float(ratios[path]), 1.0 / inputs.dims[path]) for path in inputs.column_of}
 
 
 def _train(run: _Run, progress: bool) -> None:
     """The step loop, from the saved step to the last: epoch ends, periodic saves, Ctrl-C."""
     config, world = run.config, run.world
-    penalty = _budget_penalty(config, run.layers)
+    penalty = None
+    if run.budget is not None and config.budget_weight > 0:
+        penalty = run.budget.penalty
     step = run.progress["step"]
     bar = tqdm(
         total=run.total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr,
@@ -283,8 +315,8 @@ def _step(
             mark_every_rank(error)
         raise error from None
     ratios: dict[str, float] = {}
-    if config.target_ratio is not None:
-        ratios = apply_budget_(run.layers, config.target_ratio)
+    if run.budget is not None:
+        ratios = run.budget.step()  # the price for the next step's scheduled ratio
     return loss, ratios
 
 
@@ -297,8 +329,9 @@ def _end_epoch(run: _Run, step: int) -> None:
         # Identical weights give identical lengths; a cheap proof that the ranks agree.
         run.world.check_same(f"row lengths of `{path}`", layer.lengths())
     ratios = {path: layer.realized_ratio() for path, layer in run.layers.items()}
-    meets_budget = config.target_ratio is None or all(
-        abs(r - config.target_ratio) <= BUDGET_TOLERANCE for r in ratios.values()
+    # During the warmup the scheduled ratio is still above R: such an epoch misses the budget.
+    meets_budget = run.budget is None or (
+        not run.budget.warming_up and not _missed(run.budget.targets, ratios)
     )
     record = {
         "epoch": epoch, "step": step, **scores, "ratios": ratios, "meets_budget": meets_budget
@@ -336,6 +369,13 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
     collapsed = [path for path, table in per_table.items() if table["collapsed"]]
     if collapsed:
         warnings.warn(CollapseWarning(collapsed), stacklevel=3)  # at finetune's caller
+    targets = None if run.budget is None else run.budget.targets
+    budget_met = None if best is None or targets is None else bool(best["meets_budget"])
+    missed: dict[str, dict[str, float]] = {}
+    if budget_met is False:
+        missed = _missed(targets or {}, best["ratios"])
+        during_warmup = run.budget is not None and best["step"] < run.budget.warmup_steps
+        warnings.warn(BudgetWarning(missed, best["epoch"], during_warmup), stacklevel=3)
     metrics = {
         "before": run.before,
         "after": after,
@@ -344,6 +384,10 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
         "tables": per_table,
         "memory_ratio": ratio,
         "target_ratio": config.target_ratio,
+        "target_ratios": targets,  # resolved: module path -> R
+        "budget_warmup_steps": None if run.budget is None else run.budget.warmup_steps,
+        "budget_met": budget_met,  # None without a budget
+        "budget_missed": missed,  # module path -> {"target", "realized"} of the kept epoch
         "collapsed": collapsed,
         "world_size": world.size,
     }
@@ -354,6 +398,7 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
         "model": inputs.spec,
         "tables": inputs.column_of,
         "finetune": config.to_dict(),
+        "target_ratios": targets,  # resolved: module path -> R (a dict or "auto" in "finetune")
         # config.batch_size rows per rank: each step saw world_size times as many.
         "world_size": world.size,
     }
@@ -363,6 +408,15 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
                           amtl_state, run_config, metrics)
             shutil.rmtree(run.state_dir, ignore_errors=True)
     return FinetuneResult(run_dir=request.out, metrics=metrics, lengths=lengths)
+
+
+def _missed(targets: dict[str, float], ratios: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The tables whose realized ratio is more than :data:`BUDGET_TOLERANCE` from their R."""
+    return {
+        path: {"target": r, "realized": ratios[path]}
+        for path, r in targets.items()
+        if abs(ratios[path] - r) > BUDGET_TOLERANCE
+    }
 
 
 def _finite(x: float) -> float:

@@ -38,3 +38,33 @@ class CollapseWarning(UserWarning):
             f"AMTL collapsed every row of {names} to length 1; raise `target_ratio` or lower "
             "`amtl_lr` and fine-tune again"
         )
+
+
+class BudgetWarning(UserWarning):
+    """No epoch met the memory budget: the run was written from the best epoch all the same.
+
+    An epoch meets the budget when the warmup is over and every budgeted table's realized ratio
+    is within ``BUDGET_TOLERANCE`` of its R. ``metrics.json`` then says ``"budget_met": false``
+    and lists the tables that missed (``"budget_missed"``).
+
+    Attributes:
+        missed: module path -> ``{"target": R, "realized": ratio of the kept epoch}``.
+        epoch: the kept epoch (1-based).
+        during_warmup: the kept epoch ended before the warmup was over.
+    """
+
+    def __init__(
+        self, missed: dict[str, dict[str, float]], epoch: int, during_warmup: bool = False
+    ) -> None:
+        self.missed, self.epoch, self.during_warmup = missed, epoch, during_warmup
+        parts = [
+            f"`{path}` kept {m['realized']:.3f} for a target of {m['target']:.3f} "
+            f"({m['realized'] - m['target']:+.3f})"
+            for path, m in missed.items()
+        ]
+        if during_warmup:
+            parts.append("the budget was still warming up at its end")
+        super().__init__(
+            f"no epoch met the memory budget; kept epoch {epoch}: {'; '.join(parts)} - "
+            "train for more epochs, lower `budget_warmup` or raise `target_ratio`"
+        )
