@@ -34,6 +34,32 @@ projections for MDE; and for AMTL the packed files' values + int64 offsets (+ in
 
 Prints the table (mean +- std over seeds), writes results.json under --out and the two plots
 (quality_tradeoff.png, quality_groups.png) under --img-dir. Not imported by the package.
+
+``--task synthetic`` runs the planted task of bench/planted.py instead (1M rows over 2 tables,
+D = 64, information per row planted to grow with log frequency; its parameters and their
+reasons are in that module's docstring). Per seed: the data, the trained model (the reference,
+"FBE (trained)"), and against it, each placed at the bytes it must store:
+
+    FBE fine-tuned                   the trained model given the fine-tuning steps below
+    PTQ fp16 / int8                  the full tables packed by `pack` (int8: per-row scale+bias)
+    truncate k +pca                  uniform k of 64 after the principal-axes rotation, no
+                                     training (values + the D x D rotation per table)
+    freq tiers +pca                  rows binned by training count (tiers [0,1) [1,4) [4,32)
+                                     [32,256) [256,inf)), tier length a log2(2 + its mean count)
+                                     with a bisected for the bytes, no training
+    MDE                              as above (4 blocks), fine-tuned for the same steps as AMTL
+    AMTL                             `finetune` (library defaults; target_ratio 0.5 / 0.3 / 0.15,
+                                     1 epoch at batch 65,536 of the first 25 % of the training
+                                     split) -> `pack` float32 and int8 -> `load_packed_model`
+
+The fine-tuning recipe is cut to 25 steps because a dense Adam step over the 64M table values
+costs ~1.5 s on one core, and AMTL must run through `finetune` as a user would. Paired
+differences are against the trained model of the same seed. Threads are set to 1 (2 shared
+cores). Results are rewritten after every seed.
+
+    nice -n 10 .venv/bin/python bench/quality.py --task synthetic     # 3 seeds
+    .venv/bin/python bench/quality.py --task synthetic --quick --seeds 1 --out /tmp/s \
+        --img-dir /tmp/s                                                 # tiny sizes, seconds
 """
 
 from __future__ import annotations
