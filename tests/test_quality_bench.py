@@ -1,8 +1,10 @@
-"""The length rules and bookkeeping of bench/quality.py (the bench itself takes minutes)."""
+"""The length rules and bookkeeping of bench/quality.py (the real bench takes minutes; the
+synthetic task runs here on tiny sizes in seconds)."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,68 @@ def test_fixed_prefix_masks_rotates_and_projects():
     with torch.no_grad():
         mde.projections[1].mul_(2.0)
     assert torch.equal(mde(torch.tensor([0, 1])), torch.tensor([[0.0, 0, 0, 0], [8, 10, 0, 0]]))
+
+
+# The synthetic task (bench/planted.py), on the tiny sizes of planted.TINY.
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.1])
+def test_tier_rule_fits_the_bytes_and_follows_frequency(budget):
+    counts = {"user_id": zipf_counts(), "item_id": zipf_counts(700)}
+    dense = sum(c.numel() for c in counts.values()) * 64 * 4
+    lengths = quality.tier_rule(int(budget * dense), counts, 64)
+    kept_bytes = sum(int(v.sum()) for v in lengths.values()) * 4 + 2 * 64 * 64 * 4
+    assert kept_bytes <= budget * dense
+    for f, c in counts.items():
+        order = torch.argsort(c)
+        assert torch.all(lengths[f][order].diff() >= 0)  # never shorter for a more frequent row
+        assert lengths[f].min() >= 1 and lengths[f].max() <= 64
+
+
+def test_spearman_ranks_with_ties():
+    counts = torch.tensor([0, 1, 1, 5, 9])
+    assert quality.spearman(counts * 2, counts) == pytest.approx(1.0)
+    assert quality.spearman(-counts, counts) == pytest.approx(-1.0)
+    assert quality.spearman(torch.ones(5), counts) == 0.0
+
+
+def test_compare_at_bytes_takes_the_best_rival_at_or_under_its_bytes():
+    rows = [
+        {"method": "FBE (trained)", "group": "FBE", "bytes_ratio": 1.0, "diff": 0.0},
+        {"method": "t8", "group": "truncate +pca", "bytes_ratio": 0.2, "diff": -0.01},
+        {"method": "t16", "group": "truncate +pca", "bytes_ratio": 0.3, "diff": -0.002},
+        {"method": "A", "group": "AMTL float32", "bytes_ratio": 0.25, "diff": -0.005},
+    ]
+    (cmp,) = quality.compare_at_bytes(rows)
+    assert cmp["best_other"] == "t8" and cmp["margin"] == pytest.approx(0.005)
+
+
+def test_planted_generator_is_seeded_and_plants_longer_rows_for_frequent_ids(tmp_path):
+    import numpy as np
+
+    sys.path.insert(0, str(_PATH.parent))
+    import planted
+
+    a = planted.make_planted(tmp_path / "a", 3, planted.TINY)
+    b = planted.make_planted(tmp_path / "b", 3, planted.TINY)
+    assert a.train.read_bytes() == b.train.read_bytes()
+    truth = np.load(tmp_path / "a" / "truth.npz")
+    for f in ("user_id", "item_id"):
+        p, dims = truth[f"p_{f}"], truth[f"dims_{f}"]
+        order = np.argsort(p)
+        assert np.all(np.diff(dims[order]) >= 0) and dims.max() > dims.min()
+
+
+def test_synthetic_task_smoke(tmp_path):
+    """The whole synthetic task on the tiny sizes: every method, bytes as stored (seconds)."""
+    rows, groups = quality.run_synthetic_seed(0, tmp_path / "seed0", tiny=True)
+    by = {r["method"]: r for r in rows}
+    d, n = 16, 3_000 + 2_000
+    assert by["FBE (trained)"]["bytes"] == n * d * 4
+    assert by["PTQ int8"]["bytes"] == n * d + 8 * n
+    assert by["truncate k=4 +pca"]["bytes"] == n * 4 * 4 + 2 * d * d * 4
+    assert by["AMTL @0.3 float32"]["kept_ratio"] == pytest.approx(0.3, abs=0.05)
+    assert by["AMTL @0.3 int8"]["bytes"] < by["AMTL @0.3 float32"]["bytes"]
+    assert {"MDE @0.3", "freq tiers @0.25 +pca"} <= set(by)
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
+    assert set(groups["amtl-0.3 rho"]) == {"user_id", "item_id"}
