@@ -235,7 +235,7 @@ def finetune(
             help="Share of the steps over which the budget goes from 1 (nothing cut) to "
             "--target-ratio; epochs that end earlier do not meet the budget."
         ),
-    ] = 0.0,
+    ] = 0.1,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 3,
     batch_size: Annotated[
         int, typer.Option(help="Rows per step and process (torchrun: a step sees W x this).")
