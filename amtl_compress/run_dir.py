@@ -26,6 +26,7 @@ from torch import nn
 
 from amtl_compress._io import atomic_directory, atomic_save_safetensors, atomic_write_text
 from amtl_compress.checkpoint import SPEC_KEY, save_checkpoint
+from amtl_compress.core.frequency import frequency_group_means, rank_correlation
 from amtl_compress.errors import RunDirError
 
 __all__ = [
@@ -125,7 +126,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def table_report(
-    lengths: dict[str, torch.Tensor], fields: dict[str, str], dims: dict[str, int]
+    lengths: dict[str, torch.Tensor],
+    fields: dict[str, str],
+    dims: dict[str, int],
+    counts: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], float]:
     """Per-table summary for ``metrics.json`` and the overall kept fraction.
 
@@ -133,10 +137,13 @@ def table_report(
         lengths: module path -> int64 (N,) row lengths in [1, D].
         fields: module path -> data column.
         dims: module path -> D.
+        counts: module path -> int64 (N,) training counts; adds how kept length follows them.
 
     Returns:
-        (module path -> {column, rows, dim, avg_kept_dim, memory_ratio, collapsed},
-        kept values / all values over every table; 1.0 when there is none).
+        (module path -> {column, rows, dim, avg_kept_dim, memory_ratio, collapsed} plus, with
+        ``counts``, ``kept_dim_by_frequency_group`` (G0 rarest .. G6 most frequent rows, the
+        paper's Fig. 3) and ``spearman_with_count``; kept values / all values over every table,
+        1.0 when there is none).
     """
     per_table: dict[str, Any] = {}
     kept = total = 0
@@ -151,6 +158,10 @@ def table_report(
             # Every row cut to one value: the layer collapsed (see CollapseWarning).
             "collapsed": bool(n and d > 1 and int(lens.max()) == 1),
         }
+        if counts is not None:
+            count = counts[path].to(lens.device)
+            per_table[path]["kept_dim_by_frequency_group"] = frequency_group_means(lens, count)
+            per_table[path]["spearman_with_count"] = rank_correlation(lens, count)
         kept += int(lens.sum())
         total += n * d
     return per_table, (kept / total if total else 1.0)

@@ -81,6 +81,11 @@ from torch import Tensor, nn
 from amtl_compress._text import format_table
 from amtl_compress.checkpoint import load_model, save_checkpoint
 from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.core.frequency import (
+    NUM_FREQUENCY_GROUPS,
+    frequency_group_means,
+    rank_correlation,
+)
 from amtl_compress.core.rotation import principal_axes, rotate_rows
 from amtl_compress.data.counts import count_frequencies
 from amtl_compress.data.dataset import TabularData
@@ -98,7 +103,7 @@ BUDGETS = (0.6, 0.4, 0.25, 0.15)
 EPOCHS = 3
 LR = FinetuneConfig().lr  # every method gets the library's fine-tuning recipe
 BATCH = 1024
-GROUPS = 7
+GROUPS = NUM_FREQUENCY_GROUPS
 MDE_BLOCKS = 4
 
 
@@ -373,7 +378,8 @@ def run_seed(seed: int, work: Path, quick: bool) -> tuple[list[dict], dict]:
     groups = {}
     for name in ("amtl-0.4", "AML"):
         lengths = load_file(str(work / name / "lengths.safetensors"))
-        groups[name] = {f: group_means(lengths[f"embeddings.{f}"], counts[f]) for f in FIELDS}
+        groups[name] = {f: frequency_group_means(lengths[f"embeddings.{f}"], counts[f])
+                        for f in FIELDS}
     return out, groups
 
 
@@ -407,12 +413,6 @@ def packed_record(data: dict, work: Path, run: Path, dtype: str, name: str, grou
     return record(name, group, load_packed_model(report.out_dir), data, report.bytes_after,
                   {f: float(lengths[f"embeddings.{f}"].double().mean()) for f in FIELDS},
                   kept / dense_values)
-
-
-def group_means(lengths: Tensor, counts: Tensor) -> list[float]:
-    """Mean kept length of G0..G6: 7 equal-size groups of rows by ascending training count."""
-    order = torch.argsort(counts, stable=True)
-    return [float(g.double().mean()) for g in torch.tensor_split(lengths[order], GROUPS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +523,7 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool) -> tuple[list[dict], d
         model = planted.pca_truncated(load_model(data["base"])[0], lengths)
         row = fixed_record(f"freq tiers @{budget:g} +pca", "freq tiers", model, lengths,
                            rot_bytes)
-        row["groups"] = {f: group_means(lengths[f], counts[f]) for f in FIELDS}
+        row["groups"] = {f: frequency_group_means(lengths[f], counts[f]) for f in FIELDS}
         out.append(row)
     lap("truncation and tiers")
     groups = {}
@@ -541,8 +541,9 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool) -> tuple[list[dict], d
                                      f"AMTL {dtype}"))
             shutil.rmtree(work / f"{run.name}-{dtype}")  # 10s-100s of MB each
         lengths = load_file(str(run / "lengths.safetensors"))
-        groups[name] = {f: group_means(lengths[f"embeddings.{f}"], counts[f]) for f in FIELDS}
-        groups[name + " rho"] = {f: spearman(lengths[f"embeddings.{f}"], counts[f])
+        groups[name] = {f: frequency_group_means(lengths[f"embeddings.{f}"], counts[f])
+                        for f in FIELDS}
+        groups[name + " rho"] = {f: rank_correlation(lengths[f"embeddings.{f}"], counts[f])
                                  for f in FIELDS}
         shutil.rmtree(run / "state", ignore_errors=True)
         lap(f"AMTL @{budget:g}")
@@ -571,21 +572,6 @@ def ptq_records(data: dict, work: Path, dense_values: int) -> list[dict]:
                           nbytes, full, 1.0))
         shutil.rmtree(report.out_dir)
     return out
-
-
-def spearman(lengths: Tensor, counts: Tensor) -> float:
-    """Spearman's rho between kept length and training count over a table's rows (average
-    ranks for ties)."""
-
-    def ranks(x: Tensor) -> Tensor:
-        _, inverse, n = torch.unique(x.double(), return_inverse=True, return_counts=True)
-        ends = torch.cumsum(n, 0).double()
-        return (ends - (n.double() - 1) / 2)[inverse]
-
-    a, b = ranks(lengths), ranks(counts)
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom else 0.0
 
 
 def compare_at_bytes(rows: list[dict]) -> list[dict]:

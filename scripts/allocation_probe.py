@@ -27,37 +27,15 @@ import torch
 from safetensors.torch import load_file
 
 from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.core.frequency import (
+    NUM_FREQUENCY_GROUPS,
+    frequency_group_means,
+    rank_correlation,
+)
 from amtl_compress.data.counts import count_frequencies
 from amtl_compress.training.config import FinetuneConfig, TrainConfig
 from amtl_compress.training.finetune import finetune
 from amtl_compress.training.train import train_dlrm
-
-GROUPS = 7
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rho with average ranks for ties (NaN when one side is constant)."""
-
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        v = v.double()
-        order = torch.argsort(v, stable=True)
-        r = torch.empty_like(v)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        _, inverse = torch.unique(v, return_inverse=True)
-        sums = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, r)
-        n = torch.bincount(inverse).double()
-        return (sums / n)[inverse]
-
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = float((rx.square().sum() * ry.square().sum()).sqrt())
-    return float((rx * ry).sum()) / den if den > 0 else float("nan")
-
-
-def group_means(lengths: torch.Tensor, counts: torch.Tensor) -> list[float]:
-    """Mean kept length of G0..G6 (7 equal groups of rows by ascending count)."""
-    order = torch.argsort(counts, stable=True)
-    return [float(g.double().mean()) for g in torch.tensor_split(lengths[order], GROUPS)]
 
 
 def prepare(task: str, seed: int, work: Path):
@@ -123,8 +101,8 @@ def main() -> None:
             dim = int(result.metrics["tables"][path]["dim"])
             counts = count_frequencies(ctr.train, column, lengths.numel())
             line[column] = {
-                "rho": spearman(lengths, counts),
-                "groups": group_means(lengths, counts),
+                "rho": rank_correlation(lengths, counts),
+                "groups": frequency_group_means(lengths, counts),
                 "ratio": float(lengths.double().mean()) / dim,
                 # the price head's learned weight on the frequency prior, per branch
                 "slope": [float(v) for k, v in sorted(state.items())
@@ -137,7 +115,8 @@ def main() -> None:
           f"seeds={args.seeds}")
     for f in fields:
         rhos = [r[f]["rho"] for r in rows]
-        groups = [statistics.mean(r[f]["groups"][g] for r in rows) for g in range(GROUPS)]
+        groups = [statistics.mean(r[f]["groups"][g] for r in rows)
+                  for g in range(NUM_FREQUENCY_GROUPS)]
         print(f"  {f:8s} rho " + " ".join(f"{x:.3f}" for x in rhos)
               + f"  mean {statistics.mean(rhos):.3f}   G0..G6 "
               + " ".join(f"{g:.2f}" for g in groups)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.core.frequency import frequency_group_means, rank_correlation
 from amtl_compress.data.counts import count_frequencies
 from amtl_compress.training.config import FinetuneConfig
 from amtl_compress.training.finetune import finetune
@@ -13,23 +14,8 @@ from amtl_compress.training.finetune import finetune
 FIELDS = ("user_id", "item_id")
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rho with average ranks for ties."""
-
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        v = v.double()
-        r = torch.empty_like(v)
-        r[torch.argsort(v, stable=True)] = torch.arange(len(v), dtype=torch.float64)
-        _, inverse = torch.unique(v, return_inverse=True)
-        sums = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, r)
-        return (sums / torch.bincount(inverse).double())[inverse]
-
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.square().sum() * ry.square().sum()).sqrt())
-
-
-def test_spearman_matches_the_textbook_cases() -> None:
+def test_rank_correlation_matches_the_textbook_cases() -> None:
+    spearman = rank_correlation
     assert spearman(torch.tensor([1, 2, 3, 4]), torch.tensor([10, 20, 30, 40])) == pytest.approx(1)
     assert spearman(torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 2, 1])) == pytest.approx(-1)
     # ties share their average rank: ranks (1.5, 1.5, 3) against (1, 2, 3)
@@ -47,9 +33,12 @@ def _rho_after_finetune(baseline, synthetic, out, amtl: AMTLConfig) -> dict[str,
                       resume=False, overwrite=True, progress=False)
     rho = {}
     for path, lengths in result.lengths.items():
-        column = result.metrics["tables"][path]["column"]
-        counts = count_frequencies(synthetic.train, column, lengths.numel())
-        rho[column] = spearman(lengths, counts)
+        table = result.metrics["tables"][path]
+        counts = count_frequencies(synthetic.train, table["column"], lengths.numel())
+        rho[table["column"]] = rank_correlation(lengths, counts)
+        # metrics.json reports the same figure and the G0..G6 profile behind it
+        assert table["spearman_with_count"] == rho[table["column"]]
+        assert table["kept_dim_by_frequency_group"] == frequency_group_means(lengths, counts)
     return rho
 
 
@@ -60,3 +49,10 @@ def test_lengths_rise_with_frequency_after_a_short_finetune(baseline, synthetic,
     assert set(rho) == set(FIELDS)
     for column, value in rho.items():
         assert value >= 0.6, f"{column}: Spearman {value:.3f} between kept length and count"
+
+
+def test_frequency_group_means_orders_rows_by_count() -> None:
+    counts = torch.tensor([70, 10, 30, 20, 60, 40, 50])
+    lengths = torch.tensor([7, 1, 3, 2, 6, 4, 5])
+    assert frequency_group_means(lengths, counts) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert frequency_group_means(lengths, counts, groups=2) == [2.5, 6.0]

@@ -46,7 +46,7 @@ def test_mde_layout_fits_the_budget_and_follows_frequency(budget):
 def test_group_means_orders_rows_by_count():
     counts = torch.tensor([5, 0, 3, 9, 1, 7, 2])
     lengths = counts + 1  # longer for more frequent rows
-    assert quality.group_means(lengths, counts) == [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0]
+    assert quality.frequency_group_means(lengths, counts) == [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0]
 
 
 def test_fixed_prefix_masks_rotates_and_projects():
@@ -80,9 +80,9 @@ def test_tier_rule_fits_the_bytes_and_follows_frequency(budget):
 
 def test_spearman_ranks_with_ties():
     counts = torch.tensor([0, 1, 1, 5, 9])
-    assert quality.spearman(counts * 2, counts) == pytest.approx(1.0)
-    assert quality.spearman(-counts, counts) == pytest.approx(-1.0)
-    assert quality.spearman(torch.ones(5), counts) == 0.0
+    assert quality.rank_correlation(counts * 2, counts) == pytest.approx(1.0)
+    assert quality.rank_correlation(-counts, counts) == pytest.approx(-1.0)
+    assert quality.rank_correlation(torch.ones(5), counts) == 0.0
 
 
 def test_compare_at_bytes_takes_the_best_rival_at_or_under_its_bytes():

@@ -119,3 +119,53 @@ def frequency_features(counts: Tensor) -> FrequencyTable:
         rows_per_freq=rows,
         percentile=percentile,
     )
+
+
+#: Frequency groups of the paper's Fig. 3: G0 (rarest rows) .. G6 (most frequent rows).
+NUM_FREQUENCY_GROUPS = 7
+
+
+def frequency_group_means(
+    values: Tensor, counts: Tensor, groups: int = NUM_FREQUENCY_GROUPS
+) -> list[float]:
+    """Mean of ``values`` over ``groups`` equal-size groups of rows by ascending count.
+
+    The paper's Fig. 3 reads kept length this way: G0 holds the rarest rows, the last group the
+    most frequent. Rows with equal counts keep their row order (a stable sort), so a group
+    boundary may split rows that share a count.
+
+    Args:
+        values: (N,) any real dtype, e.g. the kept lengths of a table.
+        counts: (N,) integer training counts of the same rows.
+        groups: how many groups, >= 1 (fewer rows than groups give empty groups, reported as
+            NaN).
+
+    Returns:
+        ``groups`` floats, G0 first.
+    """
+    order = torch.argsort(counts, stable=True)
+    parts = torch.tensor_split(values[order].double(), groups)
+    return [float(p.mean()) if p.numel() else float("nan") for p in parts]
+
+
+def rank_correlation(values: Tensor, counts: Tensor) -> float:
+    """Spearman's rho between ``values`` and ``counts`` over a table's rows (ties get their
+    average rank); 0.0 when either is constant.
+
+    Args:
+        values: (N,) any real dtype, e.g. the kept lengths of a table.
+        counts: (N,) the training counts of the same rows.
+
+    Returns:
+        rho in [-1, 1]: +1 when the values rise with the count.
+    """
+
+    def ranks(x: Tensor) -> Tensor:
+        _, inverse, n = torch.unique(x.double(), return_inverse=True, return_counts=True)
+        ends = torch.cumsum(n, 0).double()
+        return (ends - (n.double() - 1) / 2)[inverse]
+
+    a, b = ranks(values), ranks(counts)
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom else 0.0

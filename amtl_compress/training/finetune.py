@@ -365,7 +365,7 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
     }
     model, lengths = detach_amtl(run.model, merge=True)
     after = evaluate(model, run.valid_data.batches(config.batch_size), world)
-    per_table, ratio = table_report(lengths, inputs.column_of, inputs.dims)
+    per_table, ratio = table_report(lengths, inputs.column_of, inputs.dims, inputs.counts)
     collapsed = [path for path, table in per_table.items() if table["collapsed"]]
     if collapsed:
         warnings.warn(CollapseWarning(collapsed), stacklevel=3)  # at finetune's caller
