@@ -468,15 +468,17 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the reference DLRM on MovieLens-100k, fine-tune AMTL on user_id and item_id at a
-    memory budget, and print a before/after table.
+    memory budget, and print a before/after table and the kept dims by training count.
 
     Example: amtl-compress demo --target-ratio 0.4
     """
     from amtl_compress.demo import run_demo
 
-    rows = run_demo(out, target_ratio=target_ratio, data_dir=data_dir, seed=seed,
-                    progress=not quiet)
-    _echo_table(rows)
+    tables = run_demo(out, target_ratio=target_ratio, data_dir=data_dir, seed=seed,
+                      progress=not quiet)
+    _echo_table(tables.comparison)
+    typer.echo("")
+    _echo_table(tables.kept_by_frequency)
 
 
 @_command(interrupted=lambda **_: "Interrupted; nothing was written.")

@@ -8,9 +8,11 @@ test split.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from amtl_compress.checkpoint import load_model
+from amtl_compress.core.frequency import NUM_FREQUENCY_GROUPS
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
 from amtl_compress.lookup.load import load_packed_model
@@ -25,19 +27,32 @@ from amtl_compress.training.train import train_dlrm
 DEMO_FIELDS = ("user_id", "item_id")
 
 
+@dataclass(frozen=True)
+class DemoTables:
+    """What the demo prints, as rows of strings.
+
+    ``comparison``: test AUC, logloss, average kept dims and table bytes of the trained model,
+    the fine-tuned one and its packed forms. Table bytes count the user_id and item_id tables
+    only: dense float32 for the trained and the fine-tuned (masked, not yet packed) models, the
+    packed files' values + offsets (+ int8 scale/bias) for the packed ones.
+
+    ``kept_by_frequency``: per table, the mean kept length of G0 (rarest rows) .. G6 (most
+    frequent rows) and Spearman's rho between kept length and training count (the paper's
+    Fig. 3; metrics.json of the run holds the same figures).
+    """
+
+    comparison: list[list[str]]
+    kept_by_frequency: list[list[str]]
+
+
 def run_demo(
     out: str | os.PathLike[str],
     target_ratio: float = 0.4,
     data_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> list[list[str]]:
-    """Run the demo into ``out``; returns the comparison table as rows of strings.
-
-    Table bytes count the user_id and item_id tables only: dense float32 for the trained and
-    the fine-tuned (masked, not yet packed) models, the packed files' values + offsets (+ int8
-    scale/bias) for the packed ones.
-    """
+) -> DemoTables:
+    """Run the demo into ``out``; returns the tables it prints (:class:`DemoTables`)."""
     out = Path(out)
     source = Path(data_dir) if data_dir is not None else fetch_movielens_100k()
     ctr = build_ctr_dataset(source, out / "data", seed=seed)
@@ -75,4 +90,9 @@ def run_demo(
         scores = evaluate(model, test.batches(4096))
         rows.append([name, f"{scores['auc']:.4f}", f"{scores['logloss']:.4f}", *dims,
                      f"{nbytes:,}", f"{nbytes / dense_bytes:.3f}"])
-    return rows
+    groups = [["kept dims by training count", *(f"G{i}" for i in range(NUM_FREQUENCY_GROUPS)),
+               "Spearman"]]
+    for table in tables.values():
+        groups.append([table["column"], *(f"{g:.2f}" for g in table["kept_dim_by_frequency_group"]),
+                       f"{table['spearman_with_count']:.2f}"])
+    return DemoTables(comparison=rows, kept_by_frequency=groups)
