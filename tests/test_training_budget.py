@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import amtl_compress
 import amtl_compress.training.finetune as finetune_mod
+import amtl_compress.training.targets as targets_mod
 from amtl_compress import planning
 from amtl_compress.checkpoint import load_model
 from amtl_compress.cli import app
@@ -243,7 +244,7 @@ def test_auto_targets_are_the_plans_recommendation(synthetic, baseline, tmp_path
     """Without stand-ins: the resolved targets are what the plan recommends for the trained
     model, computed here independently with the public planning API."""
     tables = {"embeddings.user_id": "user_id", "embeddings.item_id": "item_id"}
-    grid = [r for r in finetune_mod.AUTO_RATIO_GRID if r >= 1 / 8]
+    grid = [r for r in targets_mod.AUTO_RATIO_GRID if r >= 1 / 8]
     model, _ = load_model(baseline)
     curves = planning.truncation_curves(model, open_data(synthetic.valid), tables, grid,
                                         batch_size=512, progress=False)

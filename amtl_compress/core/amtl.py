@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from amtl_compress._config import check_version, known_keys
 from amtl_compress.core.frequency import frequency_features
+from amtl_compress.core.heads import branch, length_grid, run_branch, warm_start_
 from amtl_compress.core.rotation import ORDERINGS as _ORDERINGS
 from amtl_compress.errors import ConfigError
 
@@ -154,77 +155,6 @@ class AMTLConfig:
         return cls(**data)
 
 
-def _branch(
-    in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, price_head: bool = False
-) -> nn.Sequential:
-    """One AML: h_l = ReLU(W_l^T h_{l-1} + b_l), last layer linear (Sec. 2.2.2)."""
-    layers: list[nn.Module] = []
-    for width in hidden_dims:
-        layers += [nn.Linear(in_dim, width), nn.ReLU()]
-        in_dim = width
-    layers.append(PriceHead(in_dim, out_dim) if price_head else nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
-
-
-class PriceHead(nn.Module):
-    """Last layer ``h_L = b - rho * (1..D) / D``: shared logits minus a row price on length.
-
-    ``rho = w^T phi + c + slope * prior`` is one number per row; ``b`` (D,) is shared by all
-    rows, so every row's logits have the same shape and its price alone moves its argmax (to
-    shorter lengths as it grows, whatever ``b`` is). Parameters: ``weight`` w (1, in) and
-    ``bias`` b (D,) (nn.Linear's names, so the warm start and the tests treat both heads
-    alike), ``offset`` c (1,), ``slope`` (1,).
-    """
-
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(1, in_dim))
-        self.offset = nn.Parameter(torch.zeros(1))
-        # rho's direct path from the frequency prior (AMTL.prior, one number per row).
-        self.slope = nn.Parameter(torch.zeros(1))
-        self.bias = nn.Parameter(torch.zeros(out_dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def row_price(self, phi: Tensor, prior: Tensor) -> Tensor:
-        """float (U', 1): rho of each row from phi (U', in) and the prior (U', 1)."""
-        return phi @ self.weight.T + self.slope * prior + self.offset
-
-    def forward(self, phi: Tensor, prior: Tensor) -> Tensor:
-        rho = self.row_price(phi, prior)
-        return self.bias - rho * length_grid(self.bias.numel(), phi)
-
-
-def _unit_rms(x: Tensor) -> Tensor:
-    """x / RMS(x) over the last dim (float (..., w)); an all-zero row stays 0 (no NaN)."""
-    return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True).clamp_min(_RMS_FLOOR))
-
-
-#: Floor of the mean square in :func:`_unit_rms`: only an all-zero (dead ReLU) row is near it.
-_RMS_FLOOR = 1e-12
-
-
-def _run_branch(branch: nn.Sequential, s: Tensor, unit: bool, prior: Tensor) -> Tensor:
-    """h_L of one AML for inputs s (U', z); with ``unit`` the last layer reads phi / RMS(phi)."""
-    phi = branch[:-1](s)
-    if unit:
-        phi = _unit_rms(phi)
-    last = branch[-1]
-    if isinstance(last, PriceHead):
-        return last(phi, prior)
-    return last(phi)
-
-
-def _warm_start_(branch: nn.Sequential, ramp: Tensor, slope: float = 0.0) -> None:
-    """Zero the last layer's weights and set its bias to ``ramp`` so every input gives ``ramp``."""
-    last = branch[-1]
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(ramp)
-        if isinstance(last, PriceHead):
-            last.offset.zero_()
-            last.slope.fill_(slope)
-
-
 class AMTL(nn.Module):
     """AMTL layer of one table: frequency attributes -> a prefix mask per row (Eq. 1-8).
 
@@ -277,15 +207,15 @@ class AMTL(nn.Module):
 
         z = table.features.shape[1]
         price_head = config.head.startswith("price")
-        self.h_aml = _branch(z, config.hidden_dims, embedding_dim, price_head)
+        self.h_aml = branch(z, config.hidden_dims, embedding_dim, price_head)
         self.l_aml = (
-            _branch(z, config.hidden_dims, embedding_dim, price_head) if config.twins else None
+            branch(z, config.hidden_dims, embedding_dim, price_head) if config.twins else None
         )
         ramp = config.init_margin * torch.log1p(torch.arange(embedding_dim, dtype=torch.float64))
         ramp = (ramp / max(math.log(embedding_dim), 1e-12)).float()
-        _warm_start_(self.h_aml, ramp, config.frequency_prior)
+        warm_start_(self.h_aml, ramp, config.frequency_prior)
         if self.l_aml is not None:
-            _warm_start_(self.l_aml, ramp, config.frequency_prior)
+            warm_start_(self.l_aml, ramp, config.frequency_prior)
         # The frequency prior of the price head: B * (1 - 2 * percentile), in (-B, B), where
         # B = D * (last step of the ramp) is the largest row price at which the full length
         # still wins at price 0 (the ramp is concave, so its last step is its smallest). With
@@ -338,8 +268,8 @@ class AMTL(nn.Module):
             last layer reads its last hidden activation divided by its RMS.
         """
         unit = self.config.head in ("unit", "price")  # phi / RMS(phi)
-        h = _run_branch(self.h_aml, s, unit, prior)
-        return h, (None if self.l_aml is None else _run_branch(self.l_aml, s, unit, prior))
+        h = run_branch(self.h_aml, s, unit, prior)
+        return h, (None if self.l_aml is None else run_branch(self.l_aml, s, unit, prior))
 
     def selection_logits(self, freq_ids: Tensor) -> Tensor:
         """The logits the length is selected from: ``h_p - price * (p + 1) / D``.
@@ -430,12 +360,6 @@ class AMTL(nn.Module):
             f"price={float(self.price):.4g}, "
             f"straight_through={self.config.straight_through}, temperature={self.temperature}"
         )
-
-
-def length_grid(embedding_dim: int, like: Tensor) -> Tensor:
-    """(D,) kept fraction of choice p: (p + 1) / D, the dtype and device of ``like``."""
-    grid = torch.arange(1, embedding_dim + 1, device=like.device, dtype=like.dtype)
-    return grid / embedding_dim
 
 
 def _reverse_cumsum(t: Tensor) -> Tensor:

@@ -31,7 +31,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from amtl_compress.core.amtl import AMTL, length_grid
+from amtl_compress.core.amtl import AMTL
+from amtl_compress.core.heads import length_grid
 from amtl_compress.errors import ConfigError
 
 _BISECTION_STEPS = 60

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from amtl_compress import planning
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.core.amtl import AMTL
 from amtl_compress.data import CTRData
@@ -42,8 +41,8 @@ from amtl_compress.surgery.attach import (
     detach_amtl,
     model_parameters,
 )
-from amtl_compress.training.budget import AMTLBudget, resolve_targets
-from amtl_compress.training.config import AUTO, FinetuneConfig
+from amtl_compress.training.budget import AMTLBudget
+from amtl_compress.training.config import FinetuneConfig
 from amtl_compress.training.distributed import (
     World,
     mark_every_rank,
@@ -56,19 +55,16 @@ from amtl_compress.training.loop import bce_step, evaluate, read_batches, sync_b
 from amtl_compress.training.request import FinetuneRequest, Inputs, prepare
 from amtl_compress.training.result import BudgetWarning, CollapseWarning, FinetuneResult
 from amtl_compress.training.resume import resume_or_restart, save_state
+from amtl_compress.training.targets import resolve_table_targets
 
 __all__ = [
-    "AUTO_RATIO_GRID", "BUDGET_TOLERANCE", "BudgetWarning", "CollapseWarning", "FinetuneConfig",
+    "BUDGET_TOLERANCE", "BudgetWarning", "CollapseWarning", "FinetuneConfig",
     "FinetuneRequest", "FinetuneResult", "finetune",
 ]
 
 #: How close the realized memory ratio must land to ``target_ratio`` for an epoch to count as
 #: meeting the budget.
 BUDGET_TOLERANCE = 0.02
-
-#: The ratios the truncation plan scores for ``target_ratio="auto"`` (1.0: the trained model);
-#: those under a table's 1/D are left out for it (every row keeps at least one value).
-AUTO_RATIO_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 #: The best epoch's weights, kept in the resume directory until the run directory is written.
 _BEST_FILE = "best.safetensors"
@@ -168,7 +164,7 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
     config, model = request.config, inputs.model
     before = evaluate(model, inputs.valid_data.batches(config.batch_size), world)
     with world.errors_agreed():
-        targets = _resolve_targets(config, inputs, request.progress and world.is_main)
+        targets = resolve_table_targets(config, inputs, request.progress and world.is_main)
         attach_amtl_(model, inputs.counts, config.amtl)
         layers = amtl_layers(model)
         optimizer = torch.optim.Adam(
@@ -194,41 +190,6 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
     ddp = wrap_ddp(model, world)
     return _Run(config, world, model, ddp, layers, budget, optimizer, inputs.train_data,
                 inputs.valid_data, state_dir, progress_state, before, inputs.steps_per_epoch)
-
-
-def _resolve_targets(
-    config: FinetuneConfig, inputs: Inputs, progress: bool
-) -> dict[str, float] | None:
-    """Module path -> R of every table with a budget, or None without one.
-
-    Raises:
-        ConfigError: a key of a ``target_ratio`` dict matches none of the chosen tables (keys
-            are matched against module paths the way ``fields`` targets are).
-    """
-    if config.target_ratio is None:
-        return None
-    if config.target_ratio == AUTO:
-        return plan_ratios(inputs, config, progress)
-    assert isinstance(config.target_ratio, (float, int, Mapping))
-    return resolve_targets(config.target_ratio, inputs.column_of)
-
-
-def plan_ratios(inputs: Inputs, config: FinetuneConfig, progress: bool) -> dict[str, float]:
-    """``target_ratio="auto"``: each table's R from the training-free truncation plan of the
-    trained model (before AMTL is attached) on the validation data: the smallest ratio of
-    :data:`AUTO_RATIO_GRID` whose AUC is within ``config.max_auc_drop`` of the trained model's.
-
-    Returns:
-        module path -> R, at least the table's 1/D.
-    """
-    smallest = max(1.0 / d for d in inputs.dims.values())
-    grid = [r for r in AUTO_RATIO_GRID if r >= smallest]
-    curves = planning.truncation_curves(
-        inputs.model, inputs.valid_data, dict(inputs.column_of), grid,
-        batch_size=config.batch_size, label=config.label, progress=progress,
-    )
-    ratios = planning.recommend_ratios(curves, config.max_auc_drop)
-    return {path: max(float(ratios[path]), 1.0 / inputs.dims[path]) for path in inputs.column_of}
 
 
 def _train(run: _Run, progress: bool) -> None:
