@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from amtl_compress.core.amtl import AMTLConfig
+from amtl_compress.core.amtl import AMTL, AMTLConfig
+from amtl_compress.core.budget import solve_price
 from amtl_compress.core.frequency import (
     NUM_FREQUENCY_GROUPS,
     frequency_group_means,
@@ -63,9 +64,36 @@ def prepare(task: str, seed: int, work: Path):
     return ctr, base
 
 
+def prior_reach(dim: int, ratios: tuple[float, ...] = (0.5, 0.3, 0.15)) -> None:
+    """How far the frequency prior can move one row's length at the start of a budgeted run.
+
+    For a fresh layer of width ``dim`` (every row on the warm-start ramp), the budget price mu
+    that keeps each ratio, and the length a row keeps at mu, and at mu -/+ the prior's full
+    reach (frequency_prior * B, B = the ramp's last step times D): the most frequent / rarest
+    rows.
+    """
+    config = AMTLConfig()
+    layer = AMTL(torch.tensor([1]), dim, config)
+    logits = layer.logits(torch.tensor([0])).detach()
+    ramp = layer.h_aml[-1].bias.detach().double()
+    reach = config.frequency_prior * dim * float(ramp[-1] - ramp[-2])
+    grid = torch.arange(1, dim + 1) / dim
+
+    def length(price: float) -> int:
+        return int((logits[0] - price * grid).argmax()) + 1
+
+    print(f"D = {dim}: prior reach +-{reach:.3f}")
+    for r in ratios:
+        mu = solve_price(logits, torch.tensor([1]), r)
+        print(f"  R = {r}: mu = {mu:.3f}; kept length {length(mu - reach)} (most frequent) / "
+              f"{length(mu)} / {length(mu + reach)} (rarest)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=("movielens", "synthetic"), default="movielens")
+    parser.add_argument("--prior-reach", type=int, metavar="D", default=None,
+                        help="only print how far the frequency prior moves a row of width D")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--amtl", default="{}", help="JSON overrides of AMTLConfig")
     parser.add_argument("--budget-weight", type=float, default=None)
@@ -74,6 +102,9 @@ def main() -> None:
     parser.add_argument("--finetune", default="{}", help="JSON overrides of FinetuneConfig")
     parser.add_argument("--work", type=Path, default=Path("/tmp/allocation_probe"))
     args = parser.parse_args()
+    if args.prior_reach is not None:
+        prior_reach(args.prior_reach)
+        return
     torch.set_num_threads(1)
     amtl = AMTLConfig(**json.loads(args.amtl))
     fields = ("user_id", "item_id")
