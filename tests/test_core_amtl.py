@@ -10,7 +10,7 @@ import torch
 from amtl_compress.core.amtl import AMTL, AMTLConfig
 from amtl_compress.core.budget import apply_budget_
 from amtl_compress.core.frequency import frequency_features
-from amtl_compress.errors import DataError
+from amtl_compress.errors import ConfigError, DataError
 
 D = 8
 
@@ -102,7 +102,7 @@ def test_single_branch_ablation_has_one_branch() -> None:
     assert all(name.startswith("h_aml.") for name, _ in layer.named_parameters())
     u = torch.arange(layer.num_frequencies)
     torch.testing.assert_close(
-        layer.logits(u), layer.branch_logits(layer.features, layer.prior)[0]
+        layer.logits(u), layer.branch_logits(layer.features, layer.prior, layer.price_scale)[0]
     )
     (layer.mask(torch.arange(40)) * torch.randn(40, D)).sum().backward()
     assert layer.h_aml[-1].weight.grad.abs().sum() > 0
@@ -124,7 +124,7 @@ def test_logits_are_alpha_weighted_branches() -> None:
     u = torch.tensor([0, 3, 5])
     s = layer.features[u]
     a = layer.alpha[u].unsqueeze(1)
-    h, low = layer.branch_logits(s, layer.prior[u])
+    h, low = layer.branch_logits(s, layer.prior[u], layer.price_scale[u])
     want = a * h + (1 - a) * low
     got = layer.logits(u)
     assert got.shape == (3, D)
@@ -189,7 +189,7 @@ def test_frequency_prior_keeps_the_warm_start_and_orders_lengths_under_a_price(
     counts = torch.cat([torch.zeros(30, dtype=torch.long), (1000 / torch.arange(1, 300)).long()])
     layer = AMTL(counts, dim, AMTLConfig(frequency_prior=prior))
     assert torch.equal(layer.lengths(), torch.full((counts.numel(),), dim))  # exact warm start
-    # prior = B (1 - 2 percentile): decreasing in the count, within (-B, B).
+    # prior = B (1 - 2 percentile) / m: decreasing in the count, m * prior within (-B, B).
     order = torch.argsort(layer.distinct_counts)
     assert torch.all(layer.prior[order].squeeze(1).diff() < 0)
     apply_budget_({"t": layer}, 0.6 if dim == 2 else 0.4)
@@ -387,3 +387,37 @@ def test_state_dict_round_trip_restores_params_and_buffers() -> None:
     assert torch.equal(fresh.mask(ids), layer.mask(ids))
     for name, tensor in state.items():
         assert torch.equal(fresh.state_dict()[name], tensor)
+
+
+# ---- price scale ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0])
+@pytest.mark.parametrize("prior", [0.0, 0.9])
+def test_price_scale_keeps_the_warm_start(gamma: float, prior: float) -> None:
+    counts = torch.cat([torch.zeros(30, dtype=torch.long), (1000 / torch.arange(1, 300)).long()])
+    layer = AMTL(counts, 64, AMTLConfig(price_scale=gamma, frequency_prior=prior))
+    assert torch.equal(layer.lengths(), torch.full((counts.numel(),), 64))
+    # m_i = exp(gamma (1 - 2 percentile)): rare rows pay more than frequent ones
+    order = torch.argsort(layer.distinct_counts)
+    m = layer.price_scale[order].squeeze(1)
+    assert torch.all(m.diff() < 0) if gamma else torch.all(m == 1)
+
+
+def test_price_scale_spreads_lengths_by_frequency_under_a_budget() -> None:
+    counts = torch.cat([torch.zeros(30, dtype=torch.long), (1000 / torch.arange(1, 300)).long()])
+    spread = {}
+    for gamma in (0.0, 0.5, 1.0):
+        layer = AMTL(counts, 64, AMTLConfig(price_scale=gamma, frequency_prior=0.0))
+        realized = apply_budget_({"t": layer}, 0.25)["t"]
+        assert abs(realized - 0.25) <= 0.02
+        by_count = layer.lengths()[torch.argsort(counts, stable=True)]
+        assert torch.all(by_count.diff() >= 0)  # never shorter for a more frequent row
+        spread[gamma] = int(by_count[-1] - by_count[0])
+    # one price for every row: every row has the same logits, so the same length
+    assert spread[0.0] == 0 and 0 < spread[0.5] < spread[1.0]
+
+
+def test_price_scale_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"^AMTLConfig `price_scale` must be a number in"):
+        AMTLConfig(price_scale=-1.0)

@@ -19,6 +19,8 @@ from amtl_compress.errors import ConfigError
 _CONFIG_VERSIONS = (1, 2)
 #: The last layer of each branch (see :class:`AMTLConfig` ``head``).
 HEADS = ("price", "price_plain", "unit", "plain")
+#: ``AMTLConfig.price_scale``'s default (docs/amtl.md, "Allocation follows frequency").
+PRICE_SCALE = 0.5
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ class AMTLConfig:
             at which the full length still wins at price 0. So at attach every row keeps its
             full length (the warm start stays exact), and under a memory budget frequent rows
             start longer than rare ones; ``slope`` is learned from there. 0 = no prior.
+        price_scale: gamma >= 0: the budget's price on a row's length is scaled by
+            ``exp(gamma * (1 - 2 * percentile))``, so rare rows pay up to ``e^gamma`` times the
+            price and the most frequent ``e^-gamma`` times it. Unlike the prior it has no
+            bound: at price 0 (no budget, or the start of a gradual budget) it scales nothing,
+            so the warm start stays exact whatever gamma is. Kept lengths then spread about
+            ``e^(2 gamma)``-fold from the rarest to the most frequent rows (L ~ 1 / price on
+            the concave ramp). 0 = one price for every row.
         version: format version of this config, for reading old run directories. Version 1
             (written before ``head`` existed) reads as ``head="plain"``.
 
@@ -82,7 +91,8 @@ class AMTLConfig:
     init_margin: float = 4.0
     ordering: str = "pca"
     head: str = "price"
-    frequency_prior: float = 0.7
+    frequency_prior: float = 0.0
+    price_scale: float = PRICE_SCALE
     version: int = 2
 
     def __post_init__(self) -> None:
@@ -128,6 +138,15 @@ class AMTLConfig:
                 "e.g. 0.5, or 0 for no prior"
             )
         object.__setattr__(self, "frequency_prior", float(prior))
+        gamma = self.price_scale
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (
+            math.isfinite(gamma) and 0.0 <= gamma <= 10.0
+        ):
+            raise ConfigError(
+                f"AMTLConfig `price_scale` must be a number in [0, 10], got {gamma!r}; "
+                "e.g. 1.0, or 0 for one price for every row"
+            )
+        object.__setattr__(self, "price_scale", float(gamma))
         check_version(AMTLConfig, self.version, _CONFIG_VERSIONS)
         if self.version == 1 and self.head != "plain":
             raise ConfigError(
@@ -221,8 +240,16 @@ class AMTL(nn.Module):
         # still wins at price 0 (the ramp is concave, so its last step is its smallest). With
         # |slope| < 1 every row starts at full length: the warm start stays exact.
         last_step = float(ramp[-1] - ramp[-2]) if embedding_dim > 1 else 0.0
-        prior = embedding_dim * last_step * (1 - 2 * table.percentile.double())
+        # m_i of AMTLConfig.price_scale, (U, 1): row i's price on length, learned (the price
+        # head's rho_i) and the budget's (mu) alike, is multiplied by m_i.
+        scale = torch.exp(config.price_scale * (1 - 2 * table.percentile.double()))
+        # The prior is divided by m_i so that m_i * slope * prior_i stays under B: the warm
+        # start holds for any price_scale.
+        prior = embedding_dim * last_step * (1 - 2 * table.percentile.double()) / scale
         self.register_buffer("prior", prior.to(table.features.dtype).unsqueeze(1), persistent=False)
+        self.register_buffer(
+            "price_scale", scale.to(table.features.dtype).unsqueeze(1), persistent=False
+        )
 
     @property
     def temperature(self) -> float:
@@ -250,13 +277,17 @@ class AMTL(nn.Module):
         Returns:
             float (U', D), the layer's dtype (float32 by default); logit p scores length p + 1.
         """
-        h, l_out = self.branch_logits(self.features[freq_ids], self.prior[freq_ids])
+        h, l_out = self.branch_logits(
+            self.features[freq_ids], self.prior[freq_ids], self.price_scale[freq_ids]
+        )
         if l_out is None:
             return h
         alpha = self.alpha[freq_ids].unsqueeze(-1)
         return alpha * h + (1 - alpha) * l_out
 
-    def branch_logits(self, s: Tensor, prior: Tensor) -> tuple[Tensor, Tensor | None]:
+    def branch_logits(
+        self, s: Tensor, prior: Tensor, scale: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """h_L of h-AML and of l-AML (None without ``twins``) for frequency attributes s.
 
         Args:
@@ -268,17 +299,18 @@ class AMTL(nn.Module):
             last layer reads its last hidden activation divided by its RMS.
         """
         unit = self.config.head in ("unit", "price")  # phi / RMS(phi)
-        h = run_branch(self.h_aml, s, unit, prior)
-        return h, (None if self.l_aml is None else run_branch(self.l_aml, s, unit, prior))
+        h = run_branch(self.h_aml, s, unit, prior, scale)
+        return h, (None if self.l_aml is None else run_branch(self.l_aml, s, unit, prior, scale))
 
     def selection_logits(self, freq_ids: Tensor) -> Tensor:
-        """The logits the length is selected from: ``h_p - price * (p + 1) / D``.
+        """The logits the length is selected from: ``h_p - price * m_i * (p + 1) / D``.
 
         With no memory budget ``price`` is 0 and these are the logits of Eq. 2. With a budget,
         ``price`` (mu, set by :func:`~amtl_compress.core.budget.apply_budget_`) is the
         Lagrange multiplier of the kept-length constraint (negative when it subsidises length),
         so the argmax of Eq. 5 and the tempered softmax of Eq. 7 trade the network's
-        preference against memory.
+        preference against memory. ``m_i`` (``price_scale``, 1 for every row at
+        ``AMTLConfig.price_scale=0``) makes rare rows pay more for the same length.
 
         Args:
             freq_ids: int64 (U',), indices in [0, U).
@@ -289,7 +321,7 @@ class AMTL(nn.Module):
         h = self.logits(freq_ids)
         if not bool(self.price):
             return h
-        return h - self.price * length_grid(self.embedding_dim, h)
+        return h - priced_length(self.price, self.price_scale[freq_ids], h)
 
     def _frequency_mask(self, freq_ids: Tensor) -> Tensor:
         """Mask (U', D) for distinct frequencies; see :meth:`mask`."""
@@ -365,3 +397,17 @@ class AMTL(nn.Module):
 def _reverse_cumsum(t: Tensor) -> Tensor:
     """m_j = sum_{p >= j} t_p over the last dim: M^T t of Eq. 6 in O(D)."""
     return t.flip(-1).cumsum(-1).flip(-1)
+
+
+def priced_length(price: Tensor | float, scale: Tensor, like: Tensor) -> Tensor:
+    """(U', D) price of each length choice: ``price * m_i * (p + 1) / D``.
+
+    The one expression the layer selects with and the budget solves with
+    (:func:`~amtl_compress.core.budget.realized_ratio_at`), so both round alike.
+
+    Args:
+        price: mu, a scalar (0-d tensor or float) in ``like``'s dtype.
+        scale: float (U', 1), m_i of the rows.
+        like: float (U', D), for D, dtype and device.
+    """
+    return price * scale * length_grid(like.shape[-1], like)

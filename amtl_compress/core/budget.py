@@ -31,30 +31,39 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from amtl_compress.core.amtl import AMTL
+from amtl_compress.core.amtl import AMTL, priced_length
 from amtl_compress.core.heads import length_grid
 from amtl_compress.errors import ConfigError
 
 _BISECTION_STEPS = 60
 
 
-def realized_ratio_at(logits: Tensor, rows_per_freq: Tensor, price: float) -> float:
+def realized_ratio_at(
+    logits: Tensor, rows_per_freq: Tensor, price: float, scale: Tensor | None = None
+) -> float:
     """Kept values / (N * D) of the hard selection of ``logits`` at ``price``.
 
     Args:
         logits: float (U, D), the un-priced logits of the U distinct frequencies.
         rows_per_freq: int64 (U,), rows sharing each frequency (sums to N).
         price: mu (any sign).
+        scale: float (U, 1), each frequency's price factor m_i (``AMTL.price_scale``); None = 1.
     """
     d = logits.shape[-1]
+    if scale is None:
+        priced = price * length_grid(d, logits)
+    else:
+        priced = priced_length(price, scale, logits)
     # .max().indices is argmax (the first maximum on ties), 2-3x faster on (U, D); this runs
     # ~30 times per table per optimiser step.
-    lengths = (logits - price * length_grid(d, logits)).max(dim=-1).indices + 1
+    lengths = (logits - priced).max(dim=-1).indices + 1
     return float((rows_per_freq * lengths).sum()) / (float(rows_per_freq.sum()) * d)
 
 
 @torch.no_grad()
-def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> float:
+def solve_price(
+    logits: Tensor, rows_per_freq: Tensor, target_ratio: float, scale: Tensor | None = None
+) -> float:
     """The price mu whose realized ratio is closest to ``target_ratio`` (ties: the lower ratio).
 
     Rows that share a frequency share their length, so the reachable ratios are a finite set;
@@ -66,12 +75,13 @@ def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> f
         logits: float (U, D), the un-priced logits (:meth:`AMTL.logits`) of all frequencies.
         rows_per_freq: int64 (U,).
         target_ratio: R in [1/D, 1].
+        scale: float (U, 1), each frequency's price factor m_i > 0; None = 1 for all.
 
     Returns:
         mu as a float; 0.0 when the un-priced selection already keeps exactly R.
     """
     d = logits.shape[-1]
-    at_zero = realized_ratio_at(logits, rows_per_freq, 0.0)
+    at_zero = realized_ratio_at(logits, rows_per_freq, 0.0, scale)
     if at_zero == target_ratio or d == 1:
         return 0.0
 
@@ -81,13 +91,14 @@ def solve_price(logits: Tensor, rows_per_freq: Tensor, target_ratio: float) -> f
     def representable(x: float) -> float:
         return float(torch.tensor(x, dtype=logits.dtype))
 
-    # Past |mu| = D * (max h - min h) one more value of length changes the priced logit by more
-    # than any two logits differ: every row keeps length 1 (mu > 0) or D (mu < 0).
+    # Past |mu| * min m_i = D * (max h - min h) one more value of length changes every priced
+    # logit by more than any two logits differ: every row keeps length 1 (mu > 0) or D (mu < 0).
     spread = float(logits.max() - logits.min()) if logits.numel() else 0.0
-    bound = representable(d * spread * (1 + 1e-6) + 1e-6)
+    smallest = float(scale.min()) if scale is not None and scale.numel() else 1.0
+    bound = representable((d * spread * (1 + 1e-6) + 1e-6) / smallest)
 
     def ratio(mu: float) -> float:
-        return realized_ratio_at(logits, rows_per_freq, mu)
+        return realized_ratio_at(logits, rows_per_freq, mu, scale)
 
     # The realized ratio is non-increasing in mu: keep ratio(lo) > R >= ratio(hi), or the mirror.
     if at_zero > target_ratio:
@@ -149,8 +160,8 @@ def apply_budget_(
             )
         freq_ids = torch.arange(layer.num_frequencies, device=layer.rows_per_freq.device)
         logits = layer.logits(freq_ids)
-        price = solve_price(logits, layer.rows_per_freq, ratio)
+        price = solve_price(logits, layer.rows_per_freq, ratio, layer.price_scale)
         layer.price.fill_(price)
         # The same arithmetic as layer.realized_ratio(), without a second pass of the MLPs.
-        realized[name] = realized_ratio_at(logits, layer.rows_per_freq, price)
+        realized[name] = realized_ratio_at(logits, layer.rows_per_freq, price, layer.price_scale)
     return realized

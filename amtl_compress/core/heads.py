@@ -56,8 +56,10 @@ class PriceHead(nn.Module):
         """float (U', 1): rho of each row from phi (U', in) and the prior (U', 1)."""
         return phi @ self.weight.T + self.slope * prior + self.offset
 
-    def forward(self, phi: Tensor, prior: Tensor) -> Tensor:
+    def forward(self, phi: Tensor, prior: Tensor, scale: Tensor | None = None) -> Tensor:
         rho = self.row_price(phi, prior)
+        if scale is not None:
+            rho = rho * scale
         return self.bias - rho * length_grid(self.bias.numel(), phi)
 
 
@@ -70,14 +72,17 @@ def _unit_rms(x: Tensor) -> Tensor:
 _RMS_FLOOR = 1e-12
 
 
-def run_branch(branch: nn.Sequential, s: Tensor, unit: bool, prior: Tensor) -> Tensor:
-    """h_L of one AML for inputs s (U', z); with ``unit`` the last layer reads phi / RMS(phi)."""
+def run_branch(
+    branch: nn.Sequential, s: Tensor, unit: bool, prior: Tensor, scale: Tensor | None = None
+) -> Tensor:
+    """h_L of one AML for inputs s (U', z); with ``unit`` the last layer reads phi / RMS(phi);
+    a price head's row price is multiplied by ``scale`` (U', 1) when given."""
     phi = branch[:-1](s)
     if unit:
         phi = _unit_rms(phi)
     last = branch[-1]
     if isinstance(last, PriceHead):
-        return last(phi, prior)
+        return last(phi, prior, scale)
     return last(phi)
 
 
