@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from amtl_compress._config import check_version, known_keys
 from amtl_compress.core.frequency import frequency_features
-from amtl_compress.core.heads import branch, length_grid, run_branch, warm_start_
+from amtl_compress.core.heads import branch, priced_length, run_branch, warm_start_
 from amtl_compress.core.rotation import ORDERINGS as _ORDERINGS
 from amtl_compress.errors import ConfigError
 
@@ -398,16 +398,3 @@ def _reverse_cumsum(t: Tensor) -> Tensor:
     """m_j = sum_{p >= j} t_p over the last dim: M^T t of Eq. 6 in O(D)."""
     return t.flip(-1).cumsum(-1).flip(-1)
 
-
-def priced_length(price: Tensor | float, scale: Tensor, like: Tensor) -> Tensor:
-    """(U', D) price of each length choice: ``price * m_i * (p + 1) / D``.
-
-    The one expression the layer selects with and the budget solves with
-    (:func:`~amtl_compress.core.budget.realized_ratio_at`), so both round alike.
-
-    Args:
-        price: mu, a scalar (0-d tensor or float) in ``like``'s dtype.
-        scale: float (U', 1), m_i of the rows.
-        like: float (U', D), for D, dtype and device.
-    """
-    return price * scale * length_grid(like.shape[-1], like)

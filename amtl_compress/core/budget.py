@@ -31,8 +31,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from amtl_compress.core.amtl import AMTL, priced_length
-from amtl_compress.core.heads import length_grid
+from amtl_compress.core.amtl import AMTL
+from amtl_compress.core.heads import length_grid, priced_length
 from amtl_compress.errors import ConfigError
 
 _BISECTION_STEPS = 60

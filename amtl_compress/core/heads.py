@@ -21,6 +21,20 @@ def length_grid(embedding_dim: int, like: Tensor) -> Tensor:
     return grid / embedding_dim
 
 
+def priced_length(price: Tensor | float, scale: Tensor, like: Tensor) -> Tensor:
+    """(U', D) price of each length choice: ``price * m_i * (p + 1) / D``.
+
+    The one expression the layer selects with and the budget solves with
+    (:func:`~amtl_compress.core.budget.realized_ratio_at`), so both round alike.
+
+    Args:
+        price: mu, a scalar (0-d tensor or float) in ``like``'s dtype.
+        scale: float (U', 1), m_i of the rows.
+        like: float (U', D), for D, dtype and device.
+    """
+    return price * scale * length_grid(like.shape[-1], like)
+
+
 def branch(
     in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, price_head: bool = False
 ) -> nn.Sequential:
