@@ -34,10 +34,8 @@ from amtl_compress._svg import HLine, line_chart
 from amtl_compress.checkpoint import load_model
 from amtl_compress.core.rotation import principal_axes, unrotated, with_rotation
 from amtl_compress.data import CTRData, open_data
-from amtl_compress.errors import ConfigError, DataError, SurgeryError
-from amtl_compress.surgery.masked import MaskedEmbedding, MaskedEmbeddingBag
-from amtl_compress.surgery.rotate import check_rotatable
-from amtl_compress.surgery.targets import find_embedding_modules
+from amtl_compress.errors import ConfigError, DataError
+from amtl_compress.surgery.attach import select_tables
 from amtl_compress.training.distributed import World
 from amtl_compress.training.loop import evaluate
 
@@ -120,32 +118,8 @@ def _resolve_tables(model: nn.Module, tables: Mapping[str, str]) -> dict[str, st
     every table checked as ``attach_amtl_`` (ordering pca) would check it."""
     if not tables:
         raise ConfigError("no `tables` given; name at least one embedding table to plan")
-    matched = find_embedding_modules(model, list(tables))
-    paths_of: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths_of.setdefault(id(module), []).append(path)
-    column_of = {}
-    for path, target in matched.items():
-        table = model.get_submodule(path)
-        if path == "":
-            raise SurgeryError(
-                f"target `{target}` selects the model itself; wrap the table in a parent "
-                "nn.Module so it can be replaced"
-            )
-        if isinstance(table, (MaskedEmbedding, MaskedEmbeddingBag)):
-            raise SurgeryError(
-                f"module `{path}` (target `{target}`) has an AMTL layer; plan on the trained "
-                "model, or call `detach_amtl(model)` first"
-            )
-        if len(paths_of[id(table)]) > 1:
-            others = ", ".join(f"`{p}`" for p in paths_of[id(table)] if p != path)
-            raise SurgeryError(
-                f"module `{path}` (target `{target}`) is the same table as {others}; "
-                "AMTL cannot wrap a table registered under several paths"
-            )
-        check_rotatable(path, table)
-        column_of[path] = tables[target]
-    return column_of
+    selected = select_tables(model, tables, ordering="pca")
+    return {path: tables[target] for path, (target, _) in selected.items()}
 
 
 def _with_weight(table: nn.Module, weight: Tensor) -> nn.Module:

@@ -73,6 +73,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -634,6 +635,26 @@ def print_table(rows: list[dict], seeds: int, versus: str = "vs FBE-ft") -> str:
     return text
 
 
+def plot_groups(plt: Any, groups: list[dict], series: list[tuple[str, str]], path: Path) -> None:
+    """Bars of the mean kept dim of G0..G6 per table, one bar per (run name, label) of
+    ``series``, averaged over the seeds' ``groups``."""
+    fig, axes = plt.subplots(1, len(FIELDS), figsize=(9, 3.6), sharey=True)
+    x = list(range(GROUPS))
+    width = 0.8 / max(1, len(series))
+    for ax, f in zip(axes, FIELDS, strict=True):
+        for j, (name, label) in enumerate(series):
+            means = [statistics.mean(g[name][f][i] for g in groups) for i in x]
+            ax.bar([i - 0.4 + width * (j + 0.5) for i in x], means, width=width, label=label)
+        ax.set_xticks(x, [f"G{i}" for i in x])
+        ax.set_title(f"{f}: avg kept dim by frequency group")
+        ax.set_xlabel("G0 = rarest 1/7 of rows ... G6 = most frequent")
+    axes[0].set_ylabel("average kept dimension")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(rows: list[dict], groups: list[dict], img_dir: Path) -> None:
     import matplotlib
 
@@ -668,20 +689,8 @@ def plot(rows: list[dict], groups: list[dict], img_dir: Path) -> None:
     fig.savefig(img_dir / "quality_tradeoff.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(FIELDS), figsize=(9, 3.6), sharey=True)
-    x = list(range(GROUPS))
-    for ax, f in zip(axes, FIELDS, strict=True):
-        for name, label, off in (("amtl-0.4", "AMTL @0.4", -0.2), ("AML", "AML @0.4", 0.2)):
-            means = [statistics.mean(g[name][f][i] for g in groups) for i in x]
-            ax.bar([i + off for i in x], means, width=0.4, label=label)
-        ax.set_xticks(x, [f"G{i}" for i in x])
-        ax.set_title(f"{f}: avg kept dim by frequency group")
-        ax.set_xlabel("G0 = rarest 1/7 of rows ... G6 = most frequent")
-    axes[0].set_ylabel("average kept dimension")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(img_dir / "quality_groups.png", dpi=110)
-    plt.close(fig)
+    plot_groups(plt, groups, [("amtl-0.4", "AMTL @0.4"), ("AML", "AML @0.4")],
+                img_dir / "quality_groups.png")
 
 
 def main() -> None:
@@ -807,22 +816,8 @@ def plot_synthetic(rows: list[dict], groups: list[dict], img_dir: Path, seeds: i
     plt.close(fig)
 
     names = [k for k in groups[0] if not k.endswith(" rho")]
-    fig, axes = plt.subplots(1, len(FIELDS), figsize=(9, 3.6), sharey=True)
-    x = list(range(GROUPS))
-    width = 0.8 / max(1, len(names))
-    for ax, f in zip(axes, FIELDS, strict=True):
-        for j, name in enumerate(names):
-            means = [statistics.mean(g[name][f][i] for g in groups) for i in x]
-            ax.bar([i - 0.4 + width * (j + 0.5) for i in x], means, width=width,
-                   label=name.replace("amtl-", "AMTL @"))
-        ax.set_xticks(x, [f"G{i}" for i in x])
-        ax.set_title(f"{f}: avg kept dim by frequency group")
-        ax.set_xlabel("G0 = rarest 1/7 of rows ... G6 = most frequent")
-    axes[0].set_ylabel("average kept dimension")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(img_dir / "quality_synthetic_groups.png", dpi=110)
-    plt.close(fig)
+    plot_groups(plt, groups, [(n, n.replace("amtl-", "AMTL @")) for n in names],
+                img_dir / "quality_synthetic_groups.png")
 
 
 def print_groups(groups: list[dict]) -> None:

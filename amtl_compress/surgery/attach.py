@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,55 @@ def _check_counts(target: str, path: str, table: nn.Module, counts: object) -> T
     return counts
 
 
+def select_tables(
+    model: nn.Module, targets: Iterable[str], ordering: str = "none"
+) -> dict[str, tuple[str, nn.Module]]:
+    """The plain tables that ``targets`` select, each checked to be wrappable by AMTL.
+
+    Args:
+        model: the user model.
+        targets: module paths, ``.``-suffixes or full-match regexes
+            (:func:`~amtl_compress.surgery.targets.find_embedding_modules`).
+        ordering: ``"pca"`` also checks that each table can be rotated.
+
+    Returns:
+        module path -> (the target that selected it, the table).
+
+    Raises:
+        NoMatchingModuleError: a target selects no embedding module.
+        SurgeryError: a module selected twice or already wrapped, a table shared by several
+            paths, the model itself is the table, or (pca) a table that cannot be rotated.
+    """
+    matched = find_embedding_modules(model, list(targets))
+    paths_of: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths_of.setdefault(id(module), []).append(path)
+    selected: dict[str, tuple[str, nn.Module]] = {}
+    for path, target in matched.items():
+        if path == "":
+            raise SurgeryError(
+                f"target `{target}` selects the model itself; wrap the table in a parent "
+                "nn.Module so AMTL can replace it"
+            )
+        table = model.get_submodule(path)
+        if isinstance(table, _Masked):
+            raise SurgeryError(
+                f"module `{path}` (target `{target}`) already has an AMTL layer; "
+                "call `detach_amtl(model)` first"
+            )
+        shared = paths_of[id(table)]
+        if len(shared) > 1:
+            others = ", ".join(f"`{p}`" for p in shared if p != path)
+            raise SurgeryError(
+                f"module `{path}` (target `{target}`) is the same table as {others}; "
+                "AMTL cannot wrap a table registered under several paths"
+            )
+        if ordering == "pca":
+            check_rotatable(path, table)
+        selected[path] = (target, table)
+    return selected
+
+
 def attach_amtl_(
     model: nn.Module,
     counts: Mapping[str, Tensor],
@@ -81,34 +130,11 @@ def attach_amtl_(
     """
     if not counts:
         raise SurgeryError("no targets given; pass {target: counts} for at least one table")
-    matched = find_embedding_modules(model, list(counts))
-    paths_of: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths_of.setdefault(id(module), []).append(path)
-
-    checked: dict[str, tuple[nn.Module, Tensor]] = {}
-    for path, target in matched.items():
-        if path == "":
-            raise SurgeryError(
-                f"target `{target}` selects the model itself; wrap the table in a parent "
-                "nn.Module so AMTL can replace it"
-            )
-        table = model.get_submodule(path)
-        if isinstance(table, _Masked):
-            raise SurgeryError(
-                f"module `{path}` (target `{target}`) already has an AMTL layer; "
-                "call `detach_amtl(model)` first"
-            )
-        shared = paths_of[id(table)]
-        if len(shared) > 1:
-            others = ", ".join(f"`{p}`" for p in shared if p != path)
-            raise SurgeryError(
-                f"module `{path}` (target `{target}`) is the same table as {others}; "
-                "AMTL cannot wrap a table registered under several paths"
-            )
-        if config.ordering == "pca":
-            check_rotatable(path, table)
-        checked[path] = (table, _check_counts(target, path, table, counts[target]))
+    selected = select_tables(model, counts, config.ordering)
+    checked = {
+        path: (table, _check_counts(target, path, table, counts[target]))
+        for path, (target, table) in selected.items()
+    }
 
     wrappers: dict[str, nn.Module] = {}
     for path, (table, table_counts) in checked.items():
@@ -127,7 +153,7 @@ def attach_amtl_(
         wrappers[path] = kind(table, amtl, rotation)
     for path, wrapper in wrappers.items():
         _set_submodule(model, path, wrapper)
-    return matched
+    return {path: target for path, (target, _) in selected.items()}
 
 
 def _wrappers(model: nn.Module) -> dict[str, MaskedEmbedding | MaskedEmbeddingBag]:

@@ -31,10 +31,7 @@ from amtl_compress import errors
 from amtl_compress.errors import AmtlError, ConfigError, TrainingError
 from amtl_compress.training.launch import mark_every_rank, raised_on_every_rank
 
-__all__ = [
-    "TORCHRUN_ENV", "World", "launched_by_torchrun", "mark_every_rank", "process_group",
-    "raised_on_every_rank", "wrap_ddp",
-]
+__all__ = ["TORCHRUN_ENV", "World", "launched_by_torchrun", "process_group", "wrap_ddp"]
 
 #: The variables torchrun sets for every worker; all or none must be present.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
