@@ -46,7 +46,9 @@ reasons are in that module's docstring). Per seed: the data, the trained model (
                                      training (values + the D x D rotation per table)
     freq tiers +pca                  rows binned by training count (tiers [0,1) [1,4) [4,32)
                                      [32,256) [256,inf)), tier length a log2(2 + its mean count)
-                                     with a bisected for the bytes, no training
+                                     with a bisected for the value bytes, no training; packed
+                                     by `pack` float32 and int8 like AMTL (same index, per-row
+                                     parameters and rotation: bytes of the real files)
     MDE                              as above (4 blocks), fine-tuned for the same steps as AMTL
     AMTL                             `finetune` (library defaults; target_ratio 0.5 / 0.3 / 0.15,
                                      1 epoch at batch 65,536 of the first 25 % of the training
@@ -72,6 +74,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +94,7 @@ from amtl_compress.core.rotation import principal_axes, rotate_rows
 from amtl_compress.data.counts import count_frequencies
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
+from amtl_compress.data.splits import CTRSplits
 from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.models.dlrm import dlrm_config_for
 from amtl_compress.models.factory import model_spec_for
@@ -327,11 +331,10 @@ def run_seed(seed: int, work: Path, quick: bool) -> tuple[list[dict], dict]:
         {f"embeddings.{f}": torch.full((rows[f],), d, dtype=torch.int64) for f in FIELDS},
         ptq_run / "lengths.safetensors",
     )
-    for dtype, nbytes in (("float16", dense_values * 2),
-                          ("int8", dense_values + 8 * sum(rows.values()))):
+    for dtype in ("float16", "int8"):
         report = pack(ptq_run, work / f"ptq-{dtype}", dtype=dtype, overwrite=True, progress=False)
         out.append(record(f"PTQ {dtype}", "PTQ", load_packed_model(report.out_dir), data,
-                          nbytes, full, 1.0))
+                          report.bytes_after, full, 1.0))
 
     budgets = BUDGETS[1:2] if quick else BUDGETS
     for budget in budgets:
@@ -460,14 +463,22 @@ def tier_rule(budget_bytes: int, counts: dict[str, Tensor], dim: int
     return lengths(lo)
 
 
-def prepare_synthetic(seed: int, work: Path, tiny: bool) -> dict:
+def prepare_synthetic(seed: int, work: Path, tiny: bool, reuse: bool = False) -> dict:
+    """The planted data and trained model of one seed; ``reuse``: keep those already in
+    ``work`` when they were made from the same seed and config (scripts/recipe_probe.py)."""
     import planted
     import pyarrow.parquet as pq
 
     cfg = planted.TINY if tiny else planted.PLANTED
     start = time.time()
-    ctr = planted.make_planted(work / "data", seed, cfg)
-    base = planted.train_base(ctr, work / "base.safetensors", seed, cfg)
+    made = work / "data" / "planted.json"
+    base = work / "base.safetensors"
+    if (reuse and base.exists() and made.exists()
+            and json.loads(made.read_text()) == {"seed": seed, **asdict(cfg)}):
+        ctr = CTRSplits.load(work / "data")
+    else:
+        ctr = planted.make_planted(work / "data", seed, cfg)
+        base = planted.train_base(ctr, base, seed, cfg)
     table = pq.read_table(ctr.train)
     ft_train = work / "data" / "finetune.parquet"
     pq.write_table(table.slice(0, int(table.num_rows * SYN_FT_SHARE)), ft_train)
@@ -521,11 +532,9 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool) -> tuple[list[dict], d
                                 rot_bytes))
     for budget in (0.25,) if tiny else SYN_TIER_BUDGETS:
         lengths = tier_rule(int(budget * dense_values * 4), counts, d)
-        model = planted.pca_truncated(load_model(data["base"])[0], lengths)
-        row = fixed_record(f"freq tiers @{budget:g} +pca", "freq tiers", model, lengths,
-                           rot_bytes)
-        row["groups"] = {f: frequency_group_means(lengths[f], counts[f]) for f in FIELDS}
-        out.append(row)
+        for row in tier_packed_records(data, work, lengths, f"freq tiers @{budget:g} +pca"):
+            row["groups"] = {f: frequency_group_means(lengths[f], counts[f]) for f in FIELDS}
+            out.append(row)
     lap("truncation and tiers")
     groups = {}
     for budget in (0.3,) if tiny else SYN_AMTL_BUDGETS:
@@ -551,9 +560,40 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool) -> tuple[list[dict], d
     return out, groups
 
 
+def tier_packed_records(data: dict, work: Path, lengths: dict[str, Tensor], name: str
+                        ) -> list[dict]:
+    """The trained tables on their principal axes, row r cut to ``lengths[f][r]`` dims, written
+    as a run directory and packed by `pack` (float32 and int8) like AMTL's runs: the tiers pay
+    the same row index, per-row parameters and rotation as AMTL, bytes from the real files."""
+    from amtl_compress._io import atomic_save_safetensors
+    from amtl_compress.core.rotation import principal_axes as axes
+
+    model = load_model(data["base"])[0]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for f, keep in lengths.items():
+        weight = state[f"embeddings.{f}.weight"]
+        rotation = axes(weight)
+        rotated = weight @ rotation.T
+        rotated *= torch.arange(weight.shape[1]) < keep.unsqueeze(1)
+        state[f"embeddings.{f}.weight"] = rotated.contiguous()
+        state[f"embeddings.{f}.rotation"] = rotation.contiguous()
+    run = work / "tiers-run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    save_checkpoint(run / "model.safetensors", state, model_spec_for(model.config))
+    atomic_save_safetensors({f"embeddings.{f}": v.long() for f, v in lengths.items()},
+                            run / "lengths.safetensors")
+    out = [packed_record(data, work, run, dtype, f"{name} {dtype}", f"freq tiers {dtype}")
+           for dtype in ("float32", "int8")]
+    for dtype in ("float32", "int8"):
+        shutil.rmtree(work / f"{run.name}-{dtype}")
+    shutil.rmtree(run)
+    return out
+
+
 def ptq_records(data: dict, work: Path, dense_values: int) -> list[dict]:
     """Post-training fp16 / int8 of the full trained tables, packed by `pack` (every row length
-    D) and evaluated from disk; bytes by the format (int8: per-row float32 scale + bias)."""
+    D) and evaluated from disk; bytes as `pack` reports them (the real files)."""
     from amtl_compress._io import atomic_save_safetensors
 
     d, rows = data["dim"], data["rows"]
@@ -566,11 +606,10 @@ def ptq_records(data: dict, work: Path, dense_values: int) -> list[dict]:
         ptq_run / "lengths.safetensors",
     )
     out = []
-    for dtype, nbytes in (("float16", dense_values * 2),
-                          ("int8", dense_values + 8 * sum(rows.values()))):
+    for dtype in ("float16", "int8"):
         report = pack(ptq_run, work / f"ptq-{dtype}", dtype=dtype, overwrite=True, progress=False)
         out.append(record(f"PTQ {dtype}", "PTQ", load_packed_model(report.out_dir), data,
-                          nbytes, full, 1.0))
+                          report.bytes_after, full, 1.0))
         shutil.rmtree(report.out_dir)
     return out
 
@@ -791,8 +830,9 @@ def plot_synthetic(rows: list[dict], groups: list[dict], img_dir: Path, seeds: i
 
     img_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    styles = {"FBE": "k*", "PTQ": "kx", "truncate +pca": "C0s--", "freq tiers": "C2^--",
-              "MDE": "C1v--", "AMTL float32": "C3o-", "AMTL int8": "C3D:"}
+    styles = {"FBE": "k*", "PTQ": "kx", "truncate +pca": "C0s--",
+              "freq tiers float32": "C2^--", "freq tiers int8": "C2v:", "MDE": "C1v--",
+              "AMTL float32": "C3o-", "AMTL int8": "C3D:"}
     for group, style in styles.items():
         members = sorted((r for r in rows if r["group"] == group), key=lambda r: r["bytes_ratio"])
         if not members:

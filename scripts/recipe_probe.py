@@ -1,0 +1,123 @@
+"""Which fine-tuning recipe? Validation AUC on the planted task (bench/planted.py) per setting.
+
+For one seed of the planted task (data and trained model as ``bench/quality.py --task synthetic``
+builds them, cached under ``--work``), it fine-tunes with the bench's recipe (1 epoch over the
+first 25 % of the training split, batch 65,536) at each learning rate given, and scores the
+VALIDATION split (the bench reports the test split; choices are made here, never there):
+
+- ``FBE fine-tuned``: the trained model, no AMTL, same steps (what the recipe costs by itself);
+- ``AMTL @R``: ``finetune`` at each ``--budgets`` ratio, with ``--amtl`` overrides;
+- ``freq tiers @R``: the training-free bar of the bench, at AMTL's budget (value bytes);
+- ``log count @R``: no tiers, every row its own ``clip(round(a log2(2 + count)), 1, D)``;
+- ``planted dims @R``: the oracle, every row ``clip(round(a d(r)), 1, D)`` from the generator's
+  true dims d(r) (truth.npz). Both bisect ``a`` to the same value bytes as the tiers.
+
+    nice -n 10 .venv/bin/python scripts/recipe_probe.py --lrs 1e-2 3e-3 1e-3 --budgets 0.3 0.15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import planted  # noqa: E402
+import quality  # noqa: E402
+
+from amtl_compress.checkpoint import load_model  # noqa: E402
+from amtl_compress.core.amtl import AMTLConfig  # noqa: E402
+from amtl_compress.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from amtl_compress.training.loop import evaluate  # noqa: E402
+
+
+def valid_auc(model: torch.nn.Module, data: dict) -> float:
+    return evaluate(model.eval(), data["valid"].batches(65_536))["auc"]
+
+
+def scaled_lengths(weights: dict[str, torch.Tensor], budget_bytes: int, dim: int
+                   ) -> dict[str, torch.Tensor]:
+    """``clip(round(a * weight), 1, D)`` per row, ``a`` the largest whose value bytes (x 4, plus
+    the D x D rotations, as ``quality.tier_rule``) fit ``budget_bytes``."""
+
+    def lengths(a: float) -> dict[str, torch.Tensor]:
+        return {f: (a * w).round().clamp(1, dim).long() for f, w in weights.items()}
+
+    def cost(a: float) -> int:
+        return sum(int(v.sum()) for v in lengths(a).values()) * 4 + len(weights) * dim * dim * 4
+
+    lo, hi = 0.0, float(dim)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= budget_bytes else (lo, mid)
+    return lengths(lo)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lrs", type=float, nargs="*", default=[1e-2, 3e-3, 1e-3])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.15])
+    parser.add_argument("--amtl", default="{}", help="JSON overrides of AMTLConfig")
+    parser.add_argument("--finetune", default="{}", help="JSON overrides of FinetuneConfig")
+    parser.add_argument("--skip-fbe", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="planted.TINY sizes (smoke run)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recipe_probe"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = args.work / f"seed-{args.seed}"
+    data = quality.prepare_synthetic(args.seed, work, args.tiny, reuse=True)
+    if args.tiny:
+        data["batch"] = 512
+    rows = [("FBE (trained)", "-", valid_auc(load_model(data["base"])[0], data))]
+    dense_bytes = sum(data["rows"][f] * data["dim"] * 4 for f in quality.FIELDS)
+    for budget in args.budgets:
+        lengths = quality.tier_rule(int(budget * dense_bytes), data["counts"], data["dim"])
+        model = planted.pca_truncated(load_model(data["base"])[0], lengths)
+        rows.append((f"freq tiers @{budget:g}", "-", valid_auc(model, data)))
+        truth = np.load(Path(data["ctr"].train).parent / "truth.npz")
+        for name, weights in (
+                ("log count", {f: torch.log2(2.0 + data["counts"][f].double())
+                               for f in quality.FIELDS}),
+                ("planted dims", {f: torch.from_numpy(truth[f"dims_{f}"]).double()
+                                  for f in quality.FIELDS})):
+            lengths = scaled_lengths(weights, int(budget * dense_bytes), data["dim"])
+            model = planted.pca_truncated(load_model(data["base"])[0], lengths)
+            rows.append((f"{name} @{budget:g}", "-", valid_auc(model, data)))
+    amtl = AMTLConfig(**json.loads(args.amtl))
+    for lr in args.lrs:
+        if not args.skip_fbe:
+            start = time.time()
+            tuned = quality.fit_same_steps(load_model(data["base"])[0], data, args.seed, lr=lr)
+            rows.append(("FBE fine-tuned", f"{lr:g}", valid_auc(tuned, data)))
+            print(f"  FBE lr {lr:g}: {rows[-1][2]:.4f} ({time.time() - start:.0f} s)",
+                  file=sys.stderr)
+        for budget in args.budgets:
+            start = time.time()
+            config = FinetuneConfig(
+                fields={f: f for f in quality.FIELDS}, target_ratio=budget, seed=args.seed,
+                epochs=data["epochs"], batch_size=data["batch"], save_every=10**9, lr=lr,
+                amtl=amtl, **json.loads(args.finetune))
+            result = finetune(data["base"], data["ft_train_path"], data["ctr"].valid,
+                              work / "run", config, resume=False, overwrite=True,
+                              progress=False)
+            best = result.metrics["best_epoch"]
+            auc = next(e["auc"] for e in result.metrics["epochs"] if e["epoch"] == best)
+            rows.append((f"AMTL @{budget:g}", f"{lr:g}", auc))
+            print(f"  AMTL @{budget:g} lr {lr:g}: {auc:.4f} ({time.time() - start:.0f} s)",
+                  file=sys.stderr)
+    print(f"planted seed {args.seed}, amtl={args.amtl} finetune={args.finetune} "
+          "(validation AUC; the trained model first)")
+    for name, lr, auc in rows:
+        print(f"  {name:18s} lr {lr:>6s}  valid AUC {auc:.4f}  vs trained "
+              f"{auc - rows[0][2]:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
