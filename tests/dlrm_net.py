@@ -124,8 +124,8 @@ def make_dlrm_data(out_dir: str | os.PathLike[str], num_rows: int = 20_000,
 
     Columns ``dense_0..3`` float32 N(0, 1); ``cat_0..2`` int64 Zipf ids of tables ``ROWS``;
     ``cat_3`` list<int64> of 0-3 ids in [0, ROWS[3]) (id 0 a real, frequent row); ``label``
-    Bernoulli(sigmoid(logit)) of a rank-4 affinity of cat_0 and cat_1, per-id biases of cat_0..2, the
-    mean of per-id biases of cat_3 and the dense features.
+    Bernoulli(sigmoid(logit)) of a rank-4 affinity of cat_0 and cat_1, per-id biases of
+    cat_0..2, the mean of per-id biases of cat_3 and the dense features.
     """
     rng = np.random.default_rng(seed)
     out = Path(out_dir)

@@ -227,7 +227,8 @@ def bag_ids(
     if zero.any():
         raise DataError(
             f"`{source}`, column `{column}`, row {row0 + int(rows[first_true(zero)])}: list id 0 "
-            "is reserved for padding; shift the column's ids to start at 1"
+            "is reserved for padding; shift the column's ids to start at 1, or run a model that "
+            "reads list lengths (`adapter=\"dlrm\"`, docs/dlrm.md), whose lists keep id 0"
         )
     return rows, values
 
