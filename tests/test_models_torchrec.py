@@ -1,0 +1,134 @@
+"""The ``torchrec`` adapter on a real ``torchrec.models.dlrm.DLRM`` (skipped without torchrec).
+
+CI installs torchrec (scripts/setup-venv adds the ``torchrec`` extra to test/dev set-ups).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torchrec = pytest.importorskip("torchrec")
+
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from amtl_compress import AMTLConfig, attach_amtl_, detach_amtl
+from amtl_compress.errors import ConfigError
+from amtl_compress.models.adapters import detect_adapter, get_adapter
+from amtl_compress.models.adapters.torchrec import torchrec_inputs
+from amtl_compress.surgery.masked import MaskedEmbeddingBag
+
+EBC = "sparse_arch.embedding_bag_collection.embedding_bags"
+
+
+def small_dlrm(shared: bool = False, weighted: bool = False) -> DLRM:
+    """Tables t_user (feature user_id) and t_tags (feature tags; also `genres` if shared)."""
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name="t_user", embedding_dim=4, num_embeddings=10,
+                           feature_names=["user_id"]),
+        EmbeddingBagConfig(name="t_tags", embedding_dim=4, num_embeddings=6,
+                           feature_names=["tags", "genres"] if shared else ["tags"]),
+    ]
+    return DLRM(
+        embedding_bag_collection=EmbeddingBagCollection(tables=tables, is_weighted=weighted),
+        dense_in_features=2, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1],
+    )
+
+
+def batch() -> dict[str, torch.Tensor]:
+    # `tags` is a multi-hot list padded with -1: id 0 is a real row, row 1 is an empty bag.
+    return {
+        "user_id": torch.tensor([0, 3, 9]),
+        "age": torch.tensor([1, 2, 3]),  # an integer column no feature reads: ignored
+        "price": torch.tensor([0.5, -1.0, 2.0]),
+        "tags": torch.tensor([[0, 5], [-1, -1], [2, -1]]),
+        "activity": torch.tensor([1.0, 0.0, -3.0]),
+    }
+
+
+def test_detected_and_registered() -> None:
+    adapter = get_adapter("torchrec")
+    assert adapter.name == "torchrec" and adapter.list_padding == -1
+    assert detect_adapter(small_dlrm()) == "torchrec"
+
+
+def test_kjt_from_a_batch_keeps_id_0_and_empty_bags() -> None:
+    dense, kjt = torchrec_inputs(batch(), ["user_id", "tags"], 2)
+    assert torch.equal(dense, torch.tensor([[0.5, 1.0], [-1.0, 0.0], [2.0, -3.0]]))
+    assert kjt.keys() == ["user_id", "tags"] and kjt.stride() == 3
+    assert torch.equal(kjt.values(), torch.tensor([0, 3, 9, 0, 5, 2]))
+    assert torch.equal(kjt.lengths(), torch.tensor([1, 1, 1, 2, 0, 1]))
+
+
+def test_forward_is_the_models_own_on_the_same_kjt() -> None:
+    model = small_dlrm().eval()
+    by_hand = KeyedJaggedTensor(
+        keys=["user_id", "tags"], values=torch.tensor([0, 3, 9, 0, 5, 2]),
+        lengths=torch.tensor([1, 1, 1, 2, 0, 1]),
+    )
+    dense = torch.tensor([[0.5, 1.0], [-1.0, 0.0], [2.0, -3.0]])
+    with torch.no_grad():
+        want = model(dense, by_hand)
+        got = get_adapter("torchrec").forward(model, batch())
+    assert got.shape == (3, 1) and torch.equal(got, want)
+
+
+def test_default_fields_map_tables_to_their_feature_columns() -> None:
+    adapter = get_adapter("torchrec")
+    columns = list(batch())
+    assert adapter.default_fields(small_dlrm(), columns) == {
+        f"{EBC}.t_user": "user_id", f"{EBC}.t_tags": "tags",
+    }
+    # A table shared by two features counts the first one's column.
+    shared = small_dlrm(shared=True)
+    assert adapter.default_fields(shared, [*columns, "genres"])[f"{EBC}.t_tags"] == "tags"
+    # A table whose feature is no column is left out.
+    assert adapter.default_fields(small_dlrm(), ["user_id"]) == {f"{EBC}.t_user": "user_id"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b.pop("tags"), r"feature\(s\) `tags`, which are not columns"),
+        (lambda b: b.pop("price"), r"takes 2 dense feature\(s\).*has 1 float column\(s\)"),
+        (lambda b: b.update(extra=torch.zeros(3)), r"has 3 float column\(s\)"),
+        (lambda b: b.update(user_id=torch.zeros(3)), "must hold integer ids"),
+    ],
+)
+def test_batch_errors_are_one_line(change, message: str) -> None:
+    features = batch()
+    change(features)
+    with pytest.raises(ConfigError, match=message) as exc:
+        get_adapter("torchrec").forward(small_dlrm(), features)
+    assert "\n" not in str(exc.value) and "docs/dlrm.md" in str(exc.value)
+
+
+def test_model_errors_are_one_line() -> None:
+    adapter = get_adapter("torchrec")
+    with pytest.raises(ConfigError, match="is weighted"):
+        adapter.forward(small_dlrm(weighted=True), batch())
+    with pytest.raises(ConfigError, match="has no EmbeddingBagCollection"):
+        adapter.forward(torch.nn.Linear(2, 1), batch())
+
+
+def test_amtl_wraps_the_tables_inside_the_ebc() -> None:
+    model = small_dlrm().eval()
+    adapter = get_adapter("torchrec")
+    with torch.no_grad():
+        before = adapter.forward(model, batch())
+    attach_amtl_(model, {"t_user": torch.arange(10), "t_tags": torch.arange(6)}, AMTLConfig())
+    bags = model.sparse_arch.embedding_bag_collection.embedding_bags
+    assert all(isinstance(bags[t], MaskedEmbeddingBag) for t in ("t_user", "t_tags"))
+    with torch.no_grad():
+        after = adapter.forward(model, batch())
+    torch.testing.assert_close(after, before)  # warm start (up to the PCA rotation's rounding)
+    model.train()
+    adapter.forward(model, batch()).sum().backward()
+    assert bags["t_user"].base_layer.weight.grad.abs().sum() > 0
+    plain, lengths = detach_amtl(model)
+    assert set(lengths) == {f"{EBC}.t_user", f"{EBC}.t_tags"}
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.forward(plain.eval(), batch()), before)
