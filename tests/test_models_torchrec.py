@@ -8,17 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-torchrec = pytest.importorskip("torchrec")
-
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.models.dlrm import DLRM
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from amtl_compress import AMTLConfig, attach_amtl_, detach_amtl
 from amtl_compress.errors import ConfigError
 from amtl_compress.models.adapters import detect_adapter, get_adapter
-from amtl_compress.models.adapters.torchrec import torchrec_inputs
 from amtl_compress.surgery.masked import MaskedEmbeddingBag
+
+torchrec = pytest.importorskip("torchrec")
+
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig  # noqa: E402
+from torchrec.models.dlrm import DLRM  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+
+from amtl_compress.models.adapters.torchrec import torchrec_inputs  # noqa: E402
 
 EBC = "sparse_arch.embedding_bag_collection.embedding_bags"
 

@@ -14,11 +14,11 @@ the data contract (docs/data.md), matching by **feature name** (docs/dlrm.md, "T
 - other integer columns are ignored.
 
 The tables live in the EBC's ``embedding_bags`` ModuleDict, at module paths
-``<ebc path>.embedding_bags.<table name>`` (``sparse_arch.embedding_bag_collection.embedding_bags.t``
-for ``DLRM``). They are plain ``nn.EmbeddingBag`` modules called as
-``bag(input=ids, offsets=offsets, per_sample_weights=None)``, so AMTL's masked tables and the
-packed lookups replace them in place; :meth:`TorchRecAdapter.default_fields` maps each table to
-the column of its feature.
+``<ebc path>.embedding_bags.<table name>`` (for ``DLRM``:
+``sparse_arch.embedding_bag_collection.embedding_bags.<table name>``). They are plain
+``nn.EmbeddingBag`` modules called as ``bag(input=ids, offsets=offsets,
+per_sample_weights=None)``, so AMTL's masked tables and the packed lookups replace them in
+place; :meth:`TorchRecAdapter.default_fields` maps each table to the column of its feature.
 
 This module imports torchrec: :func:`amtl_compress.models.adapters.get_adapter` imports it only
 for ``adapter="torchrec"`` (``pip install 'amtl-compress[torchrec]'``).
