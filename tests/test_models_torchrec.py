@@ -5,12 +5,22 @@ CI installs torchrec (scripts/setup-venv adds the ``torchrec`` extra to test/dev
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 
-from amtl_compress import AMTLConfig, attach_amtl_, detach_amtl
+from amtl_compress import AMTLConfig, attach_amtl_, detach_amtl, load_packed
+from amtl_compress.core.rotation import RotatedLookup
 from amtl_compress.errors import ConfigError
+from amtl_compress.lookup.load import load_packed_model
+from amtl_compress.lookup.modules import PackedEmbeddingBag
 from amtl_compress.models.adapters import detect_adapter, get_adapter
+from amtl_compress.models.factory import build_model
+from amtl_compress.run_dir import write_run_dir
+from amtl_compress.storage.format import prefix_mask
+from amtl_compress.storage.pack import pack
 from amtl_compress.surgery.masked import MaskedEmbeddingBag
 
 torchrec = pytest.importorskip("torchrec")
@@ -133,3 +143,74 @@ def test_amtl_wraps_the_tables_inside_the_ebc() -> None:
     assert set(lengths) == {f"{EBC}.t_user", f"{EBC}.t_tags"}
     with torch.no_grad():
         torch.testing.assert_close(adapter.forward(plain.eval(), batch()), before)
+
+
+# --- pack and load_packed on a run directory of a TorchRec DLRM ---------------------------------
+
+FACTORY_MODULE = "amtl_torchrec_toy"
+FACTORY = f'''
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM
+
+
+def build(device=None):
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name="t_user", embedding_dim=4, num_embeddings=10,
+                           feature_names=["user_id"]),
+        EmbeddingBagConfig(name="t_tags", embedding_dim=4, num_embeddings=6, feature_names=["tags"]),
+    ]
+    return DLRM(
+        embedding_bag_collection=EmbeddingBagCollection(tables=tables, device=device),
+        dense_in_features=2, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1],
+    )
+'''
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """``amtl_torchrec_toy:build``, importable; not imported yet (pack must import it first)."""
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    (folder / f"{FACTORY_MODULE}.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop(FACTORY_MODULE, None)
+    yield f"{FACTORY_MODULE}:build"
+    sys.modules.pop(FACTORY_MODULE, None)
+
+
+def handmade_run(out, factory: str):
+    """A run directory as finetune writes it: AMTL attached and detached, rows cut at random."""
+    model = build_model({"kind": "factory", "factory": factory})
+    attach_amtl_(model, {"t_user": torch.ones(10, dtype=torch.int64),
+                         "t_tags": torch.ones(6, dtype=torch.int64)}, AMTLConfig())
+    plain, lengths = detach_amtl(model)
+    generator = torch.Generator().manual_seed(1)
+    for path, length in lengths.items():
+        length.copy_(torch.randint(1, 5, length.shape, generator=generator))
+        with torch.no_grad():
+            plain.get_submodule(path).weight[~prefix_mask(length, 4)] = 0.0
+    spec = {"kind": "factory", "factory": factory}
+    write_run_dir(out, False, plain, spec, lengths, {}, {}, {})
+    return plain.eval()
+
+
+@pytest.mark.filterwarnings("ignore:AMTL_COMPRESS_KERNEL=reference")
+def test_pack_and_load_packed_on_a_torchrec_dlrm(factory: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("AMTL_COMPRESS_KERNEL", "reference")  # the wiring; kernels: test_lookup_*
+    tuned = handmade_run(tmp_path / "run", factory)
+    sys.modules.pop(FACTORY_MODULE, None)  # pack builds the model on meta: imports it first
+    pack(tmp_path / "run", tmp_path / "packed", progress=False)
+    adapter = get_adapter("torchrec")
+    with torch.no_grad():
+        want = adapter.forward(tuned, batch())
+    build = importlib.import_module(FACTORY_MODULE).build
+    # The tables of the model may sit on meta (no memory for them; the rest on the CPU).
+    for model in (load_packed(build(), tmp_path / "packed"),
+                  load_packed(build(device=torch.device("meta")), tmp_path / "packed"),
+                  load_packed_model(tmp_path / "packed")):
+        table = model.sparse_arch.embedding_bag_collection.embedding_bags["t_tags"]
+        assert isinstance(table, RotatedLookup) and isinstance(table.table, PackedEmbeddingBag)
+        with torch.no_grad():
+            assert torch.equal(adapter.forward(model.eval(), batch()), want)
