@@ -148,7 +148,7 @@ def test_amtl_wraps_the_tables_inside_the_ebc() -> None:
 # --- pack and load_packed on a run directory of a TorchRec DLRM ---------------------------------
 
 FACTORY_MODULE = "amtl_torchrec_toy"
-FACTORY = f'''
+FACTORY = '''
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM
@@ -159,7 +159,8 @@ def build(device=None):
     tables = [
         EmbeddingBagConfig(name="t_user", embedding_dim=4, num_embeddings=10,
                            feature_names=["user_id"]),
-        EmbeddingBagConfig(name="t_tags", embedding_dim=4, num_embeddings=6, feature_names=["tags"]),
+        EmbeddingBagConfig(name="t_tags", embedding_dim=4, num_embeddings=6,
+                           feature_names=["tags"]),
     ]
     return DLRM(
         embedding_bag_collection=EmbeddingBagCollection(tables=tables, device=device),
