@@ -1,0 +1,39 @@
+"""The TorchRec version pair: pyproject's extra, scripts/setup-venv and docs/dlrm.md agree."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHREC = "torchrec==1.8.0"
+FBGEMM = "fbgemm-gpu-cpu==1.8.0"
+
+
+def test_extra_setup_and_docs_name_the_same_pair() -> None:
+    # (tomllib is Python 3.11+; the project supports 3.10)
+    block = re.search(r"^torchrec = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    assert block, "pyproject.toml has no `torchrec` extra"
+    extra = re.findall(r'"([^"]+)"', block.group(1))
+    assert FBGEMM in extra
+    # torchrec itself is not in the extra: its metadata would pull the CUDA fbgemm-gpu.
+    assert not any(re.match(r"torchrec\b", r) for r in extra)
+    setup = (ROOT / "scripts" / "setup-venv").read_text()
+    assert f'torchrec="{TORCHREC}"' in setup and '--no-deps "$torchrec"' in setup
+    docs = (ROOT / "docs" / "dlrm.md").read_text()
+    assert 'pip install "amtl-compress[torchrec]"' in docs
+    assert f"pip install --no-deps {TORCHREC}" in docs
+
+
+def test_installed_pair_is_the_cpu_one() -> None:
+    try:
+        version = importlib.metadata.version("torchrec")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("torchrec is not installed")
+    assert version == TORCHREC.split("==")[1]
+    assert importlib.metadata.version("fbgemm-gpu-cpu") == FBGEMM.split("==")[1]
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("fbgemm-gpu")  # the CUDA build
