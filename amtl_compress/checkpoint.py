@@ -27,6 +27,8 @@ from amtl_compress.models.factory import build_model, check_factory
 from amtl_compress.surgery.rotate import rotate_tables_, rotations_in
 
 SPEC_KEY = "amtl_compress.model"
+#: Model spec keys that say how the model is called, beside how it is built (docs/design.md).
+CALL_KEYS = ("adapter", "output")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 _MAX_KEYS_SHOWN = 3
 
@@ -34,8 +36,10 @@ _MAX_KEYS_SHOWN = 3
 def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a state_dict from ``.safetensors`` or (weights only) ``.pt``/``.pth``/``.bin``.
 
-    A pickle may hold the state_dict itself or a dict with a ``"state_dict"`` key. Tensors are
-    loaded on the CPU.
+    A pickle may hold the state_dict itself or a dict with a ``"state_dict"`` key (as
+    facebookresearch/dlrm's ``dlrm_s_pytorch.py --save-model`` writes it: its other entries,
+    optimizer state and numpy-scalar metrics, are read and ignored). Only tensors, plain
+    containers and numpy scalars are unpickled. Tensors are loaded on the CPU.
 
     Returns:
         (state_dict, metadata): parameter name -> tensor, and the safetensors metadata ({} for
@@ -71,9 +75,35 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         ) from None
 
 
+def _numpy_scalar_globals() -> list[Any]:
+    """The numpy globals that numpy scalars in a pickle ask for, and nothing else.
+
+    dlrm_s_pytorch.py saves its metrics (``test_acc``, ``train_loss``) as numpy scalars, which
+    unpickle as ``numpy._core.multiarray.scalar(numpy.dtype(...), bytes)`` (``numpy.core...``
+    when written by numpy 1.x): these build a number from its bytes and run no other code. Arrays
+    (``_reconstruct``, ``ndarray``) stay refused.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    dtype_classes = {type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"}
+    return [
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *sorted(dtype_classes, key=lambda c: c.__name__),
+    ]
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only, plus numpy scalars (dlrm's metrics); everything else stays refused.
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only turns everything but tensors and plain containers into this error.
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -162,8 +192,10 @@ def load_model(
     """Build the model a checkpoint belongs to and load its weights strictly.
 
     The model comes from ``factory`` (``"package.module:function"``) if given, else from the
-    spec in the checkpoint's metadata. A table with a ``<path>.rotation`` key in the file (a run
-    fine-tuned with ``AMTLConfig(ordering="pca")``) becomes a ``RotatedEmbedding(Bag)``.
+    spec in the checkpoint's metadata; with both, the returned spec keeps what the stored one
+    records of the model's call (``adapter``, ``output``: models/adapters/call.py). A table with
+    a ``<path>.rotation`` key in the file (a run fine-tuned with ``AMTLConfig(ordering="pca")``)
+    becomes a ``RotatedEmbedding(Bag)``.
 
     Returns:
         (model, spec): the model in eval mode on the CPU, and the spec that rebuilds it.
@@ -176,6 +208,12 @@ def load_model(
     if factory is not None:
         check_factory(factory)
         spec: dict[str, Any] = {"kind": "factory", "factory": factory}
+        try:
+            stored = json.loads(metadata.get(SPEC_KEY, "{}"))
+        except json.JSONDecodeError:
+            stored = {}
+        if isinstance(stored, dict):
+            spec.update({k: stored[k] for k in CALL_KEYS if isinstance(stored.get(k), str)})
     elif SPEC_KEY in metadata:
         try:
             spec = json.loads(metadata[SPEC_KEY])

@@ -64,6 +64,8 @@ def cli_message(message: str, options: Collection[str]) -> str:
         if option not in options or (value is None and option in _NOT_BARE):
             return match.group(0)
         dashed = option.replace("_", "-")
+        if value is not None:
+            value = value.strip("'\"")  # `output='probs'` -> --output probs
         if value is None or value == "True":
             return f"--{dashed}"
         if value == "False":
@@ -155,6 +157,21 @@ ModelOpt = Annotated[
         "DLRM, whose config is stored in its checkpoint).",
     ),
 ]
+AdapterOpt = Annotated[
+    str,
+    typer.Option(
+        help="How batches reach the model: `features` (forward(batch_dict)), `dlrm` "
+        "(facebookresearch/dlrm's DLRM_Net: dense_x, lS_o, lS_i from columns dense_*/cat_*), "
+        "`torchrec`, or `auto` (recorded in the checkpoint or run, else detected; docs/dlrm.md)."
+    ),
+]
+OutputOpt = Annotated[
+    str,
+    typer.Option(
+        help="What the model returns: `logits`, `probs` (probabilities, e.g. a Sigmoid last), "
+        "or `auto` (recorded, else decided on the first batch and printed)."
+    ),
+]
 LabelOpt = Annotated[str, typer.Option(help="Name of the label column.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (parameter init and data order).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -209,13 +226,16 @@ def finetune(
     valid: Annotated[Path, typer.Option(help="Validation data; the best epoch is kept.")],
     out: Annotated[Path, typer.Option(help="Run directory to create.")],
     field: Annotated[
-        list[str],
+        Optional[list[str]],  # noqa: UP045
         typer.Option(
             help="Table to compress: `MODULE=COLUMN`, or a bare name for both (repeatable). "
-            "MODULE is a module path, a path suffix or a regex."
+            "MODULE is a module path, a path suffix, a regex, or a template such as "
+            "`emb_l.{i}=cat_{i}`. Default: the adapter's (`dlrm`: every emb_l.K=cat_K)."
         ),
-    ],
+    ] = None,
     model: ModelOpt = None,
+    adapter: AdapterOpt = "auto",
+    output: OutputOpt = "auto",
     target_ratio: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(
@@ -310,8 +330,8 @@ def finetune(
             from amtl_compress.training.result import BudgetWarning, CollapseWarning
         with world.errors_agreed():
             config = FinetuneConfig(
-                fields=dict(parse_field(f) for f in field), epochs=epochs, batch_size=batch_size,
-                lr=lr, amtl_lr=amtl_lr, final_temperature=final_temperature,
+                fields=dict(parse_field(f) for f in field or []), epochs=epochs,
+                batch_size=batch_size, lr=lr, amtl_lr=amtl_lr, final_temperature=final_temperature,
                 target_ratio=parse_target_ratio(target_ratio or []), max_auc_drop=max_auc_drop,
                 budget_warmup=budget_warmup, seed=seed, label=label, save_every=save_every,
                 budget_weight=budget_weight, amtl=AMTLConfig(
@@ -325,7 +345,8 @@ def finetune(
             warnings.simplefilter("ignore", BudgetWarning)
             result = run_finetune(
                 checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
-                resume=resume, overwrite=overwrite, progress=not quiet,
+                resume=resume, overwrite=overwrite, progress=not quiet, adapter=adapter,
+                output=output,
             )
         if world.is_main:
             if result.metrics["collapsed"]:
@@ -341,6 +362,8 @@ def finetune(
                 typer.echo(f"Warning: {cli_message(str(warning), _option_names())}", err=True)
             _print_finetune_metrics(result.metrics)
             typer.echo(f"wrote {result.run_dir}")
+            if result.metrics.get("budget_summary"):  # last, where a reader looks for the verdict
+                typer.echo(cli_message(result.metrics["budget_summary"], _option_names()))
 
 
 def _interrupted_message(out: Path) -> str:
@@ -361,6 +384,8 @@ def _interrupted_message(out: Path) -> str:
 
 
 def _print_finetune_metrics(metrics: dict) -> None:
+    if metrics.get("model_output", {}).get("printed"):
+        typer.echo(cli_message(metrics["model_output"]["note"], _option_names()))
     rows = [["", "AUC", "logloss"]]
     for name in ("before", "after"):
         m = metrics[name]
@@ -438,6 +463,8 @@ def eval_(
         Optional[Path], typer.Option(help="A `pack` output directory.")  # noqa: UP045
     ] = None,
     model: ModelOpt = None,
+    adapter: AdapterOpt = "auto",
+    output: OutputOpt = "auto",
     label: LabelOpt = "label",
 ) -> None:
     """AUC and logloss on a test file of the checkpoint, the fine-tuned run and the packed model,
@@ -451,7 +478,8 @@ def eval_(
     if checkpoint is None and run is None and packed is None:
         raise AmtlError("nothing to evaluate; pass --checkpoint, --run and/or --packed")
     rows = [["model", "AUC", "logloss", "bytes", "path"]]
-    for r in compare(test, checkpoint, run, packed, factory=model, label=label):
+    for r in compare(test, checkpoint, run, packed, factory=model, label=label,
+                     adapter=adapter, output=output):
         rows.append([r.name, f"{r.auc:.4f}", f"{r.logloss:.4f}", str(r.bytes), str(r.path)])
     _echo_table(rows)
 
@@ -493,6 +521,8 @@ def plan(
         ),
     ],
     model: ModelOpt = None,
+    adapter: AdapterOpt = "auto",
+    output: OutputOpt = "auto",
     ratios: Annotated[
         str, typer.Option(help="Comma-separated kept ratios to try, each in (0, 1]; 1 is added.")
     ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
@@ -525,9 +555,11 @@ def plan(
     result = run_plan(
         checkpoint, valid, dict(parse_field(f) for f in field), ratios=parse_ratios(ratios),
         max_auc_drop=max_auc_drop, model_factory=model, batch_size=batch_size, label=label,
-        plot=plot, progress=not quiet,
+        plot=plot, progress=not quiet, adapter=adapter, output=output,
     )
     paths = list(result.curves)
+    if result.output_note:
+        typer.echo(cli_message(result.output_note, _option_names()))
     typer.echo("validation AUC, one table truncated at a time (1 = the trained model):")
     rows = [["ratio", *paths]]
     for i, (ratio, _) in enumerate(result.curves[paths[0]]):

@@ -5,11 +5,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from amtl_compress.checkpoint import load_model
+from torch import nn
+
+from amtl_compress.checkpoint import CALL_KEYS, load_model
 from amtl_compress.data.dataset import TabularData
 from amtl_compress.lookup.load import load_packed_model
+from amtl_compress.models.adapters.call import (
+    adapter_list_padding,
+    check_model_call,
+    first_batch,
+    recorded_output,
+    resolve_adapter,
+)
 from amtl_compress.run_dir import RunDir
+from amtl_compress.storage.manifest import read_manifest
 from amtl_compress.training.loop import evaluate
 
 
@@ -38,6 +49,8 @@ def compare(
     factory: str | None = None,
     label: str = "label",
     batch_size: int = 4096,
+    adapter: str | None = None,
+    output: str | None = None,
 ) -> list[EvalRow]:
     """AUC and logloss on ``test`` of each model given, in the order checkpoint, run, packed.
 
@@ -47,19 +60,38 @@ def compare(
         run_dir: a ``finetune`` run directory (its ``model.safetensors`` is the masked model).
         packed_dir: a ``pack`` output directory.
         factory: ``package.module:function`` for models whose files carry no spec.
+        adapter, output: how to call the models and what they return, as in ``finetune``; None
+            or ``"auto"``: what each file's model spec records, else detected.
     """
-    data = TabularData.open(test, label=label)
     rows: list[EvalRow] = []
+    opened: dict[int, TabularData] = {}  # list padding -> the test data opened with it
+
+    def packed(p: Path) -> tuple[nn.Module, dict[str, Any]]:
+        spec = read_manifest(p).model
+        if factory is not None:  # as load_model: the factory builds, the spec says how to call
+            spec = {"kind": "factory", "factory": factory,
+                    **{k: spec[k] for k in CALL_KEYS if isinstance(spec, dict) and k in spec}}
+        return load_packed_model(p, factory), spec
+
     sources = [
-        ("checkpoint", checkpoint, lambda p: load_model(p, factory)[0]),
+        ("checkpoint", checkpoint, lambda p: load_model(p, factory)),
         ("fine-tuned", None if run_dir is None else RunDir(run_dir).model_file,
-         lambda p: load_model(p, factory)[0]),
-        ("packed", packed_dir, lambda p: load_packed_model(p, factory)),
+         lambda p: load_model(p, factory)),
+        ("packed", packed_dir, packed),
     ]
     for name, path, build in sources:
         if path is None:
             continue
         path = Path(path)
-        scores = evaluate(build(path), data.batches(batch_size))
+        model, spec = build(path)
+        chosen = resolve_adapter(model, adapter, spec)
+        padding = adapter_list_padding(chosen)
+        if padding not in opened:
+            opened[padding] = TabularData.open(test, label=label, list_padding=padding)
+        data = opened[padding]
+        batch = first_batch(data.batches(min(batch_size, 1024)))
+        given = recorded_output(output, spec if isinstance(spec, dict) else None)
+        call, _ = check_model_call(model, chosen, batch, given)
+        scores = evaluate(model, data.batches(batch_size), call=call)
         rows.append(EvalRow(name, path, scores["auc"], scores["logloss"], _disk_bytes(path)))
     return rows

@@ -35,7 +35,16 @@ from amtl_compress.checkpoint import load_model
 from amtl_compress.core.rotation import principal_axes, unrotated, with_rotation
 from amtl_compress.data import CTRData, open_data
 from amtl_compress.errors import ConfigError, DataError
+from amtl_compress.models.adapters.call import (
+    ModelCall,
+    adapter_list_padding,
+    check_model_call,
+    first_batch,
+    recorded_output,
+    resolve_adapter,
+)
 from amtl_compress.surgery.attach import select_tables
+from amtl_compress.surgery.targets import field_column
 from amtl_compress.training.distributed import World
 from amtl_compress.training.loop import evaluate
 
@@ -119,7 +128,10 @@ def _resolve_tables(model: nn.Module, tables: Mapping[str, str]) -> dict[str, st
     if not tables:
         raise ConfigError("no `tables` given; name at least one embedding table to plan")
     selected = select_tables(model, tables, ordering="pca")
-    return {path: tables[target] for path, (target, _) in selected.items()}
+    return {
+        path: field_column(target, tables[target], path)
+        for path, (target, _) in selected.items()
+    }
 
 
 def _with_weight(table: nn.Module, weight: Tensor) -> nn.Module:
@@ -166,6 +178,7 @@ def truncation_curves(
     label: str = "label",
     progress: bool = True,
     world: World | None = None,
+    call: ModelCall | None = None,
 ) -> Curves:
     """Validation AUC of ``model`` with one table at a time cut to each ratio of its dims.
 
@@ -185,6 +198,8 @@ def truncation_curves(
         progress: a tqdm bar on stderr over the (table, ratio) pairs.
         world: the ranks of a data-parallel run: they share each evaluation and the bar shows
             on rank 0 only (``training/loop.py`` ``evaluate``).
+        call: how to call the model (its adapter; logits or probabilities), default
+            ``model(features)`` returning logits (``training/loop.py`` ``logits_of``).
 
     Returns:
         module path -> [(ratio, validation AUC)] ascending in ratio, in the model's module order;
@@ -201,7 +216,8 @@ def truncation_curves(
     if batch_size < 1:
         raise ConfigError(f"`batch_size` must be >= 1, got {batch_size}")
     if isinstance(valid_data, (str, os.PathLike)):
-        valid_data = open_data(valid_data, label=label)
+        padding = 0 if call is None else call.list_padding
+        valid_data = open_data(valid_data, label=label, list_padding=padding)
     data = valid_data
     column_of = _resolve_tables(model, tables)
     modules = dict(model.named_modules())
@@ -209,7 +225,7 @@ def truncation_curves(
         data.validate_ids(column, modules[path].num_embeddings)
 
     def auc() -> float:
-        return evaluate(model, data.batches(batch_size), world)["auc"]
+        return evaluate(model, data.batches(batch_size), world, call)["auc"]
 
     show = progress and (world is None or world.is_main)
     bar = tqdm(total=1 + len(column_of) * len(grid), desc="plan", unit="eval", file=sys.stderr,
@@ -292,6 +308,7 @@ class Plan:
         max_auc_drop: the AUC each table was allowed to lose.
         dims: module path -> D, the table's width (k = max(1, round(ratio * D)) dims kept).
         plot: the SVG written, or None.
+        output_note: what the model's output was taken for (logits or probabilities) and why.
     """
 
     curves: Curves
@@ -300,6 +317,7 @@ class Plan:
     max_auc_drop: float
     dims: dict[str, int] = field(default_factory=dict)
     plot: Path | None = None
+    output_note: str = ""
 
     def finetune_args(self) -> str:
         """The ``finetune`` options that ask for the recommended ratios, ready to paste:
@@ -346,6 +364,8 @@ def plan(
     label: str = "label",
     plot: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    adapter: str | None = None,
+    output: str | None = None,
 ) -> Plan:
     """Truncation curves of a checkpoint's tables and the ratio to ask of ``finetune`` for each.
 
@@ -360,6 +380,8 @@ def plan(
         label: the label column.
         plot: if given, an ``.svg`` path to write the chart to (atomically).
         progress: a tqdm bar on stderr.
+        adapter: how batches reach the model, as in ``finetune`` (None: recorded or detected).
+        output: ``"logits"`` / ``"probs"`` / None (recorded, else decided on the first batch).
 
     Raises:
         As :func:`truncation_curves` and :func:`~amtl_compress.checkpoint.load_model`;
@@ -371,10 +393,13 @@ def plan(
     check_ratios(ratios)
     _check_drop(max_auc_drop)
     plot_path = None if plot is None else _check_plot_path(plot)
-    model, _ = load_model(checkpoint, model_factory)
-    data = open_data(valid, label=label)
+    model, spec = load_model(checkpoint, model_factory)
+    chosen = resolve_adapter(model, adapter, spec)
+    data = open_data(valid, label=label, list_padding=adapter_list_padding(chosen))
+    call, note = check_model_call(model, chosen, first_batch(data.batches(min(batch_size, 1024))),
+                                  recorded_output(output, spec))
     curves = truncation_curves(model, data, fields, ratios, batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, call=call)
     modules = dict(model.named_modules())
     result = Plan(
         curves=curves,
@@ -383,6 +408,7 @@ def plan(
         max_auc_drop=float(max_auc_drop),
         dims={path: int(modules[path].embedding_dim) for path in curves},
         plot=plot_path,
+        output_note="" if call.is_plain else note,
     )
     if plot_path is not None:
         atomic_write_text(plot_path, plot_svg(result))

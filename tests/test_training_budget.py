@@ -218,8 +218,10 @@ def test_auto_asks_the_truncation_plan(synthetic, baseline, tmp_path, monkeypatc
     then recommend_ratios (stand-ins here, to pin what is passed and what is done with it)."""
     calls: dict = {}
 
-    def truncation_curves(model, valid_data, tables, ratios, batch_size=0, label="", progress=True):
+    def truncation_curves(model, valid_data, tables, ratios, batch_size=0, label="", progress=True,
+                          call=None):
         calls["tables"], calls["ratios"] = dict(tables), list(ratios)
+        calls["call"] = call
         calls["attached"] = bool(amtl_layers(model))
         return {p: [(r, 0.7) for r in ratios] for p in tables}
 
@@ -234,6 +236,7 @@ def test_auto_asks_the_truncation_plan(synthetic, baseline, tmp_path, monkeypatc
     assert calls["tables"] == {"embeddings.user_id": "user_id", "embeddings.item_id": "item_id"}
     assert calls["ratios"][-1] == 1.0 and min(calls["ratios"]) >= 1 / 8
     assert calls["max_auc_drop"] == 0.01 and calls["attached"] is False
+    assert calls["call"].is_plain  # the reference DLRM: model(features), logits
     want = {"embeddings.user_id": 0.3, "embeddings.item_id": 0.5}
     assert result.metrics["target_ratios"] == want
     for path, r in want.items():

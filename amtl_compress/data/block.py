@@ -61,8 +61,9 @@ class Block:
             lists[k] = (lens, values[np.repeat(starts[idx], lens) + within])
         return Block({k: v[idx] for k, v in self.flat.items()}, lists, self.labels[idx])
 
-    def to_batch(self, columns: tuple[str, ...]) -> Batch:
-        """``(features, labels)``; a list column is padded to the longest list of this batch."""
+    def to_batch(self, columns: tuple[str, ...], list_padding: int = 0) -> Batch:
+        """``(features, labels)``; a list column is padded with ``list_padding`` to the longest
+        list of this batch."""
         n = self.num_rows
         features = {}
         for name in columns:
@@ -71,5 +72,5 @@ class Block:
             else:
                 lengths, values = self.lists[name]
                 rows = np.repeat(np.arange(n), lengths)
-                features[name] = torch.from_numpy(pad_lists(rows, values, n))
+                features[name] = torch.from_numpy(pad_lists(rows, values, n, list_padding))
         return features, torch.from_numpy(self.labels)

@@ -201,22 +201,42 @@ def dense_values(arr: pa.Array, source: str, column: str, row0: int = 0) -> np.n
     return values
 
 
+#: The list paddings a data set can use: 0 (``nn.EmbeddingBag(padding_idx=0)``, ids from 1) or
+#: -1 (every id >= 0 is a real row; models read the lengths, docs/data.md).
+LIST_PADDINGS = (0, -1)
+
+
+def check_list_padding(list_padding: int) -> None:
+    """Raise DataError unless ``list_padding`` is one of :data:`LIST_PADDINGS`."""
+    if isinstance(list_padding, bool) or list_padding not in LIST_PADDINGS:
+        raise DataError(
+            f"`list_padding={list_padding!r}` is not supported: use 0 (id 0 pads, lists hold ids "
+            "from 1) or -1 (-1 pads, id 0 is a real row)"
+        )
+
+
 def bag_ids(
-    arr: pa.Array, source: str, column: str, row0: int = 0
+    arr: pa.Array, source: str, column: str, row0: int = 0, list_padding: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`list_ids` for a model input: also refuses id 0, the ``EmbeddingBag`` padding row."""
+    """:func:`list_ids` for a model input; with ``list_padding`` 0 it also refuses id 0, the
+    ``EmbeddingBag`` padding row (with -1 every id >= 0 is a real row)."""
     rows, values = list_ids(arr, source, column, row0)
+    if list_padding != 0:
+        return rows, values
     zero = values == 0
     if zero.any():
         raise DataError(
             f"`{source}`, column `{column}`, row {row0 + int(rows[first_true(zero)])}: list id 0 "
-            "is reserved for padding; shift the column's ids to start at 1"
+            "is reserved for padding; shift the column's ids to start at 1, or run a model that "
+            "reads list lengths (`adapter=\"dlrm\"`, docs/dlrm.md), whose lists keep id 0"
         )
     return rows, values
 
 
-def pad_lists(rows: np.ndarray, values: np.ndarray, num_rows: int) -> np.ndarray:
-    """Pack flattened lists into an int64 (num_rows, L) matrix padded with 0.
+def pad_lists(
+    rows: np.ndarray, values: np.ndarray, num_rows: int, list_padding: int = 0
+) -> np.ndarray:
+    """Pack flattened lists into an int64 (num_rows, L) matrix padded with ``list_padding``.
 
     ``rows`` must be non-decreasing (as :func:`list_ids` returns them). ``L`` is the longest list,
     at least 1, so a column of empty lists is still a valid ``nn.EmbeddingBag`` input.
@@ -225,7 +245,7 @@ def pad_lists(rows: np.ndarray, values: np.ndarray, num_rows: int) -> np.ndarray
     """
     lengths = np.bincount(rows, minlength=num_rows) if len(rows) else np.zeros(num_rows, np.int64)
     width = max(int(lengths.max(initial=0)), 1)
-    out = np.zeros((num_rows, width), dtype=np.int64)
+    out = np.full((num_rows, width), list_padding, dtype=np.int64)
     # rows is sorted, so an element's slot is its index minus the index of its row's first one.
     slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
     out[rows, slot] = values

@@ -26,6 +26,7 @@ from amtl_compress.data.columns import (
     FileFormat,
     bag_ids,
     categorical_ids,
+    check_list_padding,
     dense_values,
     file_format,
     first_line,
@@ -182,11 +183,13 @@ class TabularData(ColumnKinds):
         features: dict[str, torch.Tensor],
         kinds: dict[str, ColumnKind],
         labels: torch.Tensor,
+        list_padding: int = 0,
     ) -> None:
         self.path = path
         self.label = label
         self.features = features
         self.labels = labels
+        self.list_padding = list_padding
         self._kinds = kinds
 
     @classmethod
@@ -195,6 +198,7 @@ class TabularData(ColumnKinds):
         path: str | os.PathLike[str],
         label: str = "label",
         csv_kinds: Mapping[str, ColumnKind] | None = None,
+        list_padding: int = 0,
     ) -> TabularData:
         """Read a Parquet (``.parquet``/``.pq``) or CSV (``.csv``) file whole into memory.
 
@@ -205,12 +209,17 @@ class TabularData(ColumnKinds):
                 ``"list"``) where the text is ambiguous, e.g. a dense column whose values all look
                 like integers, or a list column whose rows all hold one id. Parquet columns carry
                 their types, so this must be empty for Parquet.
+            list_padding: what pads the lists of a batch: 0 (the default; list ids start at 1,
+                ``nn.EmbeddingBag(padding_idx=0)``) or -1 (id 0 is a real row; for models that
+                take lengths/offsets, e.g. ``adapter="dlrm"``, docs/dlrm.md).
 
         Raises:
             DataError: missing/unknown/empty file, missing label column, labels outside {0, 1},
                 NaN/inf in a dense column, negative ids, id 0 in a list column (reserved for
-                padding), empty cells, or a column type the contract has no place for.
+                padding when ``list_padding`` is 0), empty cells, or a column type the contract
+                has no place for.
         """
+        check_list_padding(list_padding)
         p = Path(path)
         fmt = file_format(p)
         csv_kinds = dict(csv_kinds or {})
@@ -246,8 +255,8 @@ class TabularData(ColumnKinds):
                     "index-encode it to int64 ids in [0, N), or store floats as float32"
                 )
             kinds[name] = kind
-            features[name] = _column_tensor(arr, kind, src, name)
-        return cls(p, label, features, kinds, labels)
+            features[name] = _column_tensor(arr, kind, src, name, list_padding)
+        return cls(p, label, features, kinds, labels, list_padding)
 
     @property
     def num_rows(self) -> int:
@@ -333,8 +342,9 @@ class TabularData(ColumnKinds):
     def validate_ids(self, column: str, num_embeddings: int) -> None:
         """Check that ``column`` fits a table of ``num_embeddings`` rows.
 
-        Categorical ids must lie in [0, N); list ids in [1, N) (0 is padding), N =
-        ``num_embeddings``. Raises DataError naming the first offending row.
+        Categorical ids must lie in [0, N); list ids in [1, N) (0 is padding; [0, N) with
+        ``list_padding`` -1), N = ``num_embeddings``. Raises DataError naming the first
+        offending row.
         """
         self._id_kind(column)
         ids = self.features[column]
@@ -376,13 +386,15 @@ def _read_table(path: Path, fmt: FileFormat, csv_kinds: dict[str, ColumnKind]) -
         ) from None
 
 
-def _column_tensor(arr: pa.Array, kind: ColumnKind, src: str, name: str) -> torch.Tensor:
+def _column_tensor(
+    arr: pa.Array, kind: ColumnKind, src: str, name: str, list_padding: int = 0
+) -> torch.Tensor:
     if kind == "categorical":
         return torch.from_numpy(categorical_ids(arr, src, name))
     if kind == "dense":
         return torch.from_numpy(dense_values(arr, src, name))
-    rows, values = bag_ids(arr, src, name)
-    return torch.from_numpy(pad_lists(rows, values, len(arr)))
+    rows, values = bag_ids(arr, src, name, list_padding=list_padding)
+    return torch.from_numpy(pad_lists(rows, values, len(arr), list_padding))
 
 
 def check_rank(rank: int, world_size: int) -> None:

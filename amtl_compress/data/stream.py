@@ -24,6 +24,7 @@ from amtl_compress.data.columns import (
     ColumnKind,
     bag_ids,
     categorical_ids,
+    check_list_padding,
     dense_values,
     first_true,
     kind_of,
@@ -88,7 +89,9 @@ class ParquetDataset(ColumnKinds):
         row_groups: list[RowGroup],
         read_rows: int = READ_ROWS,
         shuffle_buffer: int = SHUFFLE_BUFFER,
+        list_padding: int = 0,
     ) -> None:
+        check_list_padding(list_padding)
         if read_rows < 1 or shuffle_buffer < 1:
             raise ValueError(
                 f"read_rows and shuffle_buffer must be >= 1, got {read_rows}, {shuffle_buffer}"
@@ -98,6 +101,7 @@ class ParquetDataset(ColumnKinds):
         self.row_groups = row_groups
         self.read_rows = read_rows
         self.shuffle_buffer = shuffle_buffer
+        self.list_padding = list_padding
         self._kinds = kinds
 
     @classmethod
@@ -107,12 +111,14 @@ class ParquetDataset(ColumnKinds):
         label: str = "label",
         read_rows: int = READ_ROWS,
         shuffle_buffer: int = SHUFFLE_BUFFER,
+        list_padding: int = 0,
     ) -> ParquetDataset:
         """Open a folder of Parquet files, a glob such as ``data/*.parquet``, or one Parquet file.
 
         Reads only the files' footers: schema, row counts. Cell values are checked as batches are
-        read (labels 0/1, no nulls, finite dense values, ids >= 0, list ids >= 1), and errors name
-        the file and its row.
+        read (labels 0/1, no nulls, finite dense values, ids >= 0, list ids >= 1 unless
+        ``list_padding`` is -1), and errors name the file and its row. ``list_padding``: see
+        :meth:`TabularData.open`.
 
         Raises:
             DataError: see :func:`parquet_row_groups`; also a missing label column or a column
@@ -137,7 +143,7 @@ class ParquetDataset(ColumnKinds):
                     "as float32"
                 )
             kinds[field.name] = kind
-        return cls(p, label, kinds, groups, read_rows, shuffle_buffer)
+        return cls(p, label, kinds, groups, read_rows, shuffle_buffer, list_padding)
 
     @property
     def num_rows(self) -> int:
@@ -226,7 +232,7 @@ class ParquetDataset(ColumnKinds):
                 stop = min(n if block is None else n - n % batch_size, remaining)
                 for start in range(0, stop, batch_size):
                     rows = order[start : min(start + batch_size, stop)]
-                    yield buffer.take(rows).to_batch(self.columns)
+                    yield buffer.take(rows).to_batch(self.columns, self.list_padding)
                 remaining -= stop
                 rest = buffer.take(order[stop:])
                 pending, pending_rows = [rest], rest.num_rows
@@ -251,7 +257,7 @@ class ParquetDataset(ColumnKinds):
                     elif kind == "dense":
                         flat[name] = dense_values(arr, src, name, row0)
                     else:
-                        rows, values = bag_ids(arr, src, name, row0)
+                        rows, values = bag_ids(arr, src, name, row0, self.list_padding)
                         lists[name] = (np.bincount(rows, minlength=len(arr)), values)
                 if with_labels:
                     labels = label_values(batch.column(self.label), src, self.label, row0)
@@ -270,7 +276,7 @@ class ParquetDataset(ColumnKinds):
                     ids = categorical_ids(arr, src, column, row0)
                     yield group, row0, ids, np.arange(len(ids))
                 else:
-                    rows, ids = bag_ids(arr, src, column, row0)
+                    rows, ids = bag_ids(arr, src, column, row0, self.list_padding)
                     yield group, row0, ids, rows
 
     def max_id(self, column: str) -> int:
@@ -286,9 +292,10 @@ class ParquetDataset(ColumnKinds):
     def validate_ids(self, column: str, num_embeddings: int) -> None:
         """Check, streaming, that ``column`` fits a table of ``num_embeddings`` rows.
 
-        Categorical ids must lie in [0, N); list ids in [1, N) (0 is padding), N =
-        ``num_embeddings``. Raises DataError naming the file and file row of the first offending
-        id and the table size that would fit (so after an offence the scan goes on for the max).
+        Categorical ids must lie in [0, N); list ids in [1, N) (0 is padding; [0, N) with
+        ``list_padding`` -1), N = ``num_embeddings``. Raises DataError naming the file and file
+        row of the first offending id and the table size that would fit (so after an offence the
+        scan goes on for the max).
         """
         first_bad: tuple[Path, int, int] | None = None
         largest = 0
@@ -316,13 +323,14 @@ class ParquetDataset(ColumnKinds):
         """
         self._check_column(name)
         block = Block.concat(list(self._blocks(self.row_groups, (name,), with_labels=False)))
-        return block.to_batch((name,))[0][name]
+        return block.to_batch((name,), self.list_padding)[0][name]
 
 
 def open_data(
     path: str | os.PathLike[str],
     label: str = "label",
     csv_kinds: Mapping[str, ColumnKind] | None = None,
+    list_padding: int = 0,
 ) -> CTRData:
     """Open training data: one Parquet/CSV file in memory, or many Parquet files streamed.
 
@@ -332,15 +340,18 @@ def open_data(
             glob such as ``data/part-*.parquet`` (a :class:`ParquetDataset`).
         label: the label column; its values must be 0 or 1.
         csv_kinds: CSV only, see :meth:`TabularData.open`.
+        list_padding: 0 (id 0 pads the lists) or -1 (id 0 is a real row), see
+            :meth:`TabularData.open`.
 
     Raises:
         DataError: see :meth:`TabularData.open` and :meth:`ParquetDataset.open`; ``csv_kinds``
             given for a folder or glob.
     """
     if not is_multi_file(path):
-        return TabularData.open(path, label=label, csv_kinds=csv_kinds)
+        return TabularData.open(path, label=label, csv_kinds=csv_kinds,
+                                list_padding=list_padding)
     if csv_kinds:
         raise DataError(
             f"`{path}` is read as Parquet files, whose columns carry their types: drop `csv_kinds`"
         )
-    return ParquetDataset.open(path, label=label)
+    return ParquetDataset.open(path, label=label, list_padding=list_padding)

@@ -15,6 +15,7 @@ from typing import Any
 from amtl_compress._config import check_version, known_keys
 from amtl_compress.core.amtl import AMTLConfig
 from amtl_compress.errors import ConfigError
+from amtl_compress.surgery.targets import check_field_template
 
 _FINETUNE_VERSIONS = (1,)
 
@@ -252,8 +253,11 @@ def parse_field(spec: str) -> tuple[str, str]:
     """One :attr:`FinetuneConfig.fields` entry from text: ``"user_table=user_id"`` ->
     ``("user_table", "user_id")``; ``"user_id"`` -> the same name for both.
 
+    A template (``"emb_l.{i}=cat_{i}"``) selects every table its module path matches and
+    names each one's column from the placeholders (surgery/targets.py, ``field_column``).
+
     Raises:
-        ConfigError: an empty target or column.
+        ConfigError: an empty target or column, or a column placeholder the target lacks.
     """
     target, sep, column = spec.partition("=")
     target, column = target.strip(), column.strip()
@@ -261,4 +265,6 @@ def parse_field(spec: str) -> tuple[str, str]:
         raise ConfigError(
             f"bad `fields` entry `{spec}`; use `MODULE=COLUMN` or a bare name used for both"
         )
+    if sep:
+        check_field_template(target, column)
     return target, column if sep else target

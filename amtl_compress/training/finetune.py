@@ -33,6 +33,7 @@ from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.core.amtl import AMTL
 from amtl_compress.data import CTRData
 from amtl_compress.errors import TrainingError
+from amtl_compress.models.adapters.call import ModelCall
 from amtl_compress.run_dir import resume_dir, table_report, write_run_dir
 from amtl_compress.surgery.attach import (
     amtl_layers,
@@ -95,6 +96,7 @@ class _Run:
     progress: dict[str, Any]  # step, history, best, config, world_size: the resumable part
     before: dict[str, float]
     steps_per_epoch: int
+    call: ModelCall  # how the steps and evaluations call the model (adapter, probs or logits)
 
     @property
     def total_steps(self) -> int:
@@ -119,6 +121,8 @@ def finetune(
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    adapter: str | None = None,
+    output: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` with AMTL on ``config.fields`` and write the run directory ``out``.
 
@@ -138,7 +142,16 @@ def finetune(
         counts_file: per-column frequency counts to use instead of counting ``data``.
         resume: continue from ``<out>.resume`` if an interrupted run with the same config left it.
         overwrite: replace an existing ``out``.
-        progress: show a tqdm bar on stderr (rank 0 only).
+        progress: show a tqdm bar on stderr (rank 0 only), and what the model's output was
+            taken for.
+        adapter: how batches reach the model (models/adapters): ``"features"``
+            (``model(batch_dict)``), ``"dlrm"`` (facebookresearch/dlrm's ``DLRM_Net``,
+            docs/dlrm.md), ``"torchrec"``; None or ``"auto"``: the one the checkpoint's model
+            spec records, else detected from the model. Recorded in the run's model spec.
+        output: ``"logits"`` or ``"probs"``, what the model returns; None or ``"auto"``: the
+            spec's, else decided on the first validation batch (a Sigmoid last, or outputs all in
+            [0, 1], means probabilities). Probabilities are trained with their own binary
+            cross-entropy. The decision is in ``metrics.json`` (``"model_output"``).
 
     Warns:
         CollapseWarning: a table's rows were all cut to length 1.
@@ -146,7 +159,7 @@ def finetune(
             ``metrics.json`` has ``"budget_met": false`` and the tables that missed).
     """
     request = FinetuneRequest(checkpoint, data, valid, Path(out), config, model_factory,
-                              counts_file, resume, overwrite, progress)
+                              counts_file, resume, overwrite, progress, adapter, output)
     with process_group() as world:
         # A call, so that its DDP model is gone when the process group is torn down.
         return _finetune(request, world)
@@ -162,9 +175,14 @@ def _finetune(request: FinetuneRequest, world: World) -> FinetuneResult:
 def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
     """Score the trained model, attach AMTL, build the optimiser and restore an interrupted run."""
     config, model = request.config, inputs.model
-    before = evaluate(model, inputs.valid_data.batches(config.batch_size), world)
+    if request.progress and world.is_main and not inputs.call.is_plain:
+        tqdm.write(inputs.call_note, file=sys.stderr)
+    before = evaluate(model, inputs.valid_data.batches(config.batch_size), world, inputs.call)
     with world.errors_agreed():
         targets = resolve_table_targets(config, inputs, request.progress and world.is_main)
+        # Tables built with sparse=True (dlrm's) would give Adam sparse gradients, which it
+        # refuses: they are trained with dense ones. The saved weights do not record the flag.
+        dense_gradients_(model)
         attach_amtl_(model, inputs.counts, config.amtl)
         layers = amtl_layers(model)
         optimizer = torch.optim.Adam(
@@ -189,7 +207,8 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
     # the same checkpoint, seed, counts and state file; the broadcast makes sure of it).
     ddp = wrap_ddp(model, world)
     return _Run(config, world, model, ddp, layers, budget, optimizer, inputs.train_data,
-                inputs.valid_data, state_dir, progress_state, before, inputs.steps_per_epoch)
+                inputs.valid_data, state_dir, progress_state, before, inputs.steps_per_epoch,
+                inputs.call)
 
 
 def _train(run: _Run, progress: bool) -> None:
@@ -254,7 +273,8 @@ def _step(
     # while it is large, and the budget can only be met once they settle.
     run.optimizer.param_groups[1]["lr"] = config.amtl_lr * (1 - step / run.total_steps)
     try:
-        loss = bce_step(run.ddp, run.optimizer, features, labels, penalty, run.world)
+        loss = bce_step(run.ddp, run.optimizer, features, labels, penalty, run.world,
+                        run.call)
     except TrainingError as exc:
         # bce_step did not apply the faulty step: keep this state resumable, unless the weights
         # themselves went bad, then the last save stays the good one. Under DDP every rank gets
@@ -285,7 +305,8 @@ def _end_epoch(run: _Run, step: int) -> None:
     """Validate, record the epoch, and save its weights if it is the best so far."""
     config, progress_state = run.config, run.progress
     epoch = len(progress_state["history"]) + 1
-    scores = evaluate(run.model, run.valid_data.batches(config.batch_size), run.world)
+    scores = evaluate(run.model, run.valid_data.batches(config.batch_size), run.world,
+                      run.call)
     for path, layer in run.layers.items():
         # Identical weights give identical lengths; a cheap proof that the ranks agree.
         run.world.check_same(f"row lengths of `{path}`", layer.lengths())
@@ -325,7 +346,7 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
         for k, v in layer.state_dict().items()
     }
     model, lengths = detach_amtl(run.model, merge=True)
-    after = evaluate(model, run.valid_data.batches(config.batch_size), world)
+    after = evaluate(model, run.valid_data.batches(config.batch_size), world, run.call)
     per_table, ratio = table_report(lengths, inputs.column_of, inputs.dims, inputs.counts)
     collapsed = [path for path, table in per_table.items() if table["collapsed"]]
     if collapsed:
@@ -333,10 +354,15 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
     targets = None if run.budget is None else run.budget.targets
     budget_met = None if best is None or targets is None else bool(best["meets_budget"])
     missed: dict[str, dict[str, float]] = {}
+    budget_summary = None
     if budget_met is False:
         missed = _missed(targets or {}, best["ratios"])
         during_warmup = run.budget is not None and best["step"] < run.budget.warmup_steps
-        warnings.warn(BudgetWarning(missed, best["epoch"], during_warmup), stacklevel=3)
+        warning = BudgetWarning(missed, best["epoch"], during_warmup)
+        warnings.warn(warning, stacklevel=3)
+        budget_summary = "budget NOT met: " + str(warning)
+    elif budget_met:
+        budget_summary = f"budget met by the kept epoch {best['epoch']}"
     metrics = {
         "before": run.before,
         "after": after,
@@ -349,8 +375,14 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
         "budget_warmup_steps": None if run.budget is None else run.budget.warmup_steps,
         "budget_met": budget_met,  # None without a budget
         "budget_missed": missed,  # module path -> {"target", "realized"} of the kept epoch
+        "budget_summary": budget_summary,  # the line `finetune` ends with; None without a budget
         "collapsed": collapsed,
         "world_size": world.size,
+        # What the loss and the metrics took the model's output for, and why.
+        "model_output": {
+            "adapter": run.call.adapter.name, "output": run.call.output, "note": inputs.call_note,
+            "printed": not run.call.is_plain,  # by the CLI: all but model(features) -> logits
+        },
     }
     run_config = {
         "checkpoint": str(Path(request.checkpoint).resolve()),
@@ -369,6 +401,22 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
                           amtl_state, run_config, metrics)
             shutil.rmtree(run.state_dir, ignore_errors=True)
     return FinetuneResult(run_dir=request.out, metrics=metrics, lengths=lengths)
+
+
+def dense_gradients_(model: nn.Module) -> list[str]:
+    """Make every ``nn.Embedding`` / ``nn.EmbeddingBag`` of ``model`` give dense gradients
+    (``sparse=False``); returns the paths of the tables that had ``sparse=True``.
+
+    Adam (the fine-tuning optimiser) refuses sparse gradients, and its moments are per value
+    anyway, so a dense gradient costs no more memory than Adam's own state. Only the flag changes:
+    the weights, and hence the saved state_dict, are untouched.
+    """
+    switched = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+            module.sparse = False
+            switched.append(path)
+    return switched
 
 
 def _missed(targets: dict[str, float], ratios: dict[str, float]) -> dict[str, dict[str, float]]:

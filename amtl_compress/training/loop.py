@@ -14,11 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from amtl_compress.errors import AmtlError, TrainingError
+from amtl_compress.models.adapters.call import ModelCall
 from amtl_compress.training.distributed import World
 from amtl_compress.training.launch import mark_every_rank
 from amtl_compress.training.metrics import logloss, roc_auc
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def logits_of(
+    model: nn.Module, features: dict[str, torch.Tensor], call: ModelCall | None = None
+) -> torch.Tensor:
+    """The model's logits (B,) for a batch: ``model(features)``, or through ``call`` (its adapter,
+    and probabilities turned into logits; models/adapters/call.py)."""
+    if call is None:
+        return model(features).reshape(-1)
+    return call(model, features)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -32,8 +43,11 @@ def _to(device: torch.device, features: dict[str, torch.Tensor], labels: torch.T
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` in eval mode over ``batches`` (moved to the model's device).
+def predict(
+    model: nn.Module, batches: Iterable[Batch], call: ModelCall | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` in eval mode over ``batches`` (moved to the model's device); ``call``: how
+    (:func:`logits_of`; default ``model(features)``, whose output is logits).
 
     Returns:
         (logits float32 (rows,), labels float32 (rows,)) on the CPU, concatenated in batch order;
@@ -46,7 +60,7 @@ def predict(model: nn.Module, batches: Iterable[Batch]) -> tuple[torch.Tensor, t
     try:
         for features, y in batches:
             features, y = _to(device, features, y)
-            logits.append(model(features).float().reshape(-1).cpu())
+            logits.append(logits_of(model, features, call).float().reshape(-1).cpu())
             labels.append(y.float().reshape(-1).cpu())
     finally:
         model.train(was_training)
@@ -56,7 +70,7 @@ def predict(model: nn.Module, batches: Iterable[Batch]) -> tuple[torch.Tensor, t
 
 
 def predict_sharded(
-    model: nn.Module, batches: Iterable[Batch], world: World
+    model: nn.Module, batches: Iterable[Batch], world: World, call: ModelCall | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`predict` over all of ``batches``, computed by the W ranks together.
 
@@ -77,7 +91,7 @@ def predict_sharded(
             yield features, y
 
     with world.errors_agreed():  # a bad cell in the data: every rank reads it, all raise once
-        logits, labels = predict(model, counted(mine))
+        logits, labels = predict(model, counted(mine), call)
     rows = world.gather_rows(torch.stack([logits, labels], dim=1))
     batch_sizes = world.gather_rows(torch.tensor(sizes, dtype=torch.int64))
     chunks = [
@@ -95,17 +109,21 @@ def predict_sharded(
 
 
 def evaluate(
-    model: nn.Module, batches: Iterable[Batch], world: World | None = None
+    model: nn.Module,
+    batches: Iterable[Batch],
+    world: World | None = None,
+    call: ModelCall | None = None,
 ) -> dict[str, float]:
-    """AUC and logloss of ``model`` on ``batches``: ``{"auc": ..., "logloss": ...}``.
+    """AUC and logloss of ``model`` on ``batches``: ``{"auc": ..., "logloss": ...}``; ``call`` as
+    in :func:`predict`.
 
     With an active ``world`` the ranks share the work (:func:`predict_sharded`) and every rank
     gets the metrics of the whole of ``batches``: AUC is not an average of shard AUCs.
     """
     if world is not None and world.active:
-        logits, labels = predict_sharded(model, batches, world)
+        logits, labels = predict_sharded(model, batches, world, call)
     else:
-        logits, labels = predict(model, batches)
+        logits, labels = predict(model, batches, call)
     return {"auc": roc_auc(logits, labels), "logloss": logloss(logits, labels)}
 
 
@@ -163,6 +181,7 @@ def bce_step(
     labels: torch.Tensor,
     penalty: Callable[[], torch.Tensor] | None = None,
     world: World | None = None,
+    call: ModelCall | None = None,
 ) -> float:
     """One optimiser step on the binary cross-entropy (plus ``penalty()``); returns the BCE.
 
@@ -177,6 +196,8 @@ def bce_step(
         labels: float (B,) in {0, 1}.
         world: the ranks of a data-parallel run; their losses are checked together, so either
             every rank takes the step or every rank raises.
+        call: how to get logits from the model (:func:`logits_of`); for a model that returns
+            probabilities the loss is their own binary cross-entropy.
 
     Returns:
         The BCE of this step's batch; with an active ``world`` the mean over the ranks.
@@ -187,7 +208,7 @@ def bce_step(
     """
     optimizer.zero_grad(set_to_none=True)
     features, labels = _to(device_of(model), features, labels)
-    logits = model(features).reshape(-1)
+    logits = logits_of(model, features, call)
     loss = F.binary_cross_entropy_with_logits(logits, labels.float())
     total = loss if penalty is None else loss + penalty()
     observed = torch.stack([loss.detach(), total.detach()]).double()

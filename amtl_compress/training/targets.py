@@ -48,7 +48,7 @@ def plan_ratios(inputs: Inputs, config: FinetuneConfig, progress: bool) -> dict[
     grid = [r for r in AUTO_RATIO_GRID if r >= smallest]
     curves = planning.truncation_curves(
         inputs.model, inputs.valid_data, dict(inputs.column_of), grid,
-        batch_size=config.batch_size, label=config.label, progress=progress,
+        batch_size=config.batch_size, label=config.label, progress=progress, call=inputs.call,
     )
     ratios = planning.recommend_ratios(curves, config.max_auc_drop)
     return {path: max(float(ratios[path]), 1.0 / inputs.dims[path]) for path in inputs.column_of}
