@@ -6,6 +6,7 @@ CI installs torchrec (scripts/setup-venv adds the ``torchrec`` extra to test/dev
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 import pytest
@@ -215,3 +216,123 @@ def test_pack_and_load_packed_on_a_torchrec_dlrm(factory: str, tmp_path, monkeyp
         assert isinstance(table, RotatedLookup) and isinstance(table.table, PackedEmbeddingBag)
         with torch.no_grad():
             assert torch.equal(adapter.forward(model.eval(), batch()), want)
+
+
+# --- finetune -> pack -> load_packed end to end, Python API and CLI -----------------------------
+
+E2E_MODULE = "amtl_torchrec_e2e"
+E2E_FACTORY = '''
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM
+
+
+def build():
+    """The synthetic data set of tests/conftest.py: its columns are the feature names."""
+    sizes = {"user_id": 400, "item_id": 200, "tags": 21}
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=n,
+                                 feature_names=[f]) for f, n in sizes.items()]
+    return DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables),
+                dense_in_features=1, dense_arch_layer_sizes=[16, 8],
+                over_arch_layer_sizes=[16, 1])
+'''
+TABLES = {f"{EBC}.t_{f}" for f in ("user_id", "item_id", "tags")}
+
+
+@pytest.fixture(scope="module")
+def e2e(synthetic, tmp_path_factory):
+    """(factory, trained checkpoint): a TorchRec DLRM trained 1 epoch with a plain Adam loop."""
+    from safetensors.torch import save_file
+
+    from amtl_compress.data import open_data
+
+    folder = tmp_path_factory.mktemp("torchrec_pkg")
+    (folder / f"{E2E_MODULE}.py").write_text(E2E_FACTORY)
+    sys.path.insert(0, str(folder))
+    try:
+        torch.manual_seed(0)
+        model = importlib.import_module(E2E_MODULE).build()
+        adapter = get_adapter("torchrec")
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        data = open_data(synthetic.train, list_padding=adapter.list_padding)
+        for features, labels in data.batches(256, shuffle=True):
+            logits = adapter.forward(model, features).reshape(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        base = folder / "base.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base))
+        yield f"{E2E_MODULE}:build", base
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(E2E_MODULE, None)
+
+
+def test_state_dict_paths_are_the_tables(e2e) -> None:
+    # The checkpoint holds the EBC's tables at the paths the adapter maps (no renaming needed).
+    from safetensors.torch import load_file
+
+    names = load_file(str(e2e[1]))
+    assert {k.removesuffix(".weight") for k in names if k.startswith(EBC)} == TABLES
+
+
+def scores(model, path) -> torch.Tensor:
+    """The model's logits on every row of ``path`` (lists padded with -1), through the adapter."""
+    from amtl_compress.data.dataset import TabularData
+
+    adapter = get_adapter("torchrec")
+    data = TabularData.open(path, list_padding=adapter.list_padding)
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([adapter.forward(model, f).reshape(-1) for f, _ in data.batches(1000)])
+
+
+def test_finetune_pack_load_packed_python_api(synthetic, e2e, tmp_path) -> None:
+    from amtl_compress.checkpoint import load_model
+    from amtl_compress.training.config import FinetuneConfig
+    from amtl_compress.training.finetune import finetune
+
+    factory, base = e2e
+    config = FinetuneConfig(epochs=1, batch_size=512, target_ratio=0.5)  # no fields: the adapter's
+    finetune(base, synthetic.train, synthetic.valid, tmp_path / "run", config,
+             model_factory=factory, adapter="torchrec", progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["tables"]) == TABLES
+    pack(tmp_path / "run", tmp_path / "packed", progress=False)
+    tuned, _ = load_model(tmp_path / "run" / "model.safetensors", factory)
+    want = scores(tuned, synthetic.test)
+    build = importlib.import_module(E2E_MODULE).build
+    for packed in (load_packed(build(), tmp_path / "packed"),
+                   load_packed_model(tmp_path / "packed")):
+        table = packed.sparse_arch.embedding_bag_collection.embedding_bags["t_tags"]
+        assert isinstance(table, RotatedLookup) and isinstance(table.table, PackedEmbeddingBag)
+        assert torch.equal(scores(packed, synthetic.test), want)
+
+
+def test_finetune_pack_eval_cli(synthetic, e2e, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from amtl_compress.cli import app
+
+    factory, base = e2e
+    runner = CliRunner(mix_stderr=False)
+    model = ["--model", factory, "--adapter", "torchrec"]
+    result = runner.invoke(app, [
+        "finetune", str(base), *model, "--data", str(synthetic.train), "--valid",
+        str(synthetic.valid), "--target-ratio", "0.5", "--epochs", "1", "--batch-size", "512",
+        "--out", str(tmp_path / "run"), "-q",
+    ])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert all(t in result.stdout for t in TABLES)
+    result = runner.invoke(app, ["pack", str(tmp_path / "run"), "--out", str(tmp_path / "packed"),
+                                 "--dtype", "int8", "-q"])
+    assert result.exit_code == 0, result.output + result.stderr
+    result = runner.invoke(app, [
+        "eval", str(synthetic.test), "--checkpoint", str(base), *model,
+        "--run", str(tmp_path / "run"), "--packed", str(tmp_path / "packed"),
+    ])
+    assert result.exit_code == 0, result.output + result.stderr
+    auc = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
+           if line.split() and line.split()[0] in ("checkpoint", "fine-tuned", "packed")}
+    assert set(auc) == {"checkpoint", "fine-tuned", "packed"}
+    assert abs(auc["packed"] - auc["fine-tuned"]) < 5e-3  # int8 values
