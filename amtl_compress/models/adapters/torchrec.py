@@ -26,9 +26,11 @@ for ``adapter="torchrec"`` (``pip install 'amtl-compress[torchrec]'``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.fx._symbolic_trace as _fx_trace
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -37,6 +39,28 @@ from amtl_compress.errors import ConfigError
 from amtl_compress.models.adapters import register_adapter, unwrap_model
 
 _DOCS = "docs/dlrm.md, \"TorchRec\""
+
+
+def _quiet_fx_note() -> None:
+    """Emit torch's one-time ``is_fx_tracing`` note into a silenced logger.
+
+    torchrec asks ``torch.fx.is_fx_tracing()`` on every ``KeyedJaggedTensor``; torch 2.13 then logs
+    (once per process, cached) a note about its own API that would end up on every command's
+    stderr. It says nothing about the user's run.
+    """
+    note = getattr(_fx_trace, "is_fx_tracing_warning", None)
+    if note is None:
+        return
+    logger = logging.getLogger(_fx_trace.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        note()
+    finally:
+        logger.setLevel(level)
+
+
+_quiet_fx_note()
 _WHO = "`adapter=\"torchrec\"`"
 
 
