@@ -37,3 +37,21 @@ def test_installed_pair_is_the_cpu_one() -> None:
     assert importlib.metadata.version("fbgemm-gpu-cpu") == FBGEMM.split("==")[1]
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.version("fbgemm-gpu")  # the CUDA build
+
+
+def test_without_torchrec_the_adapter_is_one_error_with_the_install_commands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from amtl_compress.errors import ConfigError
+    from amtl_compress.models import adapters
+
+    monkeypatch.setitem(sys.modules, "torchrec", None)  # `import torchrec` raises ImportError
+    monkeypatch.setattr(adapters, "_REGISTRY", {
+        k: v for k, v in adapters._REGISTRY.items() if k != "torchrec"})
+    with pytest.raises(ConfigError, match="needs the package `torchrec`") as exc:
+        adapters.get_adapter("torchrec")
+    message = str(exc.value)
+    assert "\n" not in message
+    assert 'amtl-compress[torchrec]' in message and f"--no-deps {TORCHREC}" in message
