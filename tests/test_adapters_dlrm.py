@@ -5,6 +5,7 @@ interface)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -256,6 +257,20 @@ def test_dlrm_checkpoint_loads_its_state_dict(dlrm_task) -> None:
     assert all(table.sparse for table in model.emb_l)  # dlrm's tables: sparse=True
 
 
+def test_numpy_1_scalars_load_too(tmp_path) -> None:
+    """A file written under numpy 1.x names `numpy.core.multiarray.scalar` (legacy format here, so
+    that the pickle's bytes can be edited without a zip checksum)."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "test_acc": np.float64(0.75)}, buffer,
+               _use_new_zipfile_serialization=False)
+    data = buffer.getvalue()
+    assert data.count(b"numpy._core.multiarray") == 1
+    path = tmp_path / "numpy1.pt"
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    state, _ = load_state_dict(path)
+    assert torch.equal(state["w"], torch.ones(2))
+
+
 class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -371,3 +386,15 @@ def test_dlrm_net_with_the_wrong_adapter_is_one_error_line(dlrm_task, tmp_path) 
 
 def _valid_batch(dlrm_task) -> dict[str, torch.Tensor]:
     return first_batch(open_data(dlrm_task[0]["valid"], list_padding=-1).batches(256))
+
+
+def test_plan_runs_dlrm_net_with_a_template(dlrm_task) -> None:
+    paths, checkpoint = dlrm_task
+    result = CliRunner(mix_stderr=False).invoke(app, [
+        "plan", str(checkpoint), "--model", FACTORY, "--valid", str(paths["valid"]),
+        "--field", "emb_l.{i}=cat_{i}", "--ratios", "0.5", "-q",
+    ])
+    assert result.exit_code == 0, result.output + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("model output read as probabilities")
+    assert lines[2].split() == ["ratio", *[f"emb_l.{k}" for k in range(len(ROWS))]]
