@@ -16,7 +16,11 @@ from amtl_compress.models.factory import build_model, model_spec_for
 CONFIG = DLRMConfig(categorical={"a": 4, "b": 5}, embedding_dim=4)
 
 USER_MODULE = """
+import torch
 from torch import nn
+
+# Tensor code at import time, as torchrec runs: fails if imported under torch.device("meta").
+_SCALE = torch.ones(1).item()
 
 class Tower(nn.Module):
     def __init__(self):
@@ -65,6 +69,13 @@ def test_factory_spec_and_build(user_module: str) -> None:
     assert type(model).__name__ == "Tower" and model.emb.weight.shape == (6, 3)
     nested = build_model({"kind": "factory", "factory": f"{user_module}:Tower.build"})
     assert type(nested).__name__ == "Tower"
+
+
+def test_build_on_meta_imports_the_factory_module_first(user_module: str) -> None:
+    # The module runs `.item()` at import; under torch.device("meta") that would raise.
+    model = build_model({"kind": "factory", "factory": f"{user_module}:make"}, device="meta")
+    assert model.emb.weight.is_meta and model.out.weight.is_meta
+    assert build_model(model_spec_for(CONFIG), device="meta").embeddings["a"].weight.is_meta
 
 
 def test_non_dlrm_model_needs_a_factory() -> None:

@@ -290,8 +290,7 @@ def load_packed_model(
     # old version's model with the new version's tables.
     snapshot = _read_snapshot(packed_dir, mmap, verify=False)
     spec = {"kind": "factory", "factory": factory} if factory else snapshot[0].model
-    with torch.device("meta"):
-        model = build_model(spec)
+    model = build_model(spec, device="meta")
     in_state = set(model.state_dict())
     if any(name not in in_state for name, _ in model.named_buffers()):
         model = build_model(spec)

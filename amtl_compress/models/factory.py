@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from amtl_compress.errors import CheckpointError
@@ -54,28 +57,41 @@ def check_factory(factory: str) -> None:
         )
 
 
-def build_model(spec: dict[str, Any]) -> nn.Module:
+def build_model(spec: dict[str, Any], device: str | torch.device | None = None) -> nn.Module:
     """Build a fresh (untrained) model from a spec.
+
+    Args:
+        spec: the model spec (module docstring).
+        device: build under ``with torch.device(device):`` (``"meta"``: no storage behind the
+            tensors). A factory's module is imported before that context is entered: importing
+            may run tensor code (torchrec calls ``Tensor.item()`` at import), which fails on
+            ``meta``.
 
     Raises:
         CheckpointError: unknown kind, a bad DLRM config, a factory that cannot be imported, is
             not callable, raises, or returns something other than an ``nn.Module``.
     """
     kind = spec.get("kind") if isinstance(spec, dict) else None
+    on_device = contextlib.nullcontext() if device is None else torch.device(device)
     if kind == "dlrm":
         try:
-            return DLRM(DLRMConfig.from_dict(spec.get("config") or {}))
+            with on_device:
+                return DLRM(DLRMConfig.from_dict(spec.get("config") or {}))
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"model spec has a bad DLRM config: {_first_line(exc)}") from None
     if kind == "factory":
-        return _call_factory(spec.get("factory"))
+        factory = spec.get("factory")
+        function = _factory_function(factory)
+        with on_device:
+            return _call_factory(factory, function)
     raise CheckpointError(
         f"model spec kind `{kind}` is unknown: use `dlrm` or `factory` "
         "(or pass `model_factory=package.module:function`)"
     )
 
 
-def _call_factory(factory: Any) -> nn.Module:
+def _factory_function(factory: Any) -> Callable[[], Any]:
+    """Import ``package.module`` of ``factory`` and return its function (not called)."""
     check_factory(factory)
     module_name, attr_path = factory.split(":")
     try:
@@ -94,8 +110,12 @@ def _call_factory(factory: Any) -> nn.Module:
         obj = getattr(obj, part)
     if not callable(obj):
         raise CheckpointError(f"model factory `{factory}` is not callable: name a function")
+    return obj
+
+
+def _call_factory(factory: str, function: Callable[[], Any]) -> nn.Module:
     try:
-        model = obj()
+        model = function()
     except Exception as exc:  # the user's code: report what it raised, in one line
         raise CheckpointError(
             f"model factory `{factory}` raised {type(exc).__name__}: {_first_line(exc)}; "

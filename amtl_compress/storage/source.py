@@ -86,8 +86,7 @@ def module_kinds(
     spec's factory (user code), so it runs only when packing, never at import.
     """
     try:
-        with torch.device("meta"):
-            skeleton = build_model(spec)
+        skeleton = build_model(spec, device="meta")
     except AmtlError:
         raise
     except Exception as e:

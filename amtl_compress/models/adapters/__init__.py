@@ -8,7 +8,7 @@ arguments:
 - ``dlrm``: facebookresearch/dlrm's ``DLRM_Net``, ``forward(dense_x, lS_o, lS_i)`` from columns
   ``dense_*`` / ``cat_*`` (docs/dlrm.md);
 - ``torchrec``: ``torchrec.models.dlrm.DLRM``, ``forward(dense_features, sparse_features)`` with a
-  ``KeyedJaggedTensor`` (optional dependency: ``pip install amtl-compress[torchrec]``).
+  ``KeyedJaggedTensor`` (optional dependency: docs/dlrm.md, "TorchRec", says how to install it).
 
 Adapters are looked up by name with :func:`get_adapter`; the built-in ones are imported on first
 use, so that torchrec is imported only when the ``torchrec`` adapter is asked for.
@@ -82,7 +82,9 @@ _BUILTIN = {
     "torchrec": "amtl_compress.models.adapters.torchrec",
 }
 # Adapters that need an optional package: name -> (top-level package, how to install it).
-_OPTIONAL = {"torchrec": ("torchrec", "pip install 'amtl-compress[torchrec]'")}
+# torchrec goes in with --no-deps: its metadata asks for the CUDA fbgemm-gpu (docs/dlrm.md).
+_OPTIONAL = {"torchrec": ("torchrec", "pip install 'amtl-compress[torchrec]' && "
+                                      "pip install --no-deps torchrec==1.8.0")}
 
 _REGISTRY: dict[str, ModelAdapter] = {}
 
