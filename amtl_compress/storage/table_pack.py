@@ -346,6 +346,6 @@ def _check_params(
         span = kept[first : first + int(lengths[row])]
         raise RunDirError(
             f"table `{field}` row {start + row} (values in [{span.min().item():.4g}, "
-            f"{span.max().item():.4g}]) needs a {dtype} scale or bias beyond float16's range "
-            f"(+-{FLOAT16_MAX:g}); pack with `dtype=float32` or `dtype=bfloat16`"
+            f"{span.max().item():.4g}]) needs {dtype} parameters beyond float16's range "
+            f"({FLOAT16_MAX:g}); pack with `dtype=float32` or `dtype=bfloat16`"
         )
