@@ -195,21 +195,22 @@ def _parse_table(
     sha = entry.get("sha256")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise fail(f"{where}.sha256 is not 64 lowercase hex digits")
-    stored = _parse_bytes(entry.get("bytes"), where, n * d * 4, fail) if version >= 2 else None
+    stored = _parse_bytes(entry.get("bytes"), where, fail) if version >= 2 else None
     return ManifestTable(file, kind, n, d, dtype, sha, stored)
 
 
-def _parse_bytes(
-    raw: Any, where: str, dense: int, fail: Callable[[str], PackedFormatError]
-) -> TableBytes:
-    """A version 2 table's ``bytes``: non-negative parts, ``total`` their sum, ``dense`` N*D*4."""
+def _parse_bytes(raw: Any, where: str, fail: Callable[[str], PackedFormatError]) -> TableBytes:
+    """A version 2 table's ``bytes``: non-negative integer parts, ``total`` their sum.
+
+    N and D are checked against the table file by the directory reader, so ``dense`` is not
+    checked against them here."""
     parts = ("values", "index", "row_metadata", "rotation", "total", "dense")
     if not isinstance(raw, dict) or not all(_is_int(raw.get(k)) and raw[k] >= 0 for k in parts):
         raise fail(f"{where}.bytes needs non-negative integers {', '.join(parts)}")
     stored = TableBytes(raw["values"], raw["index"], raw["row_metadata"], raw["rotation"],
                         raw["dense"])
-    if raw["total"] != stored.total or raw["dense"] != dense:
-        raise fail(f"{where}.bytes does not add up (total is the sum of the parts, dense N*D*4)")
+    if raw["total"] != stored.total:
+        raise fail(f"{where}.bytes does not add up (`total` must be the sum of the parts)")
     if not isinstance(raw.get("ratio"), (int, float)) or isinstance(raw.get("ratio"), bool):
         raise fail(f"{where}.bytes.ratio is not a number")
     return stored
