@@ -12,7 +12,7 @@ on MovieLens-100k (the demo's data and split, seed 0), fine-tunes AMTL on user_i
 one's bytes by part with its ratio to the dense float32 tables and the test AUC of the
 fine-tuned model with its tables replaced by the decoded packed rows; then int8 with version 3's
 float16 scale/bias against version 1's float32 ones (decode error over every kept value, AUC).
-About a minute on 2 cores.
+5 minutes on 2 cores shared with other jobs.
 
     .venv/bin/python bench/pack.py                      # 4M x 128, all dtypes
     .venv/bin/python bench/pack.py --rows 200000 --dtypes float32   # quick
