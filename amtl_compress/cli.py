@@ -434,7 +434,7 @@ def pack(
     run: Annotated[Path, typer.Argument(help="Run directory written by `finetune`.")],
     out: Annotated[Path, typer.Option(help="Packed directory to create.")],
     dtype: Annotated[
-        str, typer.Option(help="Stored value type: float32, float16, bfloat16 or int8.")
+        str, typer.Option(help="Stored value type: float32, float16, bfloat16, int8 or int4.")
     ] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     quiet: QuietOpt = False,

@@ -1,13 +1,22 @@
-"""Benchmark ``pack`` on a table larger than a comfortable working set: throughput and peak RSS.
+"""Benchmark ``pack``: throughput and peak RSS on a large table, or bytes and AUC on a real model.
 
-Builds a run directory in a temporary folder with one float32 table (default 4M x 128 = 2 GiB,
-written chunk by chunk so building it needs little memory), frequency-skewed lengths (mean ~37 %
-of D), then packs it once per dtype in a CHILD process, so that building the source does not count
-towards the measured peak. Prints MB/s of source and the child's peak RSS (VmHWM). Target: peak
-RSS under 1 GB whatever the table size.
+Default mode: builds a run directory in a temporary folder with one float32 table (default
+4M x 128 = 2 GiB, written chunk by chunk so building it needs little memory), frequency-skewed
+lengths (mean ~37 % of D), then packs it once per dtype in a CHILD process, so that building the
+source does not count towards the measured peak. Prints MB/s of source and the child's peak RSS
+(VmHWM). Target: peak RSS under 1 GB whatever the table size.
+
+``--two-table``: the byte accounting of docs/format.md on a real model. Trains a DLRM with D = 64
+on MovieLens-100k (the demo's data and split, seed 0), fine-tunes AMTL on user_id and item_id at
+``target_ratio`` 0.4 with the library defaults, packs the run in every dtype and prints each
+one's bytes by part with its ratio to the dense float32 tables and the test AUC of the
+fine-tuned model with its tables replaced by the decoded packed rows; then int8 with version 3's
+float16 scale/bias against version 1's float32 ones (decode error over every kept value, AUC).
+5 minutes on 2 cores shared with other jobs.
 
     .venv/bin/python bench/pack.py                      # 4M x 128, all dtypes
     .venv/bin/python bench/pack.py --rows 200000 --dtypes float32   # quick
+    .venv/bin/python bench/pack.py --two-table          # bytes by part and AUC, D = 64
 
 Not a test and not imported by the package.
 """
@@ -113,17 +122,151 @@ def child(run: str, out: str, dtype: str) -> None:
     }))
 
 
+TWO_TABLE_FIELDS = ("user_id", "item_id")
+
+
+def two_table(work: Path, dtypes: list[str], seed: int = 0) -> None:
+    """The ``--two-table`` mode (module docstring); prints its tables."""
+    import torch
+
+    from amtl_compress.checkpoint import load_model
+    from amtl_compress.data.dataset import TabularData
+    from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
+    from amtl_compress.models.dlrm import dlrm_config_for
+    from amtl_compress.run_dir import RunDir
+    from amtl_compress.storage.format import prefix_mask, read_packed_table
+    from amtl_compress.storage.pack import pack
+    from amtl_compress.storage.quantize import dequantize_values, int8_encode
+    from amtl_compress.training.config import FinetuneConfig, TrainConfig
+    from amtl_compress.training.finetune import finetune
+    from amtl_compress.training.loop import evaluate
+    from amtl_compress.training.train import train_dlrm
+
+    start = time.perf_counter()
+    ctr = build_ctr_dataset(fetch_movielens_100k(), work / "data", seed=seed)
+    base = work / "base.safetensors"
+    train_dlrm(ctr.train, ctr.valid, base, TrainConfig(seed=seed),
+               dlrm_config=dlrm_config_for(ctr, embedding_dim=64), progress=False)
+    result = finetune(
+        base, ctr.train, ctr.valid, work / "amtl",
+        FinetuneConfig(fields={f: f for f in TWO_TABLE_FIELDS}, target_ratio=0.4, seed=seed),
+        resume=False, overwrite=True, progress=False,
+    )
+    test = TabularData.open(ctr.test)
+    model_file = RunDir(result.run_dir).model_file
+
+    def auc_with(rows_of: dict[str, torch.Tensor]) -> float:
+        """Test AUC of the fine-tuned model with these (N, D) tables in place of its own."""
+        model = load_model(model_file)[0]
+        with torch.no_grad():
+            for path, rows in rows_of.items():
+                model.get_submodule(path).weight.copy_(rows)
+        return evaluate(model, test.batches(4096))["auc"]
+
+    def padded(table, decoded: torch.Tensor) -> torch.Tensor:
+        rows = torch.zeros(table.num_embeddings, table.embedding_dim)
+        rows[prefix_mask(table.lengths, table.embedding_dim)] = decoded
+        return rows
+
+    tables = result.metrics["tables"]
+    rows_total = sum(t["rows"] for t in tables.values())
+    sizes = " + ".join(str(t["rows"]) for t in tables.values())
+    kept_dims = ", ".join(f"{t['column']} {t['avg_kept_dim']:.2f}" for t in tables.values())
+    print(f"MovieLens-100k, DLRM D = 64, AMTL at target_ratio 0.4 (seed {seed}): {sizes} = "
+          f"{rows_total:,} rows; mean kept dims {kept_dims} of 64 (trained and fine-tuned in "
+          f"{time.perf_counter() - start:.0f} s)")
+    finetuned_auc = evaluate(load_model(model_file)[0], test.batches(4096))["auc"]
+    print(f"fine-tuned model, test AUC {finetuned_auc:.4f}\n")
+    summary = [("dtype", "values", "index", "row meta", "rotation", "total", "ratio",
+                "w/o rotation", "test AUC")]
+    int8_tables = {}
+    for dtype in dtypes:
+        report = pack(result.run_dir, work / f"packed-{dtype}", dtype=dtype, overwrite=True,
+                      progress=False)
+        print(f"$ amtl-compress pack <run> --dtype {dtype}")
+        print(report.format_table() + "\n")
+        decoded = {}
+        for entry in report.tables:
+            table = read_packed_table(entry.file)
+            if dtype == "int8":
+                int8_tables[entry.field] = table
+            decoded[entry.field] = padded(
+                table, dequantize_values(table.values, table.offsets, table.scale, table.bias)
+            )
+        b = report.stored
+        summary.append((dtype, f"{b.values:,}", f"{b.index:,}", f"{b.row_metadata:,}",
+                        f"{b.rotation:,}", f"{b.total:,}", f"{b.ratio:.3f}",
+                        f"{(b.total - b.rotation) / b.dense:.3f}", f"{auc_with(decoded):.4f}"))
+    print(f"dense float32 tables: {report.stored.dense:,} bytes; ratio = total / dense; "
+          "test AUC with the decoded packed rows in the fine-tuned model")
+    print(_columns(summary) + "\n")
+
+    if not int8_tables:
+        return
+    # int8 parameters: version 3's float16 scale/bias against version 1's float32 ones.
+    errors: dict[str, list[torch.Tensor]] = {"float32 (v1)": [], "float16 (v3)": []}
+    steps: dict[str, list[torch.Tensor]] = {"float32 (v1)": [], "float16 (v3)": []}
+    rows_v1 = {}
+    for path, table in int8_tables.items():
+        weight = load_model(model_file)[0].get_submodule(path).weight.detach()
+        kept = weight[prefix_mask(table.lengths, table.embedding_dim)]
+        q, scale, bias = int8_encode(kept, table.lengths, float16_params=False)
+        v1 = dequantize_values(q, table.offsets, scale, bias)
+        rows_v1[path] = padded(table, v1)
+        v3 = dequantize_values(table.values, table.offsets, table.scale, table.bias)
+        for name, decoded, s in (("float32 (v1)", v1, scale), ("float16 (v3)", v3, table.scale)):
+            errors[name].append((decoded - kept).abs())
+            steps[name].append(s.float().repeat_interleave(table.lengths))
+    v3_auc = summary[1 + dtypes.index("int8")][-1]
+    rows = [("int8 scale/bias", "mean |err|", "max |err|", "max |err| / scale", "mean scale",
+             "test AUC")]
+    for name in errors:
+        err, step = torch.cat(errors[name]), torch.cat(steps[name])
+        coded = step > 0
+        auc = f"{auc_with(rows_v1):.4f}" if name.startswith("float32") else v3_auc
+        rows.append((name, f"{err.mean().item():.3e}", f"{err.max().item():.3e}",
+                     f"{(err[coded] / step[coded]).max().item():.4f}",
+                     f"{step.mean().item():.4e}", auc))
+    print(f"int8 decode error over all {sum(len(e) for e in errors['float16 (v3)'])} kept values")
+    print(_columns(rows))
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    """Rows of strings as right-aligned columns (first column left-aligned), header ruled."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        rest = zip(r[1:], widths[1:], strict=True)
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in rest]
+        lines.append("  ".join(cells))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--two-table", action="store_true",
+                        help="bytes by part and test AUC of a D = 64 MovieLens model")
     parser.add_argument("--rows", type=int, default=4_000_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--dtypes", default="float32,float16,bfloat16,int8")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated; default float32,float16,bfloat16,int8,int4 "
+                        "(--two-table: float32,float16,int8,int4)")
     parser.add_argument("--tmpdir", default=None, help="where the ~2-3 GB of files go")
     parser.add_argument("--child", nargs=3, metavar=("RUN", "OUT", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.two_table:
+        work = Path(tempfile.mkdtemp(prefix="amtl-bench-two-table-", dir=args.tmpdir))
+        try:
+            two_table(work, (args.dtypes or "float32,float16,int8,int4").split(","))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
+    args.dtypes = args.dtypes or "float32,float16,bfloat16,int8,int4"
 
     work = Path(tempfile.mkdtemp(prefix="amtl-bench-pack-", dir=args.tmpdir))
     try:

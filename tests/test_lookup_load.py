@@ -230,7 +230,7 @@ def test_directory_errors(tmp_path: Path, toy, tuned) -> None:
             load_packed(toy.build(), out)
 
     load_with("{", "manifest.json`: not valid JSON")
-    load_with({**manifest, "format_version": 2}, "`format_version` 2 is not supported")
+    load_with({**manifest, "format_version": 3}, "`format_version` 3 is not supported")
     load_with({**manifest, "format": "x"}, "`format` is 'x', expected `amtl-packed-model`")
     tables = manifest["tables"]
     for bad_file in ("../run/model.safetensors", ".hidden", "manifest.json"):

@@ -25,6 +25,7 @@ from amtl_compress.errors import ConfigError, PackedFormatError, SurgeryError
 from amtl_compress.models.dlrm import DLRM, DLRMConfig
 from amtl_compress.models.factory import model_spec_for
 from amtl_compress.storage.format import read_packed_table, source_digest, write_packed_table
+from amtl_compress.storage.header import read_header
 from amtl_compress.surgery import amtl_layers, attach_amtl_, detach_amtl
 from amtl_compress.training.finetune import FinetuneConfig
 
@@ -171,28 +172,28 @@ def rotated_table(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, rotation
 
 
-def test_version_2_table_round_trips_its_rotation(tmp_path: Path):
+def test_rotated_table_round_trips_its_rotation(tmp_path: Path):
     path = tmp_path / "t.safetensors"
     _, rotation = rotated_table(path)
     table = read_packed_table(path)
-    assert table.metadata["format_version"] == "2"
+    assert table.metadata["format_version"] == "3"
     assert torch.equal(table.rotation, rotation)
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
-    # Layout: offsets, then the rotation, then values (largest alignment first, no holes).
-    assert header["offsets"]["data_offsets"] == [0, 24]
-    assert header["rotation"] == {"dtype": "F32", "shape": [3, 3], "data_offsets": [24, 60]}
-    assert header["values"]["data_offsets"] == [60, 72]
+    # Layout: offsets (uint32), then the rotation, then values (largest alignment first).
+    assert header["offsets"]["data_offsets"] == [0, 12]
+    assert header["rotation"] == {"dtype": "F32", "shape": [3, 3], "data_offsets": [12, 48]}
+    assert header["values"]["data_offsets"] == [48, 60]
     plain = tmp_path / "v1.safetensors"
     write_packed_table(
         plain, torch.tensor([1.0]), torch.tensor([0, 1]), embedding_dim=2, field="emb",
         source_sha256="0" * 64,
     )
-    v1 = read_packed_table(plain)
-    assert v1.metadata["format_version"] == "1" and v1.rotation is None
+    unrotated = read_packed_table(plain)
+    assert "rotation" not in read_header(plain).tensors and unrotated.rotation is None
 
 
-def test_reader_rejects_a_version_2_table_without_a_proper_rotation(tmp_path: Path):
+def test_reader_rejects_a_rotated_table_without_a_proper_rotation(tmp_path: Path):
     path = tmp_path / "t.safetensors"
     rotated_table(path)
     raw = bytearray(path.read_bytes())

@@ -78,11 +78,13 @@ def _rewrite(raw: bytes, how: str, a: int, b: int) -> bytes:
     elif how == "metadata":
         key = sorted(header["__metadata__"])[a % len(header["__metadata__"])]
         header["__metadata__"][key] = ["0", "-1", "99999999999", "", "1e3", "int8", "t"][b % 7]
-    elif how == "offset_value":  # one int64 of `offsets` set to a hostile value
+    elif how == "offset_value" and "offsets" in header:  # one offset set to a hostile value
         begin, end = header["offsets"]["data_offsets"]
-        slot = begin + 8 * (a % ((end - begin) // 8))
+        fmt, width = ("<q", 8) if header["offsets"]["dtype"] == "I64" else ("<I", 4)
+        slot = begin + width * (a % ((end - begin) // width))
         value = [-1, 0, 1, D, D + 1, 2**62, -(2**63), 2**63 - 1, a][b % 9]
-        data = data[:slot] + struct.pack("<q", value) + data[slot + 8 :]
+        value %= 2 ** (8 * width)  # the same bits, as the field's unsigned width holds them
+        data = data[:slot] + struct.pack(fmt.upper(), value) + data[slot + width :]
     return _join(header, data)
 
 
@@ -167,11 +169,17 @@ def test_a_hostile_offsets_value_is_refused_before_any_lookup(sources, tmp_path:
     """The cases the fuzz is for, pinned: offsets that would point outside `values`."""
     header, data = _split(sources["float32"])
     begin = header["offsets"]["data_offsets"][0]
+    # Version 3 stores fewer than 2**32 values with uint32 offsets; both widths are pinned.
+    widths = {"I64": ("<q", 8, (-1, -(2**63), 2**62, 2**63 - 1, 10**6)),
+              "U32": ("<I", 4, (2**32 - 1, 2**31, 2**31 - 1, 10**6))}
+    fmt, width, hostile = widths[header["offsets"]["dtype"]]
     for slot in (0, 1, N // 2, N):
-        for value in (-1, -(2**63), 2**62, 2**63 - 1, 10**6):
-            at = begin + 8 * slot
+        for value in hostile:
+            at = begin + width * slot
             path = tmp_path / "t.safetensors"
-            path.write_bytes(_join(header, data[:at] + struct.pack("<q", value) + data[at + 8 :]))
+            path.write_bytes(
+                _join(header, data[:at] + struct.pack(fmt, value) + data[at + width :])
+            )
             with pytest.raises(PackedFormatError, match="offsets"):
                 read_packed_table(path)
 

@@ -23,7 +23,14 @@ from amtl_compress.storage.format import (
     write_packed_table,
 )
 from amtl_compress.storage.header import encode_header, read_header
-from amtl_compress.storage.quantize import dequantize_values, int8_encode
+from amtl_compress.storage.quantize import (
+    dequantize_values,
+    int4_encode,
+    int8_encode,
+    pack_nibbles,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
 
 D = 4
 LENGTHS = torch.tensor([2, 1, 4])
@@ -50,6 +57,9 @@ def write_table(path: Path, dtype: str = "float32") -> torch.Tensor:
     scale = bias = None
     if dtype == "int8":
         values, scale, bias = int8_encode(values, LENGTHS)
+    elif dtype == "int4":
+        codes, scale, bias = int4_encode(values, LENGTHS)
+        values = pack_nibbles(codes)
     else:
         values = values.to(getattr(torch, dtype))
     write_packed_table(
@@ -79,10 +89,14 @@ def test_worked_example_matches_the_spec(tmp_path: Path) -> None:
     assert (8 + n) % 8 == 0
     header = raw[8 : 8 + n].decode().rstrip(" ")
     assert header.endswith(
-        '"offsets":{"dtype":"I64","shape":[4],"data_offsets":[0,32]},'
-        '"values":{"dtype":"F32","shape":[7],"data_offsets":[32,60]}}'
+        '"offsets":{"dtype":"U32","shape":[4],"data_offsets":[0,16]},'
+        '"values":{"dtype":"F32","shape":[7],"data_offsets":[16,44]}}'
     )
     assert header.startswith('{"__metadata__":{"dtype":"float32","embedding_dim":"4","field":"emb"')
+    assert '"format_version":"3"' in header and "row_length" not in header
+    assert table.offsets.dtype == torch.int64  # widened from U32 on read
+    assert table.format_version == 3
+    assert (table.stored.values, table.stored.index, table.stored.row_metadata) == (28, 16, 0)
 
 
 def test_worked_example_int8_matches_the_spec(tmp_path: Path) -> None:
@@ -92,15 +106,89 @@ def test_worked_example_int8_matches_the_spec(tmp_path: Path) -> None:
     # Row 2: lo = -2, hi = 1.5, scale = 3.5 / 255; 0.25 -> 35.93 -> 36, 0.75 -> 72.36 -> 72.
     assert table.values.tolist() == [127, -128, 0, 36, 72, 127, -128]
     assert table.scale is not None and table.bias is not None
+    assert table.scale.dtype == table.bias.dtype == torch.float32  # widened from F16 on read
     assert table.scale[1].item() == 0.0 and table.bias[1].item() == 2.0
-    assert table.scale[0].item() == pytest.approx(1.5 / 255)
+    # The numbers of docs/format.md's worked example.
+    assert table.bias[0].item() == -0.2470703125
+    assert table.scale[0].item() == pytest.approx(0.0058861, abs=1e-7)
+    assert table.scale[0].item() == pytest.approx(1.5 / 255, rel=1e-3)
     header = read_header(path)
     order = sorted(header.tensors.values(), key=lambda e: e.offset)
     assert [e.name for e in order] == ["offsets", "bias", "scale", "values"]
-    assert [e.nbytes for e in order] == [32, 12, 12, 7]
+    assert [e.nbytes for e in order] == [16, 6, 6, 7]
+    assert [e.dtype for e in order] == ["U32", "F16", "F16", "I8"]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_worked_example_int4_matches_the_spec(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    weight = write_table(path, "int4")
+    table = read_packed_table(path)
+    assert table.values.dtype == torch.uint8
+    assert [hex(b) for b in table.values.tolist()] == ["0xf", "0xa0", "0xfc", "0x0"]
+    assert table.scale is not None and table.bias is not None
+    assert table.bias.tolist() == [-1.0, 2.0, -2.0]
+    assert table.scale[2].item() == 0.2333984375 and table.scale[1].item() == 0.0
+    decoded = dequantize_values(table.values, table.offsets, table.scale, table.bias)
+    expected, _ = packed(weight, LENGTHS)
+    assert ((decoded - expected).abs() <= table.scale.repeat_interleave(LENGTHS) / 2 + 1e-6).all()
+    header = read_header(path)
+    order = sorted(header.tensors.values(), key=lambda e: e.offset)
+    assert [(e.name, e.dtype, e.nbytes) for e in order] == [
+        ("offsets", "U32", 16), ("bias", "F16", 6), ("scale", "F16", 6), ("values", "U8", 4),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
+def test_equal_lengths_store_no_index(tmp_path: Path, dtype: str) -> None:
+    path = tmp_path / "t.safetensors"
+    weight = torch.tensor([[0.5, -1.0, 0.0], [2.0, 0.25, 0.0], [1.5, -2.0, 0.0]])
+    lengths = torch.tensor([2, 2, 2])
+    values, offsets = packed(weight, lengths)
+    scale = bias = None
+    if dtype == "int8":
+        values, scale, bias = int8_encode(values, lengths)
+    elif dtype == "int4":
+        codes, scale, bias = int4_encode(values, lengths)
+        values = pack_nibbles(codes)
+    stored = write_packed_table(
+        path, values, offsets, embedding_dim=3, field="e", source_sha256=source_digest(weight),
+        scale=scale, bias=bias,
+    )
+    assert stored.index == 0
+    header = read_header(path)
+    assert "offsets" not in header.tensors and header.metadata["row_length"] == "2"
+    table = read_packed_table(path)
+    assert table.offsets.tolist() == [0, 2, 4, 6] and table.offsets.dtype == torch.int64
+    assert table.stored == stored
+    # Reading and writing again gives the same bytes.
+    again = tmp_path / "again.safetensors"
+    write_packed_table(
+        again, table.values, table.offsets, embedding_dim=3, field="e",
+        source_sha256=source_digest(weight), scale=table.scale, bias=table.bias,
+    )
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_index_is_uint32_below_2_to_the_32_values() -> None:
+    from amtl_compress.storage.format import table_layout
+
+    assert table_layout(3, 4, 2**32 - 1, "float32")[0] == ("offsets", "U32", (4,))
+    assert table_layout(3, 4, 2**32, "float32")[0] == ("offsets", "I64", (4,))
+    assert table_layout(3, 4, 6, "float32", row_length=2)[0][0] == "values"
+    assert table_layout(3, 4, 7, "int4")[-1] == ("values", "U8", (4,))
+
+
+def test_writer_rejects_parameters_that_are_not_float16(tmp_path: Path) -> None:
+    values, offsets = packed(dense_rows(), LENGTHS)
+    q, scale, bias = int8_encode(values, LENGTHS, float16_params=False)
+    with pytest.raises(PackedFormatError, match="`scale` holds values that are not float16"):
+        write_packed_table(
+            tmp_path / "t.safetensors", q, offsets, embedding_dim=4, field="e",
+            source_sha256="0" * 64, scale=scale, bias=bias,
+        )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("mmap", [True, False])
 def test_round_trip_each_dtype(tmp_path: Path, dtype: str, mmap: bool) -> None:
     path = tmp_path / "t.safetensors"
@@ -108,12 +196,10 @@ def test_round_trip_each_dtype(tmp_path: Path, dtype: str, mmap: bool) -> None:
     table = read_packed_table(path, mmap=mmap)
     decoded = dequantize_values(table.values, table.offsets, table.scale, table.bias)
     expected, _ = packed(weight, LENGTHS)
-    if dtype == "int8":
+    if dtype in ("int8", "int4"):
         assert table.scale is not None
         tolerance = 0.5 * table.scale.repeat_interleave(table.lengths) + 1e-6
         assert ((decoded - expected).abs() <= tolerance).all()
-        # The row minimum and maximum are hit exactly up to float32 rounding.
-        assert decoded[1].item() == pytest.approx(-1.0, abs=1e-6)
     else:
         # This example is exactly representable in every float dtype.
         assert torch.equal(decoded, expected)
@@ -129,8 +215,8 @@ def test_safetensors_reads_our_files(tmp_path: Path) -> None:
         assert f.metadata()["format"] == "amtl-packed-table"
         assert sorted(f.keys()) == ["bias", "offsets", "scale", "values"]
         assert torch.equal(f.get_tensor("values"), table.values)
-        assert torch.equal(f.get_tensor("offsets"), table.offsets)
-        assert torch.equal(f.get_tensor("scale"), table.scale)
+        assert torch.equal(f.get_tensor("offsets").to(torch.int64), table.offsets)
+        assert torch.equal(f.get_tensor("scale").float(), table.scale)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -194,7 +280,8 @@ def join(path: Path, header: dict, data: bytes) -> None:
 
 def set_offsets(header: dict, data: bytes, offsets: list[int]) -> bytes:
     begin, end = header["offsets"]["data_offsets"]
-    raw = np.asarray(offsets, dtype="<i8").tobytes()
+    code = {"U32": "<u4", "I64": "<i8"}[header["offsets"]["dtype"]]
+    raw = np.asarray(offsets, dtype=code).tobytes()
     assert len(raw) == end - begin
     return data[:begin] + raw + data[end:]
 
@@ -250,6 +337,18 @@ def grow(h: dict, d: bytes, numel: int) -> tuple[dict, bytes]:
     return h, d
 
 
+def widen_offsets(h: dict, d: bytes) -> tuple[dict, bytes]:
+    """Store the offsets as I64 (what versions 1 and 2 hold), keeping the data region tiled."""
+    begin, end = h["offsets"]["data_offsets"]
+    raw = np.frombuffer(d[begin:end], dtype="<u4").astype("<i8").tobytes()
+    grown = len(raw) - (end - begin)
+    for info in (v for k, v in h.items() if k != "__metadata__"):
+        if info["data_offsets"][0] >= end:
+            info["data_offsets"] = [o + grown for o in info["data_offsets"]]
+    h["offsets"].update(dtype="I64", data_offsets=[begin, begin + len(raw)])
+    return h, d[:begin] + raw + d[end:]
+
+
 def add_tensor(h: dict, d: bytes) -> tuple[dict, bytes]:
     h["extra"] = {"dtype": "U8", "shape": [1], "data_offsets": [len(d), len(d) + 1]}
     return h, d + b"\x00"
@@ -257,8 +356,8 @@ def add_tensor(h: dict, d: bytes) -> tuple[dict, bytes]:
 
 TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("overlap", shift("values", -4), "tensor `values` overlaps the previous tensor's data"),
-    ("hole", lambda h, d: shift("values", 4)(h, d[:32] + b"\0" * 4 + d[32:]), "hole in the data"),
-    ("past end", lambda h, d: grow(h, d, 8), r"truncated file \(data region needs 64 bytes, file"),
+    ("hole", lambda h, d: shift("values", 4)(h, d[:16] + b"\0" * 4 + d[16:]), "hole in the data"),
+    ("past end", lambda h, d: grow(h, d, 8), r"truncated file \(data region needs 48 bytes, file"),
     ("trailing", lambda h, d: (h, d + b"\0" * 8), "8 trailing bytes after the last tensor"),
     ("span != shape", retype("values", "F32", [6]), r"spans 28 bytes but F32\[6\] needs 24"),
     ("unknown dtype", retype("values", "F99", [7]), "unknown dtype `F99`"),
@@ -266,8 +365,13 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("missing values", drop("values"), r"missing tensor\(s\) `values`"),
     ("missing offsets", drop("offsets"), r"missing tensor\(s\) `offsets`"),
     ("extra tensor", add_tensor, r"unexpected tensor\(s\) `extra`"),
-    ("offsets dtype", retype("offsets", "F64", [4]), "`offsets` has dtype F64, expected I64"),
-    ("offsets shape", retype("offsets", "I64", [2, 2]), r"`offsets` has shape \[2, 2\], expected"),
+    ("offsets dtype", retype("offsets", "I32", [4]), "`offsets` has dtype I32, expected U32 or"),
+    ("offsets shape", retype("offsets", "U32", [2, 2]), r"`offsets` has shape \[2, 2\], expected"),
+    ("offsets I64", widen_offsets, "`offsets` is I64 for 7 values; version 3 stores fewer than"),
+    ("v1 with U32", meta("format_version", "1"), "`offsets` has dtype U32, expected I64"),
+    ("row_length", meta("row_length", "2"), r"unexpected tensor\(s\) `offsets`"),
+    ("row_length 0", meta("row_length", "0"), r"`row_length` is `0`, must be a decimal integer in"),
+    ("row_length > D", meta("row_length", "5"), r"`row_length` is `5`, must be .* \[1, embedding"),
     ("values dtype", retype("values", "I32", [7]), "`values` has dtype I32, metadata says F32"),
     ("values 2-D", retype("values", "F32", [7, 1]), r"`values` has shape \[7, 1\], must be 1-D"),
     ("offsets[0]", offsets_are([1, 2, 3, 7]), r"offsets\[0\] is 1, must be 0"),
@@ -278,7 +382,7 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("short", offsets_are([0, 1, 2, 6]), r"offsets\[N\] = 6 but `values` holds 7 entries"),
     ("no format", meta("format", None), r"metadata key\(s\) `format` missing"),
     ("wrong format", meta("format", "other"), "metadata `format` is `other`"),
-    ("version", meta("format_version", "3"), "format_version `3` is not supported"),
+    ("version", meta("format_version", "4"), "format_version `4` is not supported"),
     ("N unparsable", meta("num_embeddings", "three"), "`num_embeddings` is `three`, not a"),
     ("D zero", meta("embedding_dim", "0"), r"`embedding_dim` is 0, must be in \[1, 65536\]"),
     # Consistent with every row length, but a lookup would allocate a (B, D) output of ~800 GB.
@@ -286,6 +390,7 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("N mismatch", meta("num_embeddings", "4"), r"`offsets` has shape \[4\], expected \[5\]"),
     ("dtype name", meta("dtype", "fp8"), "metadata `dtype` is `fp8`"),
     ("int8 no scale", meta("dtype", "int8"), r"missing tensor\(s\) `bias`, `scale`"),
+    ("int4 no scale", meta("dtype", "int4"), r"missing tensor\(s\) `bias`, `scale`"),
     ("source dtype", meta("source_dtype", "int4"), "metadata `source_dtype` is `int4`"),
     ("empty field", meta("field", ""), "metadata `field` is empty"),
     ("sha", meta("source_sha256", "abc"), "`source_sha256` is not 64 lowercase hex digits"),
@@ -312,9 +417,9 @@ def test_reader_rejects_tampered_header_or_offsets(
     "edit,problem",
     [
         (
-            meta("format_version", "3"),
-            "format_version `3` is not supported (this amtl-compress reads versions 1, 2; a later "
-            "release wrote it)",
+            meta("format_version", "4"),
+            "format_version `4` is not supported (this amtl-compress reads versions 1, 2, 3; a "
+            "later release wrote it)",
         ),
         (offsets_are([0, 3, 2, 7]), "offsets decrease at row 1 (3 -> 2)"),
         (offsets_are([0, 2, 5, 8]), "offsets[N] = 8 points past the end of `values` (7 entries)"),
@@ -359,6 +464,7 @@ def test_reader_rejects_truncated_copy_of_a_valid_file(tmp_path: Path) -> None:
         read_packed_table(path)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize(
     "edit,message",
     [
@@ -368,14 +474,16 @@ def test_reader_rejects_truncated_copy_of_a_valid_file(tmp_path: Path) -> None:
     ],
     ids=["nan scale", "inf bias", "negative scale"],
 )
-def test_reader_rejects_bad_int8_parameters(tmp_path: Path, edit: Callable, message: str) -> None:
+def test_reader_rejects_bad_affine_parameters(
+    tmp_path: Path, edit: Callable, message: str, dtype: str
+) -> None:
     path = tmp_path / "t.safetensors"
-    write_table(path, "int8")
+    write_table(path, dtype)
     header, data = split(path)
     arrays = {}
     for name in ("scale", "bias"):
         begin, end = header[name]["data_offsets"]
-        arrays[name] = torch.from_numpy(np.frombuffer(data[begin:end], dtype="<f4").copy())
+        arrays[name] = torch.from_numpy(np.frombuffer(data[begin:end], dtype="<f2").copy())
     edit(arrays["scale"], arrays["bias"])
     for name in ("scale", "bias"):
         begin, end = header[name]["data_offsets"]
@@ -412,7 +520,7 @@ def test_encode_header_pads_to_8_and_places_tensors_back_to_back() -> None:
 @given(
     edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
     cut=st.one_of(st.none(), st.integers(0, 10_000)),
-    dtype=st.sampled_from(["float32", "int8"]),
+    dtype=st.sampled_from(["float32", "int8", "int4"]),
 )
 def test_fuzzed_files_fail_cleanly(tmp_path: Path, edits, cut, dtype) -> None:
     path = tmp_path / f"fuzz_{dtype}.safetensors"
@@ -429,6 +537,68 @@ def test_fuzzed_files_fail_cleanly(tmp_path: Path, edits, cut, dtype) -> None:
         assert "\n" not in str(e)
         return
     # Accepted: then it must be internally consistent (a flipped value byte is allowed through).
-    assert table.offsets[-1] == table.values.numel()
+    num_values = int(table.offsets[-1])
+    expected_count = (num_values + 1) // 2 if table.dtype == "int4" else num_values
+    assert expected_count == table.values.numel()
     assert (table.lengths >= 1).all() and (table.lengths <= table.embedding_dim).all()
 
+
+
+def test_reader_rejects_int4_offsets_that_do_not_fit_the_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    write_table(path, "int4")
+    join(path, *offsets_are([0, 2, 3, 6])(*split(path)))
+    with pytest.raises(PackedFormatError, match=r"offsets\[N\] = 6 values need 3 bytes of int4"):
+        read_packed_table(path)
+
+
+def test_reader_rejects_row_length_that_does_not_fit_values(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    weight = torch.ones(3, 2)
+    offsets = torch.tensor([0, 2, 4, 6])
+    write_packed_table(path, weight.reshape(-1), offsets, embedding_dim=2, field="e",
+                       source_sha256=source_digest(weight))
+    join(path, *meta("num_embeddings", "4")(*split(path)))
+    with pytest.raises(PackedFormatError, match=r"expected \[8\] for num_embeddings 4 x row_len"):
+        read_packed_table(path)
+
+
+# --- versions 1 and 2: the golden files, read and tampered -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,edit,message",
+    [
+        ("table_int8", meta("dtype", "int4"), "`int4`, which format_version `1` does not have"),
+        ("table_float32", offsets_are([0, 1, 5, 7, 10, 15]), r"row 4 has length 5, outside"),
+        ("table_v2_float32", meta("format_version", "1"), r"unexpected tensor\(s\) `rotation`"),
+        ("table_float32", meta("format_version", "2"), r"missing tensor\(s\) `rotation`"),
+        ("table_v2_int8", meta("format_version", "3"), "`scale` has dtype F32, expected F16"),
+        # Versions 1 and 2 ignore `row_length`: their offsets stay the index.
+        ("table_float32", meta("row_length", "1"), None),
+    ],
+)
+def test_legacy_files_are_validated_as_before(
+    tmp_path: Path, name: str, edit: Callable, message: str | None
+) -> None:
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes((GOLDEN / f"{name}.safetensors").read_bytes())
+    read_packed_table(path)
+    join(path, *edit(*split(path)))
+    if message is None:
+        assert read_packed_table(path).offsets.tolist() == [0, 1, 5, 7, 10, 14]
+        return
+    with pytest.raises(PackedFormatError, match=message):
+        read_packed_table(path)
+
+
+def test_legacy_int8_parameters_are_float32_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    path.write_bytes((GOLDEN / "table_int8.safetensors").read_bytes())
+    header, data = split(path)
+    assert header["scale"]["dtype"] == "F32"
+    begin, _ = header["scale"]["data_offsets"]
+    data = data[:begin] + np.float32(-1.0).tobytes() + data[begin + 4 :]
+    join(path, header, data)
+    with pytest.raises(PackedFormatError, match="`scale` holds a negative value"):
+        read_packed_table(path)

@@ -13,11 +13,11 @@ from amtl_compress.storage.manifest import MANIFEST_NAME, MODEL_FORMAT_NAME, rea
 
 def test_unsupported_manifest_version_message(tmp_path: Path) -> None:
     path = tmp_path / MANIFEST_NAME
-    path.write_text(json.dumps({"format": MODEL_FORMAT_NAME, "format_version": 2}))
+    path.write_text(json.dumps({"format": MODEL_FORMAT_NAME, "format_version": 3}))
     with pytest.raises(PackedFormatError) as info:
         read_manifest(tmp_path)
     assert str(info.value) == (
-        f"`{path}`: `format_version` 2 is not supported (this amtl-compress reads 1; a later "
+        f"`{path}`: `format_version` 3 is not supported (this amtl-compress reads 1, 2; a later "
         "release wrote it); re-create the directory with `pack`"
     )
 

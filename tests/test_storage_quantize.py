@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +10,14 @@ from hypothesis import strategies as st
 
 from amtl_compress.lookup.reference import pack_rows
 from amtl_compress.storage.format import kept_values, prefix_mask
-from amtl_compress.storage.quantize import cast_values, dequantize_values, int8_encode
+from amtl_compress.storage.quantize import (
+    cast_values,
+    dequantize_values,
+    int4_encode,
+    int8_encode,
+    pack_nibbles,
+    unpack_nibbles,
+)
 
 
 def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -17,7 +25,7 @@ def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def spec_int8(rows: torch.Tensor, lengths: torch.Tensor):
-    """docs/format.md's int8 rule, written out row by row in torch (an independent reference)."""
+    """docs/format.md's version 1 int8 rule (float32 parameters), row by row in torch."""
     qs, scales, biases = [], [], []
     for row, n in zip(rows, lengths.tolist(), strict=True):
         x = row[:n]
@@ -32,6 +40,45 @@ def spec_int8(rows: torch.Tensor, lengths: torch.Tensor):
         scales.append(scale)
         biases.append(bias)
     return torch.cat(qs), torch.stack(scales), torch.stack(biases)
+
+
+def f16(v: float, direction: str = "nearest") -> np.float16:
+    """float16 of a float32 ``v``: nearest (ties to even), or the next one up / down."""
+    h = np.float16(np.float32(v))
+    if direction == "up" and np.float32(h) < np.float32(v):
+        h = np.nextafter(h, np.float16(np.inf))
+    if direction == "down" and np.float32(h) > np.float32(v):
+        h = np.nextafter(h, np.float16(-np.inf))
+    return h
+
+
+def spec_v3(rows: torch.Tensor, lengths: torch.Tensor, dtype: str):
+    """docs/format.md's version 3 int8 / int4 encoder, row by row with numpy float32 scalars."""
+    qs, scales, biases = [], [], []
+    f32 = np.float32
+    for row, n in zip(rows, lengths.tolist(), strict=True):
+        x = row[:n].numpy()
+        lo, hi = x.min(), x.max()
+        if dtype == "int8":
+            b = f16(lo + f32(128) * ((hi - lo) / f32(255)))
+            scale = f16(max((f32(b) - lo) / f32(128), (hi - f32(b)) / f32(127)), "up")
+            qmin, qmax = -128, 127
+        else:
+            b = f16(lo, "down")
+            scale = f16((hi - f32(b)) / f32(15), "up")
+            qmin, qmax = 0, 15
+        if scale > 0:
+            q = np.clip(np.rint((x - f32(b)) / f32(scale)), qmin, qmax)
+        else:
+            q = np.zeros_like(x)
+        qs.append(torch.from_numpy(q.astype(np.int8 if dtype == "int8" else np.uint8)))
+        scales.append(scale)
+        biases.append(b)
+    return (
+        torch.cat(qs),
+        torch.from_numpy(np.array(scales, dtype=np.float16)),
+        torch.from_numpy(np.array(biases, dtype=np.float16)),
+    )
 
 
 rows_and_lengths = st.integers(1, 12).flatmap(
@@ -54,7 +101,7 @@ def test_kept_values_and_int8_follow_the_spec(case) -> None:
     assert torch.equal(kept, rows[prefix_mask(lengths, d)])
     assert torch.equal(kept, pack_rows(rows, lengths)[0])  # same layout as the lookup's reference
 
-    q, scale, bias = int8_encode(kept, lengths)
+    q, scale, bias = int8_encode(kept, lengths, float16_params=False)
     ref_q, ref_scale, ref_bias = spec_int8(rows, lengths)
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale) and torch.equal(bias, ref_bias)
 
@@ -70,23 +117,82 @@ def test_kept_values_and_int8_follow_the_spec(case) -> None:
             assert (q[a:b] == 0).all() and bias[i] == kept[a]
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@settings(max_examples=60, deadline=None)
+@given(case=rows_and_lengths)
+def test_int8_and_int4_with_float16_params_follow_the_spec(dtype: str, case) -> None:
+    d, lens, seed, magnitude = case
+    lengths = torch.tensor(lens)
+    rows = torch.randn(len(lens), d, generator=torch.Generator().manual_seed(seed)) * magnitude
+    kept = kept_values(rows, lengths)
+    encode = int8_encode if dtype == "int8" else int4_encode
+    q, scale, bias = encode(kept, lengths)
+    assert scale.dtype == bias.dtype == torch.float16
+    ref_q, ref_scale, ref_bias = spec_v3(rows, lengths, dtype)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale) and torch.equal(bias, ref_bias)
+    # Every decoded value lies within scale / 2 of its source, whatever the float16 rounding.
+    stored = pack_nibbles(q) if dtype == "int4" else q
+    decoded = dequantize_values(stored, offsets_of(lengths), scale, bias)
+    step = scale.float().repeat_interleave(lengths)
+    slack = 4 * torch.finfo(torch.float32).eps * kept.abs().max()
+    assert ((decoded - kept).abs() <= 0.5 * step + slack).all()
+
+
+def test_float16_params_keep_the_error_of_a_row_far_from_zero_small() -> None:
+    # A narrow row around 1000: float16 cannot hold its centre (ulp 0.5), so the scale widens to
+    # cover [lo, hi] from the rounded bias; the error stays under scale / 2, far below the ulp.
+    kept = torch.tensor([1000.1, 1000.2, 1000.3], dtype=torch.float32)
+    lengths = torch.tensor([3])
+    for encode in (int8_encode, int4_encode):
+        q, scale, bias = encode(kept, lengths)
+        stored = pack_nibbles(q) if encode is int4_encode else q
+        decoded = dequantize_values(stored, offsets_of(lengths), scale, bias)
+        assert (decoded - kept).abs().max() <= scale.float() / 2 + 1e-4
+        assert (decoded - kept).abs().max() < 0.05
+
+
 def test_int8_ignores_the_zero_tail() -> None:
     # The tail past L_i is zero in the run directory; it must not widen the row's range.
     rows = torch.tensor([[5.0, 6.0, 0.0, 0.0]])
-    q, scale, bias = int8_encode(kept_values(rows, torch.tensor([2])), torch.tensor([2]))
+    kept, lengths = kept_values(rows, torch.tensor([2])), torch.tensor([2])
+    q, scale, bias = int8_encode(kept, lengths, float16_params=False)
     assert scale.item() == pytest.approx(1 / 255)
     assert q.tolist() == [-128, 127]
+    q, scale, bias = int8_encode(kept, lengths)
+    # The bias 5 + 128 / 255 is not a float16 (ulp 2**-8): the scale widens by under 1 %.
+    assert 1 / 255 <= scale.item() <= 1.01 / 255
+    assert q.tolist() in ([-128, 127], [-128, 126], [-127, 127])  # one end of the range is tight
 
 
-def test_int8_reports_overflowing_spread_as_inf_scale() -> None:
+def test_parameter_overflow_is_reported_as_inf() -> None:
     kept = torch.tensor([-3e38, 3e38, 1.0])
-    q, scale, _ = int8_encode(kept, torch.tensor([2, 1]))
+    q, scale, _ = int8_encode(kept, torch.tensor([2, 1]), float16_params=False)
     assert torch.isinf(scale[0]) and scale[1] == 0
+    # float16 parameters overflow much sooner: a spread of 4e7 needs an int8 scale above 65504.
+    kept = torch.tensor([-2e7, 2e7, 1.0])
+    for encode in (int8_encode, int4_encode):
+        _, scale, bias = encode(kept, torch.tensor([2, 1]))
+        assert torch.isinf(scale[0]) and torch.isfinite(scale[1]) and torch.isfinite(bias[1])
+    _, _, bias = int4_encode(torch.tensor([-70000.0]), torch.tensor([1]))
+    assert torch.isinf(bias[0])
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 8])
+def test_nibbles_pack_low_first_and_unpack(count: int) -> None:
+    codes = torch.arange(count, dtype=torch.uint8) % 16
+    packed = pack_nibbles(codes)
+    assert packed.numel() == (count + 1) // 2
+    if count >= 2:
+        assert packed[0].item() == codes[0].item() | (codes[1].item() << 4)
+    if count % 2:
+        assert packed[-1].item() >> 4 == 0  # the padding nibble of an odd count
+    assert torch.equal(unpack_nibbles(packed, count), codes)
 
 
 def test_int8_of_no_rows() -> None:
-    q, scale, bias = int8_encode(torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-    assert q.numel() == scale.numel() == bias.numel() == 0
+    for encode in (int8_encode, int4_encode):
+        q, scale, bias = encode(torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+        assert q.numel() == scale.numel() == bias.numel() == 0
 
 
 def test_float16_rounding_and_overflow_boundary() -> None:
@@ -100,5 +206,5 @@ def test_float16_rounding_and_overflow_boundary() -> None:
 
 
 def test_dequantize_int8_needs_scale_and_bias() -> None:
-    with pytest.raises(ValueError, match="int8 values need `scale` and `bias`"):
+    with pytest.raises(ValueError, match="int8/int4 values need `scale` and `bias`"):
         dequantize_values(torch.zeros(2, dtype=torch.int8), torch.tensor([0, 2]))

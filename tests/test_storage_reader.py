@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from amtl_compress.errors import RunDirError
 from amtl_compress.storage.format import prefix_mask, read_packed_table
 from amtl_compress.storage.pack import pack_table
+from amtl_compress.storage.quantize import dequantize_values
 from amtl_compress.storage.table_pack import _ChunkReader
 
 
@@ -88,12 +89,13 @@ def test_an_error_while_encoding_stops_the_helper_and_leaves_no_file(tmp_path: P
     assert not reader_threads()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
 def test_many_small_chunks_give_the_same_file_and_digest(tmp_path: Path, dtype: str) -> None:
     torch.manual_seed(0)
     n, d = 301, 7
     lengths = torch.randint(1, d + 1, (n,))
-    lengths[::50] = 1  # rows of one value: int8 scale 0 (the equal-values branch)
+    lengths[::50] = 1  # rows of one value (int8/int4: a range of one point)
+    lengths[1] = 2  # int4: an odd number of values in the first chunks (a code crosses a chunk)
     weight = torch.randn(n, d)
     weight[~prefix_mask(lengths, d)] = 0.0
     save_file({"t.weight": weight}, str(tmp_path / "s.safetensors"))
@@ -109,7 +111,9 @@ def test_many_small_chunks_give_the_same_file_and_digest(tmp_path: Path, dtype: 
     assert files[0] == files[1] == files[2]
     table = read_packed_table(tmp_path / f"t{d * 4}.safetensors", mmap=False)
     assert torch.equal(table.lengths, lengths)
-    if dtype == "int8":
+    if dtype in ("int8", "int4"):
         assert table.scale is not None and table.bias is not None
-        assert bool((table.scale[::50] == 0).all())
-        assert torch.equal(table.bias[::50], weight[::50, 0])
+        decoded = dequantize_values(table.values, table.offsets, table.scale, table.bias)
+        step = table.scale.repeat_interleave(lengths)
+        slack = 1e-6
+        assert ((decoded - weight[prefix_mask(lengths, d)]).abs() <= step / 2 + slack).all()

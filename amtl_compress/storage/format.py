@@ -3,7 +3,8 @@
 Symbols: N rows, D dense width, L_i row i's kept length, S = sum(L_i) stored values.
 
 A packed table stores row i's kept prefix (its first L_i values, Eq. 1) back to back in ``values``;
-``offsets`` (N + 1, int64) marks where each row starts, torchrec-style::
+``offsets`` (N + 1,) marks where each row starts, torchrec-style (stored as uint32 in format
+version 3, or not at all when every row has one length, ``row_length``)::
 
     rows (D = 4, tails zeroed)     lengths   offsets      values
     [a0 a1 0  0 ]                  2         [0,          [a0 a1
@@ -15,6 +16,7 @@ A packed table stores row i's kept prefix (its first L_i values, Eq. 1) back to 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,22 +28,27 @@ from amtl_compress._io import atomic_path
 from amtl_compress.errors import PackedFormatError
 from amtl_compress.storage.header import (
     CODE_OF,
+    DTYPES,
     encode_header,
     map_tensor,
     read_header,
     read_tensor,
 )
-from amtl_compress.storage.quantize import PACKED_DTYPES
+from amtl_compress.storage.quantize import PACKED_DTYPES, QUANTIZED
 from amtl_compress.storage.validate import (
     FIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     FORMAT_VERSIONS,
+    LEGACY_FORMAT_VERSION,
     MAX_EMBEDDING_DIM,
     REQUIRED_METADATA,
     ROTATED_FORMAT_VERSION,
+    ROW_LENGTH_KEY,
     SOURCE_DTYPES,
     expected_tensors,
+    index_code,
+    stored_count,
     validate_data,
     validate_layout,
     validate_metadata,
@@ -54,36 +61,89 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
+    "LEGACY_FORMAT_VERSION",
     "MAX_EMBEDDING_DIM",
     "REQUIRED_METADATA",
     "ROTATED_FORMAT_VERSION",
     "SOURCE_DTYPES",
+    "TableBytes",
     "PackedTable",
     "kept_values",
     "prefix_mask",
     "read_packed_table",
     "source_digest",
+    "table_bytes",
     "table_header",
+    "table_layout",
     "write_packed_table",
 ]
 
+@dataclass(frozen=True)
+class TableBytes:
+    """A packed table's bytes by part (docs/format.md, "Byte accounting"); header excluded.
+
+    Attributes:
+        values: ``values`` (the kept values, or int4 codes two a byte).
+        index: ``offsets`` (0 for a version 3 table with ``row_length``).
+        row_metadata: int8/int4 ``scale`` + ``bias``.
+        rotation: the (D, D) float32 ``rotation``.
+        dense: N * D * 4, the dense float32 table the ratio is taken against.
+    """
+
+    values: int
+    index: int
+    row_metadata: int
+    rotation: int
+    dense: int
+
+    @property
+    def total(self) -> int:
+        """values + index + row_metadata + rotation."""
+        return self.values + self.index + self.row_metadata + self.rotation
+
+    @property
+    def ratio(self) -> float:
+        """total / dense (1.0 for an empty table)."""
+        return self.total / self.dense if self.dense else 1.0
+
+    def __add__(self, other: TableBytes) -> TableBytes:
+        return TableBytes(
+            self.values + other.values, self.index + other.index,
+            self.row_metadata + other.row_metadata, self.rotation + other.rotation,
+            self.dense + other.dense,
+        )
+
+    def to_json(self) -> dict[str, int | float]:
+        """The manifest's ``bytes`` entry."""
+        return {
+            "values": self.values, "index": self.index, "row_metadata": self.row_metadata,
+            "rotation": self.rotation, "total": self.total, "dense": self.dense,
+            "ratio": round(self.ratio, 4),
+        }
+
+
 @dataclass
 class PackedTable:
-    """A packed table as read from disk (validated against docs/format.md).
+    """A packed table as read from disk (validated against docs/format.md), in the one in-memory
+    form of every format version (what the lookup modules take).
 
     Attributes:
         values: (S,) float32/float16/bfloat16/int8; row i is ``values[offsets[i]:offsets[i+1]]``.
-            Memory-mapped (copy-on-write) when read with ``mmap=True``.
-        offsets: (N + 1,) int64, ``offsets[0] == 0``, ``offsets[N] == S``, steps in [1, D].
-        scale: (N,) float32 for int8 (``value = float32(q) * scale + bias``), else None.
-        bias: (N,) float32 for int8, else None.
+            For int4 (format version 3): (ceil(S / 2),) uint8, value j's 4-bit code in byte
+            ``j // 2`` (low nibble for even j, high for odd j). Memory-mapped (copy-on-write)
+            when read with ``mmap=True``.
+        offsets: (N + 1,) int64, ``offsets[0] == 0``, ``offsets[N] == S``, steps in [1, D]
+            (widened from the file's uint32, or ``arange(N + 1) * row_length``).
+        scale: (N,) float32 for int8/int4 (``value = float32(q) * scale + bias``; widened from
+            the file's float16 in version 3), else None.
+        bias: (N,) float32 for int8/int4, else None.
         num_embeddings: N.
         embedding_dim: D, the dense width rows are zero-padded back to.
-        dtype: name of ``values``' dtype (``float32``, ``float16``, ``bfloat16``, ``int8``).
+        dtype: ``float32``, ``float16``, ``bfloat16``, ``int8`` or ``int4``.
         field: the module path the table belongs to (e.g. ``embeddings.user_id``).
         metadata: the file's full ``__metadata__`` map.
-        rotation: (D, D) float32 R applied to every zero-padded row (``row @ R``), version 2
-            files only; None in version 1.
+        rotation: (D, D) float32 R applied to every zero-padded row (``row @ R``), or None.
+        stored: the file's bytes by part.
     """
 
     values: torch.Tensor
@@ -96,11 +156,17 @@ class PackedTable:
     field: str
     metadata: dict[str, str]
     rotation: torch.Tensor | None = None
+    stored: TableBytes | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         """(N,) int64 kept lengths L_i = offsets[i + 1] - offsets[i]."""
         return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def format_version(self) -> int:
+        """The file's format version (1, 2 or 3)."""
+        return int(self.metadata["format_version"])
 
 
 def prefix_mask(lengths: torch.Tensor, embedding_dim: int) -> torch.Tensor:
@@ -131,6 +197,60 @@ def kept_values(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(rows.numpy()[mask])
 
 
+def table_layout(
+    num_embeddings: int,
+    embedding_dim: int,
+    num_values: int,
+    dtype: str,
+    rotated: bool = False,
+    row_length: int | None = None,
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The tensors of a version 3 table, ``(name, dtype code, shape)`` in data order.
+
+    Offsets (U32, or I64 from 2**32 values; none with ``row_length``), then the rotation, then
+    int8/int4 bias and scale (F16), then values: largest alignment first, so every tensor starts
+    at a multiple of its itemsize (the header is padded to 8 bytes).
+    """
+    n = num_embeddings
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    if row_length is None:
+        entries.append(("offsets", index_code(num_values), (n + 1,)))
+    if rotated:
+        entries.append(("rotation", "F32", (embedding_dim, embedding_dim)))
+    if dtype in QUANTIZED:
+        entries += [("bias", "F16", (n,)), ("scale", "F16", (n,))]
+    values_code = CODE_OF[PACKED_DTYPES[dtype]]
+    entries.append(("values", values_code, (stored_count(num_values, dtype),)))
+    return entries
+
+
+def table_bytes(
+    entries: list[tuple[str, str, tuple[int, ...]]] | dict[str, int],
+    num_embeddings: int,
+    embedding_dim: int,
+) -> TableBytes:
+    """The byte split of a table from its layout (:func:`table_layout`) or tensor sizes."""
+    if isinstance(entries, dict):
+        sizes = entries
+    else:
+        sizes = {name: math.prod(shape) * DTYPES[code][1].itemsize for name, code, shape in entries}
+    return TableBytes(
+        values=sizes.get("values", 0),
+        index=sizes.get("offsets", 0),
+        row_metadata=sizes.get("scale", 0) + sizes.get("bias", 0),
+        rotation=sizes.get("rotation", 0),
+        dense=num_embeddings * embedding_dim * 4,
+    )
+
+
+def uniform_length(lengths: torch.Tensor) -> int | None:
+    """The ``row_length`` of a version 3 table: L when N >= 1 and every L_i == L, else None."""
+    if lengths.numel() == 0:
+        return None
+    first = int(lengths[0])
+    return first if bool((lengths == first).all()) else None
+
+
 def table_header(
     num_embeddings: int,
     embedding_dim: int,
@@ -140,21 +260,19 @@ def table_header(
     source_dtype: str,
     source_sha256: str,
     rotated: bool = False,
+    row_length: int | None = None,
 ) -> tuple[bytes, dict[str, int]]:
-    """The header bytes of a packed table and each tensor's absolute file offset.
+    """The header bytes of a version 3 packed table and each tensor's absolute file offset.
 
-    Data order is offsets, then (version 2) rotation, then (int8) bias and scale, then values:
-    largest alignment first, so every tensor starts at a multiple of its itemsize (the header is
-    padded to 8 bytes). ``rotated`` writes a version 2 header with a (D, D) ``rotation``.
+    The layout is :func:`table_layout`'s; ``rotated`` adds a (D, D) ``rotation``, ``row_length``
+    drops ``offsets`` (every row has that length).
     """
-    n = num_embeddings
-    entries: list[tuple[str, str, tuple[int, ...]]] = [("offsets", "I64", (n + 1,))]
-    if rotated:
-        entries.append(("rotation", "F32", (embedding_dim, embedding_dim)))
-    if dtype == "int8":
-        entries += [("bias", "F32", (n,)), ("scale", "F32", (n,))]
-    entries.append(("values", CODE_OF[PACKED_DTYPES[dtype]], (num_values,)))
-    metadata = _metadata(n, embedding_dim, dtype, field, source_dtype, source_sha256, rotated)
+    entries = table_layout(
+        num_embeddings, embedding_dim, num_values, dtype, rotated, row_length
+    )
+    metadata = _metadata(
+        num_embeddings, embedding_dim, dtype, field, source_dtype, source_sha256, row_length
+    )
     return encode_header(entries, metadata)
 
 
@@ -165,11 +283,11 @@ def _metadata(
     field: str,
     source_dtype: str,
     source_sha256: str,
-    rotated: bool = False,
+    row_length: int | None = None,
 ) -> dict[str, str]:
-    return {
+    meta = {
         "format": FORMAT_NAME,
-        "format_version": ROTATED_FORMAT_VERSION if rotated else FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "field": field,
         "num_embeddings": str(n),
         "embedding_dim": str(embedding_dim),
@@ -177,6 +295,9 @@ def _metadata(
         "source_dtype": source_dtype,
         "source_sha256": source_sha256,
     }
+    if row_length is not None:
+        meta[ROW_LENGTH_KEY] = str(row_length)
+    return meta
 
 
 def source_digest(weight: torch.Tensor) -> str:
@@ -201,19 +322,29 @@ def write_packed_table(
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     rotation: torch.Tensor | None = None,
-) -> None:
-    """Write an in-memory packed table to ``path`` atomically (``pack`` streams instead).
+) -> TableBytes:
+    """Write an in-memory packed table to ``path`` atomically, as format version 3 (``pack``
+    streams instead).
+
+    Takes the in-memory form :func:`read_packed_table` returns, so a table read back writes the
+    same bytes: the writer stores ``offsets`` as uint32 (int64 from 2**32 values) or, when every
+    row has one length, as ``row_length`` metadata, and ``scale``/``bias`` as float16.
 
     Args:
         path: output ``.safetensors`` file.
-        values: (S,) float32/float16/bfloat16/int8, the rows' kept prefixes back to back.
+        values: (S,) float32/float16/bfloat16/int8, the rows' kept prefixes back to back; or
+            int4: (ceil(S / 2),) uint8 codes two a byte (``quantize.pack_nibbles``).
         offsets: (N + 1,) int64 row boundaries (see module docstring).
         embedding_dim: D.
         field: module path stored as ``field`` metadata.
         source_sha256: hex SHA-256 of the source table (:func:`source_digest`).
         source_dtype: dtype name of the source table.
-        scale, bias: (N,) float32, required for int8 and forbidden otherwise.
-        rotation: (D, D) float32 applied after re-padding; writes a version 2 file.
+        scale, bias: (N,) float16 (or float32 holding float16 values exactly), required for
+            int8/int4 and forbidden otherwise.
+        rotation: (D, D) float32 applied after re-padding.
+
+    Returns:
+        The written table's bytes by part.
 
     Raises:
         PackedFormatError: the tensors would violate docs/format.md.
@@ -222,33 +353,52 @@ def write_packed_table(
     dtype = next((k for k, v in PACKED_DTYPES.items() if v == values.dtype), None)
     if dtype is None:
         raise PackedFormatError(
-            f"`values` for `{path}` has dtype {values.dtype}; use one of {sorted(PACKED_DTYPES)}"
+            f"`values` for `{path}` has dtype {values.dtype}; use one of "
+            f"{sorted(str(v) for v in PACKED_DTYPES.values())}"
         )
-    n = offsets.numel() - 1
-    tensors = {"values": values, "offsets": offsets}
-    if scale is not None:
-        tensors["scale"] = scale
-    if bias is not None:
-        tensors["bias"] = bias
-    rotated = rotation is not None
-    if rotation is not None:
-        tensors["rotation"] = rotation
-    metadata = _metadata(
-        max(n, 0), embedding_dim, dtype, field, source_dtype, source_sha256, rotated
-    )
 
     def fail(problem: str) -> PackedFormatError:
         return PackedFormatError(f"cannot write `{path}`: {problem}; fix the tensors passed in")
 
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 1:
+        raise fail(f"`offsets` is {offsets.dtype}{list(offsets.shape)}, expected int64 [N + 1]")
+    n = offsets.numel() - 1
+    num_values = int(offsets[-1])
+    lengths = offsets[1:] - offsets[:-1]
+    length = uniform_length(lengths)
+    if length is not None and (int(offsets[0]) != 0 or not 1 <= length <= embedding_dim):
+        length = None  # not a valid table: the offsets checks below name the problem
+    tensors = {"values": values}
+    if length is None:
+        fits = index_code(num_values) == "U32" and int(offsets.min()) >= 0
+        # Invalid offsets stay int64 (no wrap-around) so that the checks report them as they are.
+        tensors["offsets"] = offsets.to(torch.uint32) if fits else offsets
+    for name, param in (("scale", scale), ("bias", bias)):
+        if param is None:
+            continue
+        half = param.to(torch.float16)
+        if param.dtype != torch.float16 and not torch.equal(half.to(param.dtype), param):
+            raise fail(f"`{name}` holds values that are not float16; version 3 stores it in "
+                       "float16 (encode with `quantize.int8_encode` / `int4_encode`)")
+        tensors[name] = half
+    if rotation is not None:
+        tensors["rotation"] = rotation
+    metadata = _metadata(
+        max(n, 0), embedding_dim, dtype, field, source_dtype, source_sha256, length
+    )
     validate_tensors(tensors, metadata, fail)
     prefix, starts = table_header(
-        n, embedding_dim, values.numel(), dtype, field, source_dtype, source_sha256, rotated
+        n, embedding_dim, num_values, dtype, field, source_dtype, source_sha256,
+        rotation is not None, length,
     )
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(prefix)
         for name in sorted(starts, key=starts.__getitem__):
             tensor = tensors[name].detach().contiguous().cpu().reshape(-1)
             f.write(tensor.view(torch.uint8).numpy().tobytes())
+    return table_bytes(
+        {name: t.numel() * t.element_size() for name, t in tensors.items()}, n, embedding_dim
+    )
 
 
 def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> PackedTable:
@@ -258,11 +408,13 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
         path: a ``.safetensors`` file written by ``pack`` / :func:`write_packed_table`.
         mmap: map ``values`` from the file (tables larger than RAM stay on disk until rows are
             looked up); ``False`` reads it into memory. ``offsets``/``scale``/``bias`` (O(N)) are
-            always read into memory, since validating them touches every element anyway.
+            always read into memory (and widened), since validating them touches every element
+            anyway.
 
     Returns:
-        The table; ``values`` (S,), ``offsets`` (N + 1,) int64, ``scale``/``bias`` (N,) float32
-        for int8.
+        The table in the in-memory form of every version (docs/format.md, "Reading"): ``values``
+        as stored ((S,), or (ceil(S / 2),) uint8 for int4), ``offsets`` (N + 1,) int64,
+        ``scale``/``bias`` (N,) float32 for int8/int4.
 
     Raises:
         PackedFormatError: (one line naming ``path``) on every violation listed in docs/format.md,
@@ -276,7 +428,7 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
 
     meta = header.metadata
     validate_metadata(meta, fail)
-    expected = expected_tensors(meta)
+    expected = expected_tensors(meta, header.tensors.keys())
     missing = sorted(expected - header.tensors.keys())
     if missing:
         raise fail(f"missing tensor(s) {', '.join(f'`{m}`' for m in missing)}")
@@ -293,16 +445,18 @@ def read_packed_table(path: str | os.PathLike[str], mmap: bool = True) -> Packed
     }
     entry = header.tensors["values"]
     tensors["values"] = map_tensor(path, entry) if mmap else read_tensor(path, entry)
-    validate_data(tensors, meta, fail)
+    tensors = validate_data(tensors, meta, fail)  # also widens them to the in-memory form
+    n, d = int(meta["num_embeddings"]), int(meta["embedding_dim"])
     return PackedTable(
         values=tensors["values"],
         offsets=tensors["offsets"],
         scale=tensors.get("scale"),
         bias=tensors.get("bias"),
-        num_embeddings=int(meta["num_embeddings"]),
-        embedding_dim=int(meta["embedding_dim"]),
+        num_embeddings=n,
+        embedding_dim=d,
         dtype=meta["dtype"],
         field=meta["field"],
         metadata=meta,
         rotation=tensors.get("rotation"),
+        stored=table_bytes({name: e.nbytes for name, e in header.tensors.items()}, n, d),
     )

@@ -13,12 +13,16 @@ from typing import Any
 
 from amtl_compress._io import atomic_write_text
 from amtl_compress.errors import PackedFormatError
+from amtl_compress.storage.format import TableBytes
 from amtl_compress.storage.quantize import PACKED_DTYPES
 
 MANIFEST_NAME = "manifest.json"
 REST_NAME = "rest.safetensors"
 MODEL_FORMAT_NAME = "amtl-packed-model"
-MODEL_FORMAT_VERSION = 1
+#: The manifest version writers write: version 1 plus each table's ``bytes``.
+MODEL_FORMAT_VERSION = 2
+#: Manifest versions this reader accepts.
+MODEL_FORMAT_VERSIONS = (1, 2)
 KINDS = ("Embedding", "EmbeddingBag")
 _FIX = "re-create the directory with `pack`"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -38,6 +42,8 @@ class ManifestTable:
         embedding_dim: D.
         dtype: packed dtype name.
         sha256: hex SHA-256 of the whole file.
+        bytes: the table's bytes by part (docs/format.md, "Byte accounting"); None in a
+            version 1 manifest.
     """
 
     file: str
@@ -46,6 +52,7 @@ class ManifestTable:
     embedding_dim: int
     dtype: str
     sha256: str
+    bytes: TableBytes | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class Manifest:
                     "embedding_dim": t.embedding_dim,
                     "dtype": t.dtype,
                     "sha256": t.sha256,
+                    **({"bytes": t.bytes.to_json()} if t.bytes is not None else {}),
                 }
                 for path, t in sorted(self.tables.items())
             },
@@ -137,10 +145,11 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise fail("not a JSON object")
     if doc.get("format") != MODEL_FORMAT_NAME:
         raise fail(f"`format` is {doc.get('format')!r}, expected `{MODEL_FORMAT_NAME}`")
-    if doc.get("format_version") != MODEL_FORMAT_VERSION:
+    version = doc.get("format_version")
+    if not _is_int(version) or version not in MODEL_FORMAT_VERSIONS:
         raise fail(
-            f"`format_version` {doc.get('format_version')!r} is not supported (this "
-            f"amtl-compress reads {MODEL_FORMAT_VERSION}; a later release wrote it)"
+            f"`format_version` {version!r} is not supported (this amtl-compress reads "
+            f"{', '.join(map(str, MODEL_FORMAT_VERSIONS))}; a later release wrote it)"
         )
     if "model" not in doc:
         raise fail("`model` (the model spec) is missing")
@@ -149,7 +158,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise fail("`tables` is missing or not an object")
     parsed: dict[str, ManifestTable] = {}
     for module_path, entry in tables.items():
-        parsed[module_path] = _parse_table(module_path, entry, directory, fail)
+        parsed[module_path] = _parse_table(module_path, entry, directory, fail, version)
     rest = doc.get("rest")
     if not isinstance(rest, dict):
         raise fail("`rest` is missing or not an object")
@@ -164,7 +173,11 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
 
 
 def _parse_table(
-    module_path: str, entry: Any, directory: Path, fail: Callable[[str], PackedFormatError]
+    module_path: str,
+    entry: Any,
+    directory: Path,
+    fail: Callable[[str], PackedFormatError],
+    version: int = MODEL_FORMAT_VERSION,
 ) -> ManifestTable:
     where = f"`tables.{module_path}`"
     if not module_path or not isinstance(entry, dict):
@@ -182,7 +195,25 @@ def _parse_table(
     sha = entry.get("sha256")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise fail(f"{where}.sha256 is not 64 lowercase hex digits")
-    return ManifestTable(file, kind, n, d, dtype, sha)
+    stored = _parse_bytes(entry.get("bytes"), where, fail) if version >= 2 else None
+    return ManifestTable(file, kind, n, d, dtype, sha, stored)
+
+
+def _parse_bytes(raw: Any, where: str, fail: Callable[[str], PackedFormatError]) -> TableBytes:
+    """A version 2 table's ``bytes``: non-negative integer parts, ``total`` their sum.
+
+    N and D are checked against the table file by the directory reader, so ``dense`` is not
+    checked against them here."""
+    parts = ("values", "index", "row_metadata", "rotation", "total", "dense")
+    if not isinstance(raw, dict) or not all(_is_int(raw.get(k)) and raw[k] >= 0 for k in parts):
+        raise fail(f"{where}.bytes needs non-negative integers {', '.join(parts)}")
+    stored = TableBytes(raw["values"], raw["index"], raw["row_metadata"], raw["rotation"],
+                        raw["dense"])
+    if raw["total"] != stored.total:
+        raise fail(f"{where}.bytes does not add up (`total` must be the sum of the parts)")
+    if not isinstance(raw.get("ratio"), (int, float)) or isinstance(raw.get("ratio"), bool):
+        raise fail(f"{where}.bytes.ratio is not a number")
+    return stored
 
 
 def _parse_file(

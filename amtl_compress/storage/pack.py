@@ -49,20 +49,23 @@ def pack(
     """Pack every AMTL table of a run directory into ``out_dir`` (docs/format.md).
 
     Tables are the keys of ``run_dir/lengths.safetensors``; their ``<path>.weight`` tensors in
-    ``model.safetensors`` become ``<path>.safetensors`` files (with ``<path>.rotation``, if the
-    run used dimension ordering, as the file's ``rotation``: format version 2); every other
-    tensor goes to ``rest.safetensors``; ``manifest.json`` is written last. The directory is
+    ``model.safetensors`` become ``<path>.safetensors`` files of format version 3 (with
+    ``<path>.rotation``, if the run used dimension ordering, as the file's ``rotation``); every
+    other tensor goes to ``rest.safetensors``; ``manifest.json`` (with each table's bytes by
+    part) is written last. The directory is
     built as a hidden temporary sibling and renamed into place only when complete.
 
     Args:
         run_dir: directory written by ``finetune`` (docs/design.md).
         out_dir: packed directory to create.
-        dtype: ``float32`` (exact), ``float16``, ``bfloat16`` or ``int8`` (per-row affine).
+        dtype: ``float32`` (exact), ``float16``, ``bfloat16``, ``int8`` or ``int4`` (per-row
+            affine codes with float16 scale and bias; int4 stores two values a byte).
         overwrite: replace an existing ``out_dir`` (only once the new one is complete).
         progress: tqdm bar per table on stderr (rows).
 
     Returns:
-        Per-table sizes and ratios plus totals.
+        Per-table bytes by part (values / index / per-row metadata / rotation), ratios to the
+        dense float32 tables, and totals.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is false.
@@ -112,6 +115,7 @@ def pack(
                     r.field: ManifestTable(
                         file=files[r.field], kind=kinds[r.field], num_embeddings=r.rows,
                         embedding_dim=r.embedding_dim, dtype=dtype, sha256=r.sha256,
+                        bytes=r.stored,
                     )
                     for r in reports
                 },

@@ -1,4 +1,4 @@
-"""What :func:`~amtl_compress.storage.pack.pack` reports: sizes per table and in total."""
+"""What :func:`~amtl_compress.storage.pack.pack` reports: bytes per table, by part, and in total."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amtl_compress._text import format_table
+from amtl_compress.storage.format import TableBytes
 
 
 @dataclass(frozen=True)
@@ -17,9 +18,8 @@ class TableReport:
         rows: N.
         embedding_dim: D.
         avg_kept: mean kept length sum(L_i) / N (values per row).
-        bytes_before: N * D * 4, the dense float32 table.
-        bytes_after: bytes of values + offsets (+ scale and bias for int8, + the D x D rotation
-            of a version 2 table), header excluded.
+        stored: the file's bytes by part (values / index / per-row metadata / rotation, header
+            excluded) and the dense float32 bytes N * D * 4 (docs/format.md, "Byte accounting").
         dtype: packed dtype name.
         file: the written file.
         sha256: hex SHA-256 of the written file.
@@ -30,17 +30,26 @@ class TableReport:
     rows: int
     embedding_dim: int
     avg_kept: float
-    bytes_before: int
-    bytes_after: int
+    stored: TableBytes
     dtype: str
     file: Path
     sha256: str
     source_sha256: str
 
     @property
+    def bytes_before(self) -> int:
+        """N * D * 4, the dense float32 table."""
+        return self.stored.dense
+
+    @property
+    def bytes_after(self) -> int:
+        """The packed table's bytes: values + index + per-row metadata + rotation."""
+        return self.stored.total
+
+    @property
     def ratio(self) -> float:
         """bytes_after / bytes_before (1.0 for an empty table)."""
-        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+        return self.stored.ratio
 
 
 @dataclass(frozen=True)
@@ -52,33 +61,40 @@ class PackReport:
     tables: list[TableReport] = field(default_factory=list)
 
     @property
+    def stored(self) -> TableBytes:
+        """The tables' bytes by part, summed."""
+        return sum((t.stored for t in self.tables), TableBytes(0, 0, 0, 0, 0))
+
+    @property
     def bytes_before(self) -> int:
         """Sum of the tables' dense float32 bytes."""
-        return sum(t.bytes_before for t in self.tables)
+        return self.stored.dense
 
     @property
     def bytes_after(self) -> int:
         """Sum of the tables' packed bytes."""
-        return sum(t.bytes_after for t in self.tables)
+        return self.stored.total
 
     @property
     def ratio(self) -> float:
         """bytes_after / bytes_before over all tables."""
-        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+        return self.stored.ratio
 
     def format_table(self) -> str:
         """A plain-text table (one row per table, then the total) for printing."""
-        rows = [["table", "rows", "D", "avg kept", "dense fp32", f"packed {self.dtype}", "ratio"]]
+        rows = [["table", "rows", "D", "avg kept", "dense fp32", "values", "index", "row meta",
+                 "rotation", f"packed {self.dtype}", "ratio"]]
         for t in self.tables:
-            rows.append([
-                t.field, f"{t.rows:,}", str(t.embedding_dim), f"{t.avg_kept:.2f}",
-                _human(t.bytes_before), _human(t.bytes_after), f"{t.ratio:.1%}",
-            ])
-        rows.append([
-            "total", f"{sum(t.rows for t in self.tables):,}", "", "",
-            _human(self.bytes_before), _human(self.bytes_after), f"{self.ratio:.1%}",
-        ])
+            rows.append([t.field, f"{t.rows:,}", str(t.embedding_dim), f"{t.avg_kept:.2f}",
+                         *_parts(t.stored)])
+        rows.append(["total", f"{sum(t.rows for t in self.tables):,}", "", "",
+                     *_parts(self.stored)])
         return format_table(rows, rules_after=(0, len(rows) - 2))
+
+
+def _parts(b: TableBytes) -> list[str]:
+    return [_human(b.dense), _human(b.values), _human(b.index), _human(b.row_metadata),
+            _human(b.rotation), _human(b.total), f"{b.ratio:.1%}"]
 
 
 def _human(n: int) -> str:

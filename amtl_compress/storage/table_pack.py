@@ -4,8 +4,10 @@ The table is read from a safetensors file in row chunks with plain file reads (n
 resident memory stays bounded however large the table), row i is cut to its first L_i values
 (Eq. 1), encoded (storage/quantize.py) and appended to the output file, whose safetensors header
 was computed up front from the lengths (storage/format.py). Peak memory is a few chunks
-(``chunk_bytes`` each) plus O(N) for lengths, offsets and int8 scale/bias. One helper thread
-reads and hashes the source ahead of the encoder (``_ChunkReader``).
+(``chunk_bytes`` each) plus O(N) for lengths, offsets and int8/int4 scale/bias. One helper
+thread reads and hashes the source ahead of the encoder (``_ChunkReader``). The file is format
+version 3: a uint32 row index (none when every row has one length), float16 int8/int4
+parameters, int4 codes two a byte.
 """
 
 from __future__ import annotations
@@ -25,12 +27,29 @@ from tqdm.auto import tqdm
 
 from amtl_compress._io import atomic_path
 from amtl_compress.errors import PackedFormatError, RunDirError
-from amtl_compress.storage.format import SOURCE_DTYPES, kept_values, table_header
+from amtl_compress.storage.format import (
+    SOURCE_DTYPES,
+    kept_values,
+    table_bytes,
+    table_header,
+    table_layout,
+    uniform_length,
+)
 from amtl_compress.storage.header import DTYPES, read_header
 from amtl_compress.storage.manifest import file_sha256
-from amtl_compress.storage.quantize import PACKED_DTYPES, cast_values, int8_encode
+from amtl_compress.storage.quantize import (
+    FLOAT16_MAX,
+    PACKED_DTYPES,
+    QUANTIZED,
+    cast_values,
+    int4_encode,
+    int8_encode,
+    pack_nibbles,
+    params_overflow,
+)
 from amtl_compress.storage.report import TableReport
 from amtl_compress.storage.source import RUN_FIX, check_lengths
+from amtl_compress.storage.validate import index_code
 
 #: Source bytes read per chunk. Working memory is a small multiple of this (float32 copy, mask,
 #: encoded prefixes), so 32 MiB keeps the peak near 200 MB while amortising per-chunk overhead.
@@ -54,20 +73,20 @@ def pack_table(
     Row i keeps exactly ``rows[i, :lengths[i]]`` (Eq. 1); its tail is dropped. Rows are read
     ``chunk_bytes`` at a time with plain reads. The output header (every size follows from
     ``lengths``) is written first with a placeholder ``source_sha256``, the values are appended
-    chunk by chunk, then the header (and int8 bias/scale) are filled in.
+    chunk by chunk, then the header (and int8/int4 bias/scale) are filled in.
 
     Args:
         source_path: safetensors file holding the dense table.
         tensor_name: the table's key in it (``<module path>.weight``).
         lengths: (N,) int64 kept lengths in [1, D].
         out_path: packed table file to write.
-        dtype: packed dtype name (``float32``, ``float16``, ``bfloat16``, ``int8``).
+        dtype: packed dtype name (``float32``, ``float16``, ``bfloat16``, ``int8``, ``int4``).
         field: module path stored in the file's metadata.
         chunk_bytes: source bytes per chunk (at least one row per chunk); default
             ``DEFAULT_CHUNK_BYTES``.
         progress: tqdm bar on stderr counting rows.
         rotation: float32 (D, D) the lookups apply after re-padding (dimension ordering); the
-            file becomes format version 2 and its size grows by D * D * 4 bytes.
+            file stores it as ``rotation`` and its size grows by D * D * 4 bytes.
 
     Raises:
         RunDirError: the source tensor is missing, not a 2-D float table, does not match
@@ -92,6 +111,7 @@ def pack_table(
     offsets = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
     num_values = int(offsets[-1])
+    row_length = uniform_length(lengths)
     rotated = rotation is not None
     if rotation is not None and (
         tuple(rotation.shape) != (d, d) or rotation.dtype != torch.float32
@@ -102,18 +122,19 @@ def pack_table(
             f"float32[{d}, {d}]; {RUN_FIX}"
         )
     prefix, starts = table_header(
-        n, d, num_values, dtype, field, source_dtype, "0" * 64, rotated
+        n, d, num_values, dtype, field, source_dtype, "0" * 64, rotated, row_length
     )
 
     torch_src, np_src = DTYPES[entry.dtype]
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     chunk_rows = max(1, chunk_bytes // max(1, d * np_src.itemsize))
     digest = hashlib.sha256()
-    # int8 scale/bias (N,) are filled in place: a list of chunks joined by torch.cat would hold
-    # them twice at the end, and torch's small ops stall on a busy core (see _check_int8_range).
-    quantized = dtype == "int8"
-    scales = np.empty(n if quantized else 0, dtype=np.float32)
+    # int8/int4 scale/bias (N,) are filled in place: a list of chunks joined by torch.cat would
+    # hold them twice at the end, and torch's small ops stall on a busy core.
+    quantized = dtype in QUANTIZED
+    scales = np.empty(n if quantized else 0, dtype=np.float16)
     biases = np.empty_like(scales)
+    nibbles = _NibbleWriter() if dtype == "int4" else None
     bar = tqdm(
         total=n, desc=field, unit="row", unit_scale=True, file=sys.stderr,
         disable=not progress, dynamic_ncols=True,
@@ -125,11 +146,13 @@ def pack_table(
         _ChunkReader(source_path, entry.offset, n, d, np_src, chunk_rows, digest) as chunks,
     ):
         out.write(prefix)
-        out.write(_as_bytes(offsets))
+        if row_length is None:
+            index = offsets.to(torch.uint32) if index_code(num_values) == "U32" else offsets
+            out.write(_as_bytes(index))
         if rotation is not None:
             out.seek(starts["rotation"])
             out.write(_as_bytes(rotation.contiguous()))
-        out.seek(starts["values"])  # int8 bias/scale go in this gap once every row is encoded
+        out.seek(starts["values"])  # int8/int4 bias/scale go in this gap once every row is encoded
         for start, view in chunks:
             stop = start + view.size // d
             rows = torch.from_numpy(view).view(torch_src).reshape(stop - start, d)
@@ -137,8 +160,10 @@ def pack_table(
             if scale is not None and bias is not None:
                 scales[start:stop] = scale.numpy()
                 biases[start:stop] = bias.numpy()
-            out.write(_as_bytes(encoded))
+            out.write(nibbles.add(encoded) if nibbles is not None else _as_bytes(encoded))
             bar.update(stop - start)
+        if nibbles is not None:
+            out.write(nibbles.finish())
         if quantized:
             out.seek(starts["bias"])
             out.write(biases)
@@ -146,7 +171,7 @@ def pack_table(
             out.write(scales)
         source_sha256 = digest.hexdigest()  # complete: the reader hashed every chunk it gave
         final_prefix, _ = table_header(
-            n, d, num_values, dtype, field, source_dtype, source_sha256, rotated
+            n, d, num_values, dtype, field, source_dtype, source_sha256, rotated, row_length
         )
         if len(final_prefix) != len(prefix):  # the digest has a fixed width; guard the invariant
             raise RuntimeError("packed header changed size after hashing")
@@ -154,20 +179,39 @@ def pack_table(
         out.write(final_prefix)
         out.flush()
 
-    values_bytes = num_values * PACKED_DTYPES[dtype].itemsize
-    side_bytes = (8 * n if dtype == "int8" else 0) + (4 * d * d if rotated else 0)
     return TableReport(
         field=field,
         rows=n,
         embedding_dim=d,
         avg_kept=num_values / n if n else 0.0,
-        bytes_before=n * d * 4,
-        bytes_after=values_bytes + 8 * (n + 1) + side_bytes,
+        stored=table_bytes(table_layout(n, d, num_values, dtype, rotated, row_length), n, d),
         dtype=dtype,
         file=out_path,
         sha256=file_sha256(out_path),
         source_sha256=source_sha256,
     )
+
+
+class _NibbleWriter:
+    """int4 codes of successive chunks -> bytes, two codes a byte across chunk boundaries.
+
+    A chunk with an odd number of codes leaves its last code pending; it becomes the low nibble
+    of the next chunk's first byte (code j of the whole stream goes to byte ``j // 2``).
+    """
+
+    def __init__(self) -> None:
+        self.pending = torch.zeros(0, dtype=torch.uint8)
+
+    def add(self, codes: torch.Tensor) -> np.ndarray:
+        """Bytes for the codes so far, all but a trailing odd one."""
+        codes = torch.cat([self.pending, codes]) if self.pending.numel() else codes
+        even = codes.numel() - codes.numel() % 2
+        self.pending = codes[even:].clone()
+        return pack_nibbles(codes[:even]).numpy()
+
+    def finish(self) -> np.ndarray:
+        """The last byte (code in the low nibble, high nibble 0) if a code is pending."""
+        return pack_nibbles(self.pending).numpy()
 
 
 class _ChunkReader:
@@ -227,12 +271,14 @@ class _ChunkReader:
 def _encode(
     rows: torch.Tensor, lengths: torch.Tensor, dtype: str, start: int, field: str
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One chunk: (r, D) source rows -> (encoded kept values, int8 scale, int8 bias)."""
+    """One chunk: (r, D) source rows -> (encoded kept values, scale, bias); int4 gives one code
+    a byte (``_NibbleWriter`` packs them), int8/int4 float16 scale and bias."""
     kept = kept_values(rows.to(torch.float32), lengths)
     _check_finite(kept, lengths, start, field)
-    if dtype == "int8":
-        encoded, scale, bias = int8_encode(kept, lengths)
-        _check_int8_range(scale, start, field)
+    if dtype in QUANTIZED:
+        encode = int8_encode if dtype == "int8" else int4_encode
+        encoded, scale, bias = encode(kept, lengths)
+        _check_params(scale, bias, kept, lengths, start, field, dtype)
         return encoded, scale, bias
     encoded = cast_values(kept, dtype)
     if dtype == "float16" and np.isinf(encoded.numpy()).any():
@@ -284,16 +330,22 @@ def _check_finite(kept: torch.Tensor, lengths: torch.Tensor, start: int, field: 
         )
 
 
-def _check_int8_range(scale: torch.Tensor, start: int, field: str) -> None:
-    # numpy first: torch.isfinite on a chunk's (r,) scales can take 10-30 ms instead of ~0.1 ms
-    # when the other cores are busy (its thread pool waits for a second thread).
-    if np.isfinite(scale.numpy()).all():
-        return
-    bad = (~torch.isfinite(scale)).nonzero()
+def _check_params(
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    kept: torch.Tensor,
+    lengths: torch.Tensor,
+    start: int,
+    field: str,
+    dtype: str,
+) -> None:
+    bad = params_overflow(scale, bias).nonzero()
     if bad.numel():
+        row = int(bad[0, 0])
+        first = int(lengths[:row].sum())
+        span = kept[first : first + int(lengths[row])]
         raise RunDirError(
-            f"table `{field}` row {start + int(bad[0, 0])} spans more than float32 can hold in an "
-            "int8 scale; pack with `dtype=float32` or `dtype=bfloat16`"
+            f"table `{field}` row {start + row} (values in [{span.min().item():.4g}, "
+            f"{span.max().item():.4g}]) needs {dtype} parameters beyond float16's range "
+            f"({FLOAT16_MAX:g}); pack with `dtype=float32` or `dtype=bfloat16`"
         )
-
-

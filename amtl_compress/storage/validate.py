@@ -3,28 +3,33 @@
 Both sides run the same checks: ``write_packed_table`` (storage/format.py) on the tensors it is
 given (:func:`validate_tensors`); ``read_packed_table`` on a file's header
 (:func:`validate_metadata`, :func:`validate_layout`) before reading any data, then on the O(N)
-tensors (:func:`validate_data`). Every check raises the error ``fail`` builds from a one-line
+tensors (:func:`validate_data`, which also widens them to the in-memory form the lookups take).
+Every check raises the error ``fail`` builds from a one-line
 problem, so the caller decides the path and the fix in the message.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
 from amtl_compress.errors import PackedFormatError
 from amtl_compress.storage.header import CODE_OF
 from amtl_compress.storage.offsets import FILE_MIN_LENGTH, offsets_problem
-from amtl_compress.storage.quantize import PACKED_DTYPES
+from amtl_compress.storage.quantize import PACKED_DTYPES, QUANTIZED
 
 FORMAT_NAME = "amtl-packed-table"
-FORMAT_VERSION = "1"
-#: Version of a table that carries a ``rotation`` (dimension ordering, docs/format.md).
+#: The version writers write (docs/format.md): uint32 or no row index, float16 int8/int4
+#: parameters, int4, an optional rotation.
+FORMAT_VERSION = "3"
+#: Version 1: int64 offsets, float32 int8 parameters, no rotation (read, never written).
+LEGACY_FORMAT_VERSION = "1"
+#: Version 2: version 1 plus a ``rotation`` (read, never written).
 ROTATED_FORMAT_VERSION = "2"
 #: Versions this reader accepts.
-FORMAT_VERSIONS = (FORMAT_VERSION, ROTATED_FORMAT_VERSION)
+FORMAT_VERSIONS = (LEGACY_FORMAT_VERSION, ROTATED_FORMAT_VERSION, FORMAT_VERSION)
 #: Metadata keys every packed table carries (all values are strings).
 REQUIRED_METADATA = (
     "format",
@@ -36,6 +41,10 @@ REQUIRED_METADATA = (
     "source_dtype",
     "source_sha256",
 )
+#: Version 3's optional metadata key: every row has this length and the file stores no offsets.
+ROW_LENGTH_KEY = "row_length"
+#: A version 3 row index is uint32 below this many values, int64 from it on.
+UINT32_INDEX_LIMIT = 2**32
 _DECIMAL = re.compile(r"(0|[1-9][0-9]*)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: Dtypes a source table may have (``source_dtype``); it is converted to float32 before encoding.
@@ -53,12 +62,36 @@ MAX_EMBEDDING_DIM = 65536
 FIX = "re-create it with `pack`"
 
 
-def expected_tensors(meta: dict[str, str]) -> set[str]:
-    """Names of the tensors a table with metadata ``meta`` holds (int8 and version 2 add some)."""
-    expected = {"values", "offsets"}
-    if meta["dtype"] == "int8":
+def index_code(num_values: int) -> str:
+    """The dtype code of a version 3 ``offsets`` for S = ``num_values``: U32, or I64 from 2**32."""
+    return "U32" if num_values < UINT32_INDEX_LIMIT else "I64"
+
+
+def row_length(meta: dict[str, str]) -> int | None:
+    """A version 3 table's ``row_length`` (validated metadata), or None when it has offsets."""
+    if meta["format_version"] != FORMAT_VERSION or ROW_LENGTH_KEY not in meta:
+        return None
+    return int(meta[ROW_LENGTH_KEY])
+
+
+def stored_count(num_values: int, dtype: str) -> int:
+    """Elements of ``values`` holding S = ``num_values`` values (int4: two a byte)."""
+    return (num_values + 1) // 2 if dtype == "int4" else num_values
+
+
+def expected_tensors(meta: dict[str, str], present: Collection[str] = ()) -> set[str]:
+    """Names of the tensors a table with metadata ``meta`` must hold.
+
+    ``present`` (the names the file or the writer has) decides only the optional ``rotation`` of
+    version 3.
+    """
+    version = meta["format_version"]
+    expected = {"values"}
+    if row_length(meta) is None:
+        expected.add("offsets")
+    if meta["dtype"] in QUANTIZED:
         expected |= {"scale", "bias"}
-    if meta["format_version"] == ROTATED_FORMAT_VERSION:
+    if version == ROTATED_FORMAT_VERSION or (version == FORMAT_VERSION and "rotation" in present):
         expected.add("rotation")
     return expected
 
@@ -68,9 +101,10 @@ def validate_tensors(
     meta: dict[str, str],
     fail: Callable[[str], PackedFormatError],
 ) -> None:
-    """All checks of docs/format.md on in-memory tensors (the writer's side)."""
+    """All checks of docs/format.md on in-memory tensors as they will be stored (the writer's
+    side)."""
     validate_metadata(meta, fail)
-    expected = expected_tensors(meta)
+    expected = expected_tensors(meta, tensors.keys())
     if tensors.keys() != expected:
         raise fail(f"tensors must be exactly {sorted(expected)}, got {sorted(tensors)}")
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -86,15 +120,17 @@ def validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatEr
         raise fail(f"metadata key(s) {', '.join(f'`{k}`' for k in missing)} missing")
     if meta["format"] != FORMAT_NAME:
         raise fail(f"metadata `format` is `{meta['format']}`, expected `{FORMAT_NAME}`")
-    if meta["format_version"] not in FORMAT_VERSIONS:
+    version = meta["format_version"]
+    if version not in FORMAT_VERSIONS:
         raise fail(
-            f"format_version `{meta['format_version']}` is not supported (this amtl-compress "
+            f"format_version `{version}` is not supported (this amtl-compress "
             f"reads versions {', '.join(FORMAT_VERSIONS)}; a later release wrote it)"
         )
     for key in ("num_embeddings", "embedding_dim"):
         if not _DECIMAL.fullmatch(meta[key]):
             raise fail(f"metadata `{key}` is `{meta[key]}`, not a non-negative decimal integer")
-    if not 1 <= int(meta["embedding_dim"]) <= MAX_EMBEDDING_DIM:
+    d = int(meta["embedding_dim"])
+    if not 1 <= d <= MAX_EMBEDDING_DIM:
         raise fail(
             f"metadata `embedding_dim` is {meta['embedding_dim']}, must be in "
             f"[1, {MAX_EMBEDDING_DIM}]"
@@ -103,6 +139,8 @@ def validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatEr
         raise fail(
             f"metadata `dtype` is `{meta['dtype']}`, expected one of {sorted(PACKED_DTYPES)}"
         )
+    if meta["dtype"] == "int4" and version != FORMAT_VERSION:
+        raise fail(f"metadata `dtype` is `int4`, which format_version `{version}` does not have")
     if meta["source_dtype"] not in SOURCE_DTYPES:
         raise fail(
             f"metadata `source_dtype` is `{meta['source_dtype']}`, "
@@ -112,6 +150,13 @@ def validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatEr
         raise fail("metadata `field` is empty")
     if not _SHA256.fullmatch(meta["source_sha256"]):
         raise fail("metadata `source_sha256` is not 64 lowercase hex digits")
+    if version == FORMAT_VERSION and ROW_LENGTH_KEY in meta:
+        raw = meta[ROW_LENGTH_KEY]
+        if not _DECIMAL.fullmatch(raw) or not 1 <= int(raw) <= d:
+            raise fail(
+                f"metadata `{ROW_LENGTH_KEY}` is `{raw}`, must be a decimal integer in "
+                f"[1, embedding_dim={d}]"
+            )
 
 
 def validate_layout(
@@ -122,48 +167,106 @@ def validate_layout(
 ) -> None:
     """Dtypes and shapes of every tensor against the metadata (no data needed)."""
     n = int(meta["num_embeddings"])
-    values_code = CODE_OF[PACKED_DTYPES[meta["dtype"]]]
+    dtype = meta["dtype"]
+    values_code = CODE_OF[PACKED_DTYPES[dtype]]
     if codes["values"] != values_code:
         raise fail(f"tensor `values` has dtype {codes['values']}, metadata says {values_code}")
     if len(shapes["values"]) != 1:
         raise fail(f"tensor `values` has shape {list(shapes['values'])}, must be 1-D")
     d = int(meta["embedding_dim"])
-    want = {
-        "offsets": ("I64", (n + 1,)),
-        "scale": ("F32", (n,)),
-        "bias": ("F32", (n,)),
-        "rotation": ("F32", (d, d)),
+    legacy = meta["format_version"] != FORMAT_VERSION
+    param = "F32" if legacy else "F16"
+    want: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+        "offsets": (("I64",) if legacy else ("U32", "I64"), (n + 1,)),
+        "scale": ((param,), (n,)),
+        "bias": ((param,), (n,)),
+        "rotation": (("F32",), (d, d)),
     }
-    for name, (code, shape) in want.items():
+    for name, (allowed, shape) in want.items():
         if name not in shapes:
             continue
-        if codes[name] != code:
-            raise fail(f"tensor `{name}` has dtype {codes[name]}, expected {code}")
+        if codes[name] not in allowed:
+            raise fail(f"tensor `{name}` has dtype {codes[name]}, expected {' or '.join(allowed)}")
         if shapes[name] != shape:
             raise fail(
                 f"tensor `{name}` has shape {list(shapes[name])}, expected {list(shape)} "
                 f"for num_embeddings {n}"
             )
+    length = row_length(meta)
+    if length is not None:
+        # No offsets to check later: N and the row length alone fix the size of `values`.
+        want_count = stored_count(n * length, dtype)
+        if shapes["values"] != (want_count,):
+            raise fail(
+                f"tensor `values` has shape {list(shapes['values'])}, expected [{want_count}] "
+                f"for num_embeddings {n} x row_length {length}"
+            )
+    # Header-level half of the index rule: a uint32 index cannot reach 2**32 values.
+    if codes.get("offsets") == "U32" and shapes["values"][0] > stored_count(
+        UINT32_INDEX_LIMIT - 1, dtype
+    ):
+        raise fail(
+            f"tensor `offsets` is U32 but `values` holds {shapes['values'][0]} entries; 2**32 "
+            "or more values need I64"
+        )
 
 
 def validate_data(
     tensors: dict[str, torch.Tensor],
     meta: dict[str, str],
     fail: Callable[[str], PackedFormatError],
-) -> None:
-    """The O(N) content checks: the offsets rule with lengths in [1, D] (storage/offsets.py), int8
-    affine parameters finite. ``values`` itself is never scanned (it may be larger than RAM)."""
-    problem = offsets_problem(
-        tensors["offsets"], tensors["values"].numel(), int(meta["embedding_dim"]),
-        min_length=FILE_MIN_LENGTH,
-    )
-    if problem is not None:
-        raise fail(problem)
+) -> dict[str, torch.Tensor]:
+    """The O(N) content checks, on the tensors as stored; returns them in the in-memory form.
+
+    Checks the offsets rule with lengths in [1, D] (storage/offsets.py) against S (for int4,
+    ``ceil(S / 2)`` bytes of ``values``), the version 3 index dtype (I64 only from 2**32 values),
+    finite affine parameters with ``scale >= 0`` and a finite rotation. ``values`` itself is
+    never scanned (it may be larger than RAM).
+
+    Returns:
+        A new dict: ``offsets`` int64 (N + 1,) (widened from uint32, or materialised from
+        ``row_length``), ``scale``/``bias`` float32 (widened from float16, exact), the other
+        tensors as given.
+    """
+    out = dict(tensors)
+    n, d = int(meta["num_embeddings"]), int(meta["embedding_dim"])
+    dtype = meta["dtype"]
+    count = tensors["values"].numel()
+    length = row_length(meta)
+    if length is not None:
+        out["offsets"] = torch.arange(n + 1, dtype=torch.int64) * length  # sizes checked by layout
+    else:
+        stored = tensors["offsets"]
+        offsets = stored if stored.dtype == torch.int64 else stored.to(torch.int64)
+        num_values = count
+        if dtype == "int4":
+            # S is odd or even; the offsets say which, `values` must hold ceil(S / 2) bytes.
+            num_values = int(offsets[-1])
+        problem = offsets_problem(offsets, num_values, d, min_length=FILE_MIN_LENGTH)
+        if problem is not None:
+            raise fail(problem)
+        if dtype == "int4" and stored_count(num_values, dtype) != count:
+            raise fail(
+                f"offsets[N] = {num_values} values need {stored_count(num_values, dtype)} bytes "
+                f"of int4 `values`, which holds {count}"
+            )
+        if (
+            meta["format_version"] == FORMAT_VERSION
+            and stored.dtype == torch.int64
+            and num_values < UINT32_INDEX_LIMIT
+        ):
+            raise fail(
+                f"tensor `offsets` is I64 for {num_values} values; version 3 stores fewer than "
+                "2**32 values with a U32 index"
+            )
+        out["offsets"] = offsets
     if "scale" in tensors:
         scale, bias = tensors["scale"], tensors["bias"]
         if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
             raise fail("tensor `scale` or `bias` holds a non-finite value")
         if (scale < 0).any():
             raise fail("tensor `scale` holds a negative value")
+        out["scale"], out["bias"] = scale.to(torch.float32), bias.to(torch.float32)
     if "rotation" in tensors and not torch.isfinite(tensors["rotation"]).all():
         raise fail("tensor `rotation` holds a non-finite value")
+    return out
