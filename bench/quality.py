@@ -157,9 +157,12 @@ class FixedPrefix(nn.Module):
         return rows if self.rotation is None else rotate_rows(rows, self.rotation)
 
 
-def fit_same_steps(model: nn.Module, data: dict, seed: int, lr: float = LR) -> nn.Module:
+def fit_same_steps(model: nn.Module, data: dict, seed: int, lr: float | None = None
+                   ) -> nn.Module:
     """The task's epochs (EPOCHS for MovieLens) of Adam(lr) on BCE at its batch size, with
-    finetune's batch order; keep the best validation epoch."""
+    finetune's batch order; keep the best validation epoch. ``lr``: the task's fine-tuning lr
+    (``data["lr"]``, else finetune's default)."""
+    lr = lr if lr is not None else data.get("lr", LR)
     torch.manual_seed(seed)
     train, valid = data.get("ft_train", data["train"]), data["valid"]
     epochs, batch = data.get("epochs", EPOCHS), data.get("batch", BATCH)
@@ -493,11 +496,19 @@ def prepare_synthetic(seed: int, work: Path, tiny: bool, reuse: bool = False) ->
     }
 
 
-def run_synthetic_seed(seed: int, work: Path, tiny: bool) -> tuple[list[dict], dict]:
-    """Every method on one seed of the planted task; returns (rows, AMTL length groups)."""
+def run_synthetic_seed(seed: int, work: Path, tiny: bool, recipe: dict | None = None
+                       ) -> tuple[list[dict], dict]:
+    """Every method on one seed of the planted task; returns (rows, AMTL length groups).
+
+    ``recipe``: ``{"lr": float | None, "amtl": JSON str of AMTLConfig overrides}``, the fine-tuning
+    lr of every fine-tuned method (None: finetune's default) and AMTL's config."""
     import planted
 
     data = prepare_synthetic(seed, work, tiny)
+    recipe = recipe or {}
+    if recipe.get("lr") is not None:
+        data["lr"] = recipe["lr"]
+    data["amtl"] = AMTLConfig(**json.loads(recipe.get("amtl") or "{}"))
     d, rows, counts = data["dim"], data["rows"], data["counts"]
     dense_values = sum(rows[f] * d for f in FIELDS)
     rot_bytes = len(FIELDS) * d * d * 4
@@ -544,7 +555,8 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool) -> tuple[list[dict], d
         run = finetune(data["base"], data["ft_train_path"], data["ctr"].valid, work / name,
                        FinetuneConfig(fields={f: f for f in FIELDS}, target_ratio=budget,
                                       seed=seed, epochs=data["epochs"], batch_size=data["batch"],
-                                      save_every=10**9),
+                                      save_every=10**9, lr=data.get("lr", LR),
+                                      amtl=data.get("amtl", AMTLConfig())),
                        resume=False, overwrite=True, progress=False).run_dir
         for dtype in ("float32", "int8"):
             out.append(packed_record(data, work, run, dtype, f"AMTL @{budget:g} {dtype}",
@@ -742,6 +754,11 @@ def main() -> None:
                         help="work directory (data, checkpoints, runs, results.json); default "
                         "runs/bench-quality (movielens), runs/bench-quality-synthetic")
     parser.add_argument("--img-dir", type=Path, default=Path("docs/img"))
+    parser.add_argument("--lr", type=float, default=None,
+                        help="synthetic: fine-tuning lr of AMTL, MDE and FBE fine-tuned "
+                             "(default: finetune's)")
+    parser.add_argument("--amtl", default="{}",
+                        help='synthetic: JSON overrides of AMTLConfig, e.g. \'{"price_scale": 4}\'')
     parser.add_argument("--quick", action="store_true",
                         help="movielens: budget 0.4 only, no random-start rows; synthetic: the "
                         "tiny planted sizes (planted.TINY) and one budget per method (a smoke "
@@ -778,7 +795,8 @@ def main_synthetic(args: argparse.Namespace) -> None:
     begin = time.time()
     for seed in range(args.seeds):
         start = time.time()
-        rows, g = run_synthetic_seed(seed, out / f"seed{seed}", args.quick)
+        rows, g = run_synthetic_seed(seed, out / f"seed{seed}", args.quick,
+                                     recipe={"lr": args.lr, "amtl": args.amtl})
         per_seed.append(rows)
         groups.append(g)
         print(f"seed {seed}: {len(rows)} methods in {time.time() - start:.0f} s", file=sys.stderr)
