@@ -187,7 +187,9 @@ def test_frequency_prior_keeps_the_warm_start_and_orders_lengths_under_a_price(
     dim: int, prior: float
 ) -> None:
     counts = torch.cat([torch.zeros(30, dtype=torch.long), (1000 / torch.arange(1, 300)).long()])
-    layer = AMTL(counts, dim, AMTLConfig(frequency_prior=prior))
+    # The prior is divided by the price scale m = exp(gamma (1 - 2 percentile)); prior / m falls
+    # with the count only while gamma <= 0.5, so the prior is tested at that scale.
+    layer = AMTL(counts, dim, AMTLConfig(frequency_prior=prior, price_scale=0.5))
     assert torch.equal(layer.lengths(), torch.full((counts.numel(),), dim))  # exact warm start
     # prior = B (1 - 2 percentile) / m: decreasing in the count, m * prior within (-B, B).
     order = torch.argsort(layer.distinct_counts)

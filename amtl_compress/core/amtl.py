@@ -20,7 +20,7 @@ _CONFIG_VERSIONS = (1, 2)
 #: The last layer of each branch (see :class:`AMTLConfig` ``head``).
 HEADS = ("price", "price_plain", "unit", "plain")
 #: ``AMTLConfig.price_scale``'s default (docs/amtl.md, "Allocation follows frequency").
-PRICE_SCALE = 0.5
+PRICE_SCALE = 2.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ class AMTLConfig:
             row's frequency rank in (0, 1), Sec. 2.2.1), where ``B`` is the largest row price
             at which the full length still wins at price 0. So at attach every row keeps its
             full length (the warm start stays exact), and under a memory budget frequent rows
-            start longer than rare ones; ``slope`` is learned from there. 0 = no prior.
+            start longer than rare ones; ``slope`` is learned from there. 0 = no prior. The
+            prior is divided by the price scale below, and prior / scale falls monotonically
+            with frequency only for ``price_scale`` <= 0.5.
         price_scale: gamma >= 0: the budget's price on a row's length is scaled by
             ``exp(gamma * (1 - 2 * percentile))``, so rare rows pay up to ``e^gamma`` times the
             price and the most frequent ``e^-gamma`` times it. Unlike the prior it has no
