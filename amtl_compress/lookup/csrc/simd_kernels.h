@@ -150,10 +150,21 @@ constexpr int64_t wide_reach(int64_t dim) {
   return dim + NV * Vec::W + (std::is_same_v<T, Int4> ? Vec::W : 0);
 }
 
-// Whether rows of T are converted through a float scratch row (no masked load, no WideRow).
+// Whether rows of T are read with WideRow (and, near the end of `values`, through a float
+// scratch row): no masked load of Vec reads them.
 template <typename T>
-constexpr bool uses_scratch() {
+constexpr bool uses_wide() {
   return !std::is_same_v<T, float> && !Vec::template masked<T>();
+}
+
+// The last row start WideRow may read from (see wide_reach); 0, unused, for other dtypes.
+template <typename T, int NV, typename OffT>
+AMTL_INLINE int64_t wide_limit_of(const Table<T, OffT>& t) {
+  if constexpr (uses_wide<T>()) {
+    return t.num_values - wide_reach<T, NV>(t.dim);
+  } else {
+    return 0;
+  }
 }
 
 // Calls fn(row) for row id (start s, n values) seen from column c0: masked loads in place when
@@ -163,19 +174,22 @@ constexpr bool uses_scratch() {
 template <int kFree, typename T, typename OffT, typename Fn>
 AMTL_INLINE void with_row(const Table<T, OffT>& t, int64_t id, int64_t s, int64_t n, int64_t c0,
                           int64_t wide_limit, float* scratch, Fn&& fn) {
-  float scale = 1.0f, bias = 0.0f;
-  if constexpr (kQuantized<T>) {
-    scale = n > 0 ? t.scale[id] : 0.0f;  // failed ids have n == 0: not indexed
-    bias = n > 0 ? t.bias[id] : 0.0f;
-  }
   if constexpr (std::is_same_v<T, float>) {
     fn(Row<float, kFree>(t.values + s + c0, n - c0));
-  } else if constexpr (Vec::template masked<T>()) {
-    fn(Row<T, kFree>(t.values + s + c0, n - c0, scale, bias));
-  } else if (s <= wide_limit) {
-    fn(WideRow<T, kFree>(t.values, s, n, c0, scale, bias));
   } else {
-    fn(Row<float, std::numeric_limits<int>::max()>(row_floats(t, id, s, n, scratch) + c0, n - c0));
+    float scale = 1.0f, bias = 0.0f;
+    if constexpr (kQuantized<T>) {
+      scale = n > 0 ? t.scale[id] : 0.0f;  // failed ids have n == 0: not indexed
+      bias = n > 0 ? t.bias[id] : 0.0f;
+    }
+    if constexpr (Vec::template masked<T>()) {
+      fn(Row<T, kFree>(t.values + s + c0, n - c0, scale, bias));
+    } else if (s <= wide_limit) {
+      fn(WideRow<T, kFree>(t.values, s, n, c0, scale, bias));
+    } else {
+      fn(Row<float, std::numeric_limits<int>::max()>(row_floats(t, id, s, n, scratch) + c0,
+                                                      n - c0));
+    }
   }
 }
 
@@ -226,8 +240,8 @@ template <int NV, bool kFull, typename T, typename OffT, typename index_t>
 void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begin, int64_t end,
                         float* out, Failures& fail) {
   const int64_t dim = t.dim;
-  std::vector<float> scratch(uses_scratch<T>() ? dim : 0);
-  const int64_t wide_limit = t.num_values - wide_reach<T, NV>(dim);
+  std::vector<float> scratch(uses_wide<T>() ? dim : 0);
+  const int64_t wide_limit = wide_limit_of<T, NV>(t);
   // At most 5 lines (256 bytes, more than the mean row of D = 128 at 37 %): all 9 of D = 128
   // measured the same median and a higher worst cell (bench/lookup.py, 1 thread). Vectors past
   // them point back inside the row.
@@ -292,8 +306,8 @@ void bag_chunk_nv(const Table<T, OffT> t, const BagArgs<index_t> a, int64_t b_be
                   int64_t b_end, float* out, Failures& fail) {
   const int64_t dim = t.dim;
   const int64_t limit = a.bag_start(b_end);
-  std::vector<float> scratch(uses_scratch<T>() ? dim : 0);
-  const int64_t wide_limit = t.num_values - wide_reach<T, NV>(dim);
+  std::vector<float> scratch(uses_wide<T>() ? dim : 0);
+  const int64_t wide_limit = wide_limit_of<T, NV>(t);
   const index_t* input = a.input;
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t s_bag = a.bag_start(b);
