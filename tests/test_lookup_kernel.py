@@ -279,6 +279,22 @@ def test_corrupt_offsets_raise_without_reading_out_of_bounds(isa: str, corrupt: 
         packed_embedding_reference(values, offsets, None, None, ids, 4)
 
 
+@pytest.mark.parametrize("corrupt", [[0, 2, 7], [0, 2, 2**40], [0, 5, 3], [0, 1, 6]])
+def test_corrupt_int4_offsets_raise_without_reading_out_of_bounds(isa: str, corrupt: list) -> None:
+    # 3 bytes hold 6 nibbles: a row ending at nibble 7 is past them.
+    stream, offsets = torch.full((3,), 0x55, dtype=torch.uint8), torch.tensor(corrupt)
+    scale, bias = torch.ones(2), torch.zeros(2)
+    ids = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        ops.packed_embedding(stream, offsets, scale, bias, ids, 4)
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        ops.packed_embedding_bag(stream, offsets, scale, bias, ids, torch.tensor([0, 2]), None,
+                                 "sum", 4, None, False)
+    good = torch.tensor([0, 2, 6])
+    assert ops.packed_embedding(stream, good, scale, bias, ids[:2], 4).tolist() == [
+        [5.0, 5.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]]
+
+
 def test_corrupt_int8_table_never_indexes_scale_with_a_bad_id() -> None:
     q, offsets = torch.ones(6, dtype=torch.int8), torch.tensor([0, 2, 6])
     scale, bias = torch.ones(2), torch.zeros(2)

@@ -75,7 +75,8 @@ struct Vec {
                             const Nibbles& nib) {
     const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + (at >> 1)));
     const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(raw, nib.bytes));
-    const __m256i u = _mm256_and_si256(_mm256_srlv_epi32(bytes, nib.shifts), _mm256_set1_epi32(0xF));
+    const __m256i u =
+        _mm256_and_si256(_mm256_srlv_epi32(bytes, nib.shifts), _mm256_set1_epi32(0xF));
     return keep(affine(_mm256_cvtepi32_ps(u), scale, bias), m);
   }
   static AMTL_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }

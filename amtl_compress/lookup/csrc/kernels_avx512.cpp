@@ -12,8 +12,9 @@ namespace amtl::avx512 {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi2")
 
 // Vec::nibbles' tables, by the parity of a vector's first nibble.
-alignas(16) constexpr uint8_t kNibbleBytes[2][16] = {{0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
-                                                     {0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8}};
+alignas(16) constexpr uint8_t kNibbleBytes[2][16] = {
+    {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
+    {0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8}};
 alignas(64) constexpr int32_t kNibbleShifts[2][16] = {
     {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4},
     {4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0}};
@@ -72,7 +73,8 @@ struct Vec {
                             const Nibbles& nib) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + (at >> 1)));
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(raw, nib.bytes));
-    const __m512i u = _mm512_and_si512(_mm512_srlv_epi32(bytes, nib.shifts), _mm512_set1_epi32(0xF));
+    const __m512i u =
+        _mm512_and_si512(_mm512_srlv_epi32(bytes, nib.shifts), _mm512_set1_epi32(0xF));
     const R q = _mm512_cvtepi32_ps(u);
     return _mm512_maskz_add_ps(m, _mm512_mul_ps(q, _mm512_set1_ps(scale)), _mm512_set1_ps(bias));
   }

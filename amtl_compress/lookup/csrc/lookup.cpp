@@ -251,7 +251,8 @@ void check_table(const at::Tensor& values, const at::Tensor& offsets,
                        "int8 / int4 (uint8) `values` need a contiguous float32 `", label,
                        "` of shape (", rows, ",)");
     } else {
-      TORCH_CHECK_TYPE(!given, "`", label, "` is only used with int8 / int4 (uint8) `values`, got ",
+      TORCH_CHECK_TYPE(!given, "`", label,
+                       "` is only used with int8 / int4 (uint8) `values`, got ",
                        values.scalar_type());
     }
   }
@@ -309,7 +310,8 @@ void dispatch_values(at::ScalarType dtype, at::ScalarType offsets_dtype, bool tr
     case at::kByte:
       return with_offsets(Int4{});
     default:
-      TORCH_CHECK_TYPE(false, "`values` must be float32, float16, bfloat16, int8 or uint8 (int4), got ",
+      TORCH_CHECK_TYPE(false,
+                       "`values` must be float32, float16, bfloat16, int8 or uint8 (int4), got ",
                        dtype);
   }
 }

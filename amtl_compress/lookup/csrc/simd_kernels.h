@@ -33,9 +33,9 @@
 // No include guard and no #include: this file is included once per ISA namespace.
 
 // Row prefix as float32 in `scratch` (n floats), for the rows WideRow may not read (the last ones
-// of a table) on an ISA without masked converting loads for T. The loops are inlined into the ISA region, so they vectorise. float32 (in place) and int8 (q * scale
-// + bias) are table.h's row_as_float; float16 uses F16C and bfloat16 a shift here. n == 0 (and
-// failed ids) read nothing.
+// of a table) on an ISA without masked converting loads for T. The loops are inlined into the ISA
+// region, so they vectorise. float32 (in place), int8 (q * scale + bias) and int4 are table.h's
+// row_as_float; float16 uses F16C and bfloat16 a shift here. n == 0 (and failed ids) read nothing.
 template <typename T, typename OffT>
 AMTL_INLINE const float* row_floats(const Table<T, OffT>& t, int64_t id, int64_t s, int64_t n,
                                     float* scratch) {
