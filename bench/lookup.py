@@ -8,6 +8,7 @@ frequency (frequent rows keep more; mean about 37 % of D), as after AMTL fine-tu
     .venv/bin/python bench/lookup.py            # the full grid (N = 1M, ~10 s on 2 idle cores)
     .venv/bin/python bench/lookup.py --quick    # a small grid for a smoke run
     .venv/bin/python bench/lookup.py --ns-per-id  # ns per id of the bag op, per values dtype
+    .venv/bin/python bench/lookup.py --dtype int4   # the grid with int4 values (torch: float32)
     .venv/bin/python bench/lookup.py --placement  # the same hot ids, consecutive or scattered
     .venv/bin/python bench/lookup.py --round-lengths 16  # every float32 row on a 64-byte line
 """
@@ -93,7 +94,7 @@ def bench_dim(n: int, d: int, batches: tuple[int, ...], dtype: str, repeats: int
     bag = nn.EmbeddingBag.from_pretrained(dense, mode="sum")
     packed = PackedEmbedding(values, offsets, d, scale=scale, bias=bias)
     packed_bag = PackedEmbeddingBag(values, offsets, d, scale=scale, bias=bias, mode="sum")
-    kept = 100 * values.numel() / (n * d)  # kept values, % of the dense table
+    kept = 100 * int(offsets[-1]) / (n * d)  # kept values, % of the dense table
     for dist in ("uniform", "zipf"):
         for b in batches:
             ids = sample_ids(dist, b, rank_to_row, gen)
@@ -113,6 +114,9 @@ def packed_values(dense: Tensor, lengths: Tensor, dtype: str
                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(values, offsets, scale, bias) of a zero-tailed dense table kept to ``lengths``."""
     values, offsets = pack_rows(dense, lengths)
+    if dtype == "int4":
+        stream, scale, bias = int4_values(values, lengths)
+        return stream, offsets, scale, bias
     if dtype != "int8":
         return values.to(getattr(torch, dtype)), offsets, None, None
     # Symmetric per-row quantisation: value = q * scale (bias 0).
@@ -122,10 +126,26 @@ def packed_values(dense: Tensor, lengths: Tensor, dtype: str
     return q, offsets, scale, torch.zeros_like(scale)
 
 
+def int4_values(values: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row asymmetric int4 of packed rows: ``bias = lo``, ``scale = (hi - lo) / 15``,
+    ``u = round((x - lo) / scale)`` in [0, 15]; the codes two a byte, low nibble first
+    (docs/lookup.md). Returns (uint8 (ceil(S / 2),), scale (N,), bias (N,))."""
+    n = lengths.numel()
+    rows = torch.repeat_interleave(torch.arange(n), lengths)
+    lo = torch.zeros(n).scatter_reduce(0, rows, values, "amin", include_self=False)
+    hi = torch.zeros(n).scatter_reduce(0, rows, values, "amax", include_self=False)
+    scale = (hi - lo) / 15
+    u = torch.round((values - lo[rows]) / scale[rows].clamp(min=1e-30)).clamp(0, 15)
+    codes = u.to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    return codes[0::2] | (codes[1::2] << 4), scale, lo
+
+
 def ns_per_id(rows: int, dims: tuple[int, ...], gen: torch.Generator) -> None:
     """Print ns per id of the bag operators alone (1 thread, 4096 bags of 20 uniform ids)."""
     torch.set_num_threads(1)
-    dtypes = ("float32", "float16", "bfloat16", "int8")
+    dtypes = ("float32", "float16", "bfloat16", "int8", "int4")
     print(f"ns per id, 1 thread, 4096 bags of {BAG_LEN} uniform ids, median of 15 calls")
     print(f"{'D':>4} {'N':>8} {'torch':>7} " + " ".join(f"{t:>8}" for t in dtypes))
     for n in (rows, 10_000):
@@ -204,7 +224,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="N (default 1M, 100k with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed samples per cell")
     parser.add_argument("--dtype", default="float32",
-                        choices=["float32", "float16", "bfloat16", "int8"],
+                        choices=["float32", "float16", "bfloat16", "int8", "int4"],
                         help="packed values dtype (the torch baseline stays float32)")
     parser.add_argument("--threads", default="1,2",
                         help="comma-separated thread counts per cell (default 1,2)")

@@ -1,7 +1,8 @@
 """The compiled kernel == the pure-torch reference == torch on the dense zero-tailed table.
 
-float32 is compared bitwise (-0.0 vs +0.0 counts, NaN payloads do not); float16/bfloat16/int8 are
-compared bitwise against torch on the dequantised dense table. Every vector ISA of the kernel is
+float32 is compared bitwise (-0.0 vs +0.0 counts, NaN payloads do not); float16/bfloat16/int8 and
+int4 (uint8) are compared bitwise against torch on the dequantised dense table. Every vector ISA of
+the kernel is
 exercised through AMTL_COMPRESS_ISA (on a CPU without one, the cap falls back to the best there).
 """
 
@@ -27,7 +28,7 @@ from amtl_compress.lookup.reference import (
 )
 
 ISAS = ("portable", "avx2", "avx512")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8)
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -115,7 +116,7 @@ def test_bag_matches_reference_and_dense(isa: str, t: dict, data: st.DataObject)
 def test_whole_vector_row_widths_match_dense(isa: str, d: int) -> None:
     # D a multiple of the vector width takes fixed-count (unrolled) paths per ISA; enough ids
     # that the prefetch-unchecked middle of a chunk and its checked tail are both crossed.
-    for dtype in (torch.float32, torch.float16, torch.int8):
+    for dtype in (torch.float32, torch.float16, torch.int8, torch.uint8):
         weight, lengths = random_table(300, d, seed=d, min_length=0)
         values, offsets, scale, bias = packed(weight, lengths, dtype, seed=d)
         dense = dense_of(values, offsets, d, scale, bias)
@@ -278,6 +279,22 @@ def test_corrupt_offsets_raise_without_reading_out_of_bounds(isa: str, corrupt: 
         packed_embedding_reference(values, offsets, None, None, ids, 4)
 
 
+@pytest.mark.parametrize("corrupt", [[0, 2, 7], [0, 2, 2**40], [0, 5, 3], [0, 1, 6]])
+def test_corrupt_int4_offsets_raise_without_reading_out_of_bounds(isa: str, corrupt: list) -> None:
+    # 3 bytes hold 6 nibbles: a row ending at nibble 7 is past them.
+    stream, offsets = torch.full((3,), 0x55, dtype=torch.uint8), torch.tensor(corrupt)
+    scale, bias = torch.ones(2), torch.zeros(2)
+    ids = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        ops.packed_embedding(stream, offsets, scale, bias, ids, 4)
+    with pytest.raises(ValueError, match="corrupt offsets for row"):
+        ops.packed_embedding_bag(stream, offsets, scale, bias, ids, torch.tensor([0, 2]), None,
+                                 "sum", 4, None, False)
+    good = torch.tensor([0, 2, 6])
+    assert ops.packed_embedding(stream, good, scale, bias, ids[:2], 4).tolist() == [
+        [5.0, 5.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]]
+
+
 def test_corrupt_int8_table_never_indexes_scale_with_a_bad_id() -> None:
     q, offsets = torch.ones(6, dtype=torch.int8), torch.tensor([0, 2, 6])
     scale, bias = torch.ones(2), torch.zeros(2)
@@ -313,9 +330,10 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="padding_idx must be in"):
         ops.packed_embedding_bag(values, offsets, None, None, ids, bag_offsets, None, "sum", 4,
                                  2, False)
-    with pytest.raises(TypeError, match="int8 `values` need"):
-        ops.packed_embedding(values.to(torch.int8), offsets, None, None, ids, 4)
-    with pytest.raises(TypeError, match="only used with int8"):
+    for quantized in (torch.int8, torch.uint8):
+        with pytest.raises(TypeError, match="int8 / int4 \\(uint8\\) `values` need"):
+            ops.packed_embedding(values.to(quantized), offsets, None, None, ids, 4)
+    with pytest.raises(TypeError, match="only used with int8 / int4"):
         ops.packed_embedding(values, offsets, torch.ones(2), torch.ones(2), ids, 4)
     with pytest.raises(TypeError, match="contiguous 1-D"):
         ops.packed_embedding(torch.ones(12)[::2], offsets, None, None, ids, 4)

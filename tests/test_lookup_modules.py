@@ -136,8 +136,14 @@ def test_empty_rows_are_valid_lookups() -> None:
     (lambda v, o, s, b: (v, torch.tensor([0, 13, 14, 24]), s, b), "row 0 has length 13"),
     (lambda v, o, s, b: (v, o.int(), s, b), "`offsets` must be a non-empty 1-D int64"),
     (lambda v, o, s, b: (v.double(), o, s, b), "`values` must be a 1-D"),
-    (lambda v, o, s, b: (v.to(torch.int8), o, s, b), "int8 `values` need `scale`"),
-    (lambda v, o, s, b: (v, o, torch.ones(3), torch.ones(3)), "only used with int8"),
+    (lambda v, o, s, b: (v.to(torch.int8), o, s, b), "int8 / int4 \\(uint8\\) `values` need"),
+    (lambda v, o, s, b: (v[:12].to(torch.uint8), o, s, b), "\\(uint8\\) `values` need `scale`"),
+    (lambda v, o, s, b: (v[:13].to(torch.uint8), o, torch.ones(3), torch.ones(3)),
+     "int4 \\(uint8\\) `values` must hold ceil\\(S / 2\\) bytes for S = offsets\\[N\\] = 24 "
+     "values, got 13 bytes"),
+    (lambda v, o, s, b: (v[:13].to(torch.uint8), torch.tensor([0, 10, 12, 25]), torch.ones(3),
+                         torch.ones(3)), "row 2 has length 13"),
+    (lambda v, o, s, b: (v, o, torch.ones(3), torch.ones(3)), "only used with int8 / int4"),
 ])
 def test_invalid_tables_raise_packed_format_error(change, match: str) -> None:
     values, offsets = torch.arange(24.0), torch.tensor([0, 10, 12, 24])
@@ -177,6 +183,46 @@ def test_state_dict_switches_dtype_and_reports_key_problems() -> None:
                        match=r"row 0 has length 100, outside \[0, embedding_dim=5\]"):
         fp32_emb.load_state_dict(bad)
     assert_bitwise(fp32_emb(ids), int8(ids))  # a failed load leaves the module as it was
+
+
+@pytest.mark.parametrize("d, n", [(12, 30), (7, 9), (64, 200)])
+def test_int4_modules_match_torch_on_the_dequantised_table(kernel: str, d: int, n: int) -> None:
+    weight, lengths = random_table(n, d, seed=d, min_length=0)
+    lengths[0] = 1 if int(lengths.sum()) % 2 == 0 else lengths[0]  # odd S: a padding nibble
+    stream, offsets, scale, bias = packed(weight, lengths, torch.uint8)
+    assert int(offsets[-1]) % 2 == 1 and stream.numel() == (int(offsets[-1]) + 1) // 2
+    dense = dense_of(stream, offsets, d, scale, bias)
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, n, (3, 40), generator=g)
+    emb = PackedEmbedding(stream, offsets, d, scale=scale, bias=bias)
+    assert_bitwise(emb(ids), F.embedding(ids, dense))
+    flat, bag_offsets = ids.flatten(), torch.tensor([0, 0, 7, 30, 120])
+    w = torch.randn(flat.numel(), generator=g)
+    for mode, pad, weights, last in (("sum", None, None, False), ("sum", None, w, True),
+                                     ("sum", 3, w, False), ("mean", 3, None, True),
+                                     ("max", None, None, False), ("max", -1, None, True)):
+        bag = PackedEmbeddingBag(stream, offsets, d, scale=scale, bias=bias, mode=mode,
+                                 padding_idx=pad, include_last_offset=last)
+        expected = nn.EmbeddingBag.from_pretrained(dense, mode=mode, padding_idx=pad,
+                                                   include_last_offset=last)
+        assert_bitwise(bag(flat, bag_offsets, weights), expected(flat, bag_offsets, weights))
+    if kernel == "compiled":  # the int32 offsets copy is validated against S, not len(values)
+        assert emb._kernel_offsets(emb.offsets, emb.values)[1]
+    assert "values=int4" in repr(emb) and f"kept={int(offsets[-1])}" in repr(emb)
+
+
+def test_int4_state_dict_round_trip() -> None:
+    weight, lengths = random_table(20, 10, seed=4)
+    stream, offsets, scale, bias = packed(weight, lengths, torch.uint8)
+    int4 = PackedEmbeddingBag(stream, offsets, 10, scale=scale, bias=bias, mode="sum")
+    _, fp32, _ = _modules(n=5, d=10, mode="sum")
+    fp32.load_state_dict(int4.state_dict())
+    assert fp32.values.dtype == torch.uint8
+    ids, bag_offsets = torch.arange(20), torch.tensor([0, 5])
+    assert_bitwise(fp32(ids, bag_offsets), int4(ids, bag_offsets))
+    bad = {**int4.state_dict(), "values": stream[:-1]}
+    with pytest.raises(PackedFormatError, match="must hold ceil"):
+        fp32.load_state_dict(bad)
 
 
 @pytest.mark.parametrize("inference", [False, True])

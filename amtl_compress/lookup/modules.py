@@ -1,8 +1,9 @@
 """Drop-in ``nn.Embedding`` / ``nn.EmbeddingBag`` replacements that read a packed table.
 
 Both modules hold only buffers (no Parameters): ``values`` (nnz_values,) float32/float16/
-bfloat16/int8, ``offsets`` (N + 1,) int64 and, for int8, ``scale`` / ``bias`` (N,) float32.
-See :mod:`amtl_compress.lookup.reference` for the layout. ``values`` is only ever read, so it may
+bfloat16/int8 or int4 (uint8, two values a byte), ``offsets`` (N + 1,) int64 and, for int8 /
+int4, ``scale`` / ``bias`` (N,) float32. See :mod:`amtl_compress.lookup.reference` for the
+layout. ``values`` is only ever read, so it may
 be a read-only memory map (``torch.from_numpy(np.memmap(..., mode="r"))``).
 
 On CPU they call the compiled kernel (:mod:`amtl_compress.lookup.ops`); on other devices, or with
@@ -21,6 +22,7 @@ from amtl_compress.errors import PackedFormatError
 from amtl_compress.lookup import ops
 from amtl_compress.lookup.reference import (
     BAG_MODES,
+    QUANTIZED_DTYPES,
     VALUE_DTYPES,
     packed_embedding_bag_reference,
     packed_embedding_reference,
@@ -44,25 +46,33 @@ def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
     if not isinstance(values, Tensor) or values.dim() != 1 or values.dtype not in VALUE_DTYPES:
         got = f"{values.dim()}-D {values.dtype}" if isinstance(values, Tensor) else type(values)
         raise PackedFormatError(f"{where}: `values` must be a 1-D float32/float16/bfloat16/int8 "
-                                f"tensor, got {got}")
+                                f"or uint8 (int4) tensor, got {got}")
     if (not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.dtype != torch.int64
             or offsets.numel() < 1):
         raise PackedFormatError(f"{where}: `offsets` must be a non-empty 1-D int64 tensor "
                                 "(N + 1,)")
     n = offsets.numel() - 1
-    problem = offsets_problem(offsets, values.numel(), embedding_dim)
+    num_values = values.numel()
+    if values.dtype == torch.uint8:  # int4: S = offsets[N] values in ceil(S / 2) bytes
+        num_values = int(offsets[-1])
+        if num_values < 0 or (num_values + 1) // 2 != values.numel():
+            raise PackedFormatError(f"{where}: int4 (uint8) `values` must hold ceil(S / 2) bytes "
+                                    f"for S = offsets[N] = {num_values} values, got "
+                                    f"{values.numel()} bytes")
+    problem = offsets_problem(offsets, num_values, embedding_dim)
     if problem is not None:
         raise PackedFormatError(f"{where}: {problem}; `offsets` must start at 0, rise by 0 to "
                                 f"embedding_dim = {embedding_dim} per row and end at "
-                                f"len(values) = {values.numel()}")
-    quantized = values.dtype == torch.int8
+                                f"len(values) = {num_values}")
+    quantized = values.dtype in QUANTIZED_DTYPES
     for label, t in (("scale", scale), ("bias", bias)):
         if quantized and (t is None or t.dtype != torch.float32 or t.shape != (n,)):
-            raise PackedFormatError(f"{where}: int8 `values` need `{label}` float32 of shape "
-                                    f"({n},)")
+            raise PackedFormatError(f"{where}: int8 / int4 (uint8) `values` need `{label}` "
+                                    f"float32 of shape ({n},)")
         if not quantized and t is not None:
-            raise PackedFormatError(f"{where}: `{label}` is only used with int8 `values`; drop "
-                                    f"it or quantize `values` to int8 (got {values.dtype})")
+            raise PackedFormatError(f"{where}: `{label}` is only used with int8 / int4 (uint8) "
+                                    f"`values`; drop it or quantize `values` (got "
+                                    f"{values.dtype})")
     devices = {t.device for t in (values, offsets, scale, bias) if t is not None}
     if len(devices) > 1:
         raise PackedFormatError(f"{where}: all tensors must be on one device, got "
@@ -145,10 +155,18 @@ class _PackedLookup(nn.Module):
             return cached.derived, cached.unchecked
         inference = offsets.is_inference()
         unchecked = False
-        if values.numel() < 2**31 and offsets.dtype == torch.int64 and offsets.numel() >= 1:
+        # Values the table holds (int4: S = offsets[N], the nibbles; the table passed _validate,
+        # so ceil(S / 2) == len(values)). The check below fails the copy if that ever breaks.
+        num_values = values.numel()
+        if values.dtype == torch.uint8 and offsets.numel() >= 1:
+            num_values = int(offsets[-1])
+            if (num_values + 1) // 2 != values.numel():
+                num_values = -1  # no valid copy: checked operators
+        if (0 <= num_values < 2**31 and offsets.dtype == torch.int64
+                and offsets.numel() >= 1):
             derived = offsets.to(torch.int32)
             # The copy itself is checked: it is the very tensor the unchecked operators read.
-            unchecked = offsets_problem(derived, values.numel(), self.embedding_dim) is None
+            unchecked = offsets_problem(derived, num_values, self.embedding_dim) is None
         else:
             derived = offsets
         self._offsets_cache = _KernelOffsets(
@@ -200,22 +218,26 @@ class _PackedLookup(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
+        int4 = self.values.dtype == torch.uint8
+        kept = int(self.offsets[-1]) if int4 else self.values.numel()
         return (f"{self.num_embeddings}, {self.embedding_dim}, name={self._table_name!r}, "
-                f"values={self.values.dtype}, kept={self.values.numel()}")
+                f"values={'int4' if int4 else self.values.dtype}, kept={kept}")
 
 
 class PackedEmbedding(_PackedLookup):
     """``nn.Embedding`` over a packed table: ids of any shape -> (*ids.shape, D) float32.
 
-    Row ``i`` comes back as its kept prefix (dequantised for int8) followed by zeros.
+    Row ``i`` comes back as its kept prefix (dequantised for int8 / int4) followed by zeros.
 
     Args:
-        values: (nnz_values,) float32/float16/bfloat16/int8, kept prefixes back to back.
+        values: (nnz_values,) float32/float16/bfloat16/int8, kept prefixes back to back, or for
+            int4 a uint8 tensor of ceil(nnz_values / 2) bytes, two values a byte (low nibble
+            first; :mod:`amtl_compress.lookup.reference`).
         offsets: (N + 1,) int64, ``offsets[0] == 0``, every row length
             ``offsets[i+1] - offsets[i]`` in [0, embedding_dim] (an empty row is looked up as
             zeros), ``offsets[N] == len(values)``.
         embedding_dim: D.
-        scale, bias: (N,) float32, required with int8 values (value = q * scale + bias).
+        scale, bias: (N,) float32, required with int8 / int4 values (value = q * scale + bias).
         name: the table's name, used in error messages (e.g. the module path it replaces).
 
     Raises:

@@ -271,8 +271,9 @@ def packed_embedding(values: Tensor, offsets: Tensor, scale: Tensor | None, bias
                      ids: Tensor, embedding_dim: int) -> Tensor:
     """Compiled :func:`~amtl_compress.lookup.reference.packed_embedding_reference`.
 
-    Shapes: values (nnz_values,) float32/float16/bfloat16/int8 (contiguous), offsets (N + 1,)
-    int64, scale/bias (N,) float32 for int8 else None, ids any shape int32/int64.
+    Shapes: values (nnz_values,) float32/float16/bfloat16/int8 or int4 as uint8
+    (ceil(nnz_values / 2),) (contiguous), offsets (N + 1,) int64, scale/bias (N,) float32 for
+    int8 / int4 else None, ids any shape int32/int64.
     Returns (*ids.shape, D) float32. IndexError for ids outside [0, N); ValueError for corrupt
     offsets of a looked-up row.
     """

@@ -11,6 +11,12 @@ Looking up row ``i`` re-pads it: ``values[offsets[i]:offsets[i+1]]`` followed by
 zeros. For ``int8`` values each row also has a ``scale`` and ``bias`` (float32, (N,)):
 ``value = q * scale[i] + bias[i]`` for the kept prefix; the tail stays exactly 0 (not ``bias``).
 
+``int4`` values are a ``torch.uint8`` tensor of ``ceil(S / 2)`` bytes for ``S = offsets[N]``
+values: the rows back to back as one stream of nibbles (no per-row padding), value ``j`` in byte
+``j // 2``, the low nibble for even ``j``, the high nibble for odd ``j``. Each nibble ``u`` is
+unsigned (0..15) and decodes like int8: ``u * scale[i] + bias[i]``. A uint8 ``values`` tensor
+always means int4.
+
 These functions are the specification of the compiled kernel (``lookup/csrc/lookup.cpp``): for
 float32 values both produce bitwise the same output as ``F.embedding`` / ``F.embedding_bag`` on the
 dense (N, D) table whose tails are zero, and the kernel matches this module bitwise for every
@@ -23,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8)
+#: Dtypes whose rows carry ``scale`` / ``bias`` (uint8 is int4).
+QUANTIZED_DTYPES = (torch.int8, torch.uint8)
 INDEX_DTYPES = (torch.int32, torch.int64)
 BAG_MODES = ("sum", "mean", "max")
 
@@ -55,6 +63,11 @@ def pack_rows(weight: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return values, offsets
 
 
+def value_capacity(values: Tensor) -> int:
+    """Values that ``values`` can hold: its length, or for int4 (uint8) two per byte."""
+    return 2 * values.numel() if values.dtype == torch.uint8 else values.numel()
+
+
 def _check_table(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Tensor | None,
                  embedding_dim: int) -> int:
     """Check the arguments' dtypes and shapes, O(1), as the kernel's operators do; return N.
@@ -65,19 +78,21 @@ def _check_table(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Te
     checked once where a table enters: the lookup modules and the file reader.
     """
     if values.dim() != 1 or values.dtype not in VALUE_DTYPES:
-        raise TypeError(f"`values` must be 1-D float32/float16/bfloat16/int8, got "
+        raise TypeError(f"`values` must be 1-D float32/float16/bfloat16/int8/uint8 (int4), got "
                         f"{values.dim()}-D {values.dtype}")
     if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 1:
         raise TypeError("`offsets` must be a non-empty 1-D int64 tensor (N + 1,)")
     if embedding_dim < 1:
         raise ValueError(f"`embedding_dim` must be >= 1, got {embedding_dim}")
     n = offsets.numel() - 1
-    quantized = values.dtype == torch.int8
+    quantized = values.dtype in QUANTIZED_DTYPES
     for label, t in (("scale", scale), ("bias", bias)):
         if quantized and (t is None or t.dtype != torch.float32 or t.shape != (n,)):
-            raise TypeError(f"int8 `values` need `{label}` float32 of shape ({n},)")
+            raise TypeError(f"int8 / int4 (uint8) `values` need `{label}` float32 of shape "
+                            f"({n},)")
         if not quantized and t is not None:
-            raise TypeError(f"`{label}` is only used with int8 `values`, got {values.dtype}")
+            raise TypeError(f"`{label}` is only used with int8 / int4 (uint8) `values`, got "
+                            f"{values.dtype}")
     return n
 
 
@@ -94,12 +109,13 @@ def _padded_rows(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Te
     """Dequantised, zero-padded rows ``rows`` (R,) of the packed table -> (R, D) float32."""
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
+    capacity = value_capacity(values)
     bad = (starts < 0) | (lengths < 0) | (lengths > embedding_dim) | (
-        starts + lengths > values.numel())
+        starts + lengths > capacity)
     if bool(bad.any()):
         row = int(rows[bad][0])
         raise ValueError(f"corrupt offsets for row {row}: [{int(offsets[row])}, "
-                         f"{int(offsets[row + 1])}) is not within [0, {values.numel()}] or is "
+                         f"{int(offsets[row + 1])}) is not within [0, {capacity}] or is "
                          f"longer than {embedding_dim}")
     col = torch.arange(embedding_dim, device=values.device)
     keep = col < lengths[:, None]
@@ -107,7 +123,11 @@ def _padded_rows(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Te
     if values.numel() == 0:  # every kept length is 0: nothing to gather
         return out
     # Masked-off positions gather element 0 (always valid) and are zeroed below.
-    gathered = values[torch.where(keep, starts[:, None] + col, 0)].to(torch.float32)
+    at = torch.where(keep, starts[:, None] + col, 0)
+    if values.dtype == torch.uint8:  # int4: nibble `at` of the stream, low nibble first
+        gathered = ((values[at >> 1] >> ((at & 1) * 4).to(torch.uint8)) & 15).to(torch.float32)
+    else:
+        gathered = values[at].to(torch.float32)
     if scale is not None and bias is not None:
         # Two roundings (mul, then add), as the kernel does: no fused multiply-add.
         gathered = gathered * scale[rows, None] + bias[rows, None]
@@ -119,9 +139,10 @@ def packed_embedding_reference(values: Tensor, offsets: Tensor, scale: Tensor | 
     """Re-padding lookup: the ``nn.Embedding`` forward of the packed table.
 
     Args:
-        values: (nnz_values,) float32/float16/bfloat16/int8, the kept prefixes back to back.
-        offsets: (N + 1,) int64, row ``i`` is ``values[offsets[i]:offsets[i+1]]``.
-        scale, bias: (N,) float32 for int8 values, else None.
+        values: (nnz_values,) float32/float16/bfloat16/int8, the kept prefixes back to back, or
+            int4: uint8 (ceil(nnz_values / 2),), two values a byte (see the module docstring).
+        offsets: (N + 1,) int64, row ``i`` is values ``offsets[i]`` to ``offsets[i+1] - 1``.
+        scale, bias: (N,) float32 for int8 / int4 values, else None.
         ids: any shape, int32/int64, each in [0, N).
         embedding_dim: D.
 

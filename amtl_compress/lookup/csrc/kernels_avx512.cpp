@@ -11,6 +11,14 @@ namespace amtl::avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi2")
 
+// Vec::nibbles' tables, by the parity of a vector's first nibble.
+alignas(16) constexpr uint8_t kNibbleBytes[2][16] = {
+    {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
+    {0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8}};
+alignas(64) constexpr int32_t kNibbleShifts[2][16] = {
+    {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4},
+    {4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0}};
+
 struct Vec {
   static constexpr int64_t W = 16;
   using R = __m512;
@@ -34,7 +42,10 @@ struct Vec {
   static AMTL_INLINE R load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
   // Typed masked loads converted to float32 in registers (exact for float16/bfloat16; int8 is
   // q * scale + bias with two roundings, and +0.0, not bias, in the lanes outside the row).
-  static constexpr bool kConverts = true;
+  template <typename T>
+  static constexpr bool masked() {
+    return !std::is_same_v<T, Int4>;
+  }
   static AMTL_INLINE R load(const float* p, __mmask16 m, float, float) { return load(p, m); }
   static AMTL_INLINE R load(const c10::Half* p, __mmask16 m, float, float) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
@@ -45,6 +56,26 @@ struct Vec {
   }
   static AMTL_INLINE R load(const int8_t* p, __mmask16 m, float scale, float bias) {
     const R q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+    return _mm512_maskz_add_ps(m, _mm512_mul_ps(q, _mm512_set1_ps(scale)), _mm512_set1_ps(bias));
+  }
+  // int4 (no masked load reads nibbles): 16 nibbles from nibble position `at`, from the 16 bytes
+  // at its byte (9 are used): byte (p + i) / 2 to lane i (pshufb), shifted right by
+  // 4 * ((p + i) & 1), p the parity of `at`; lanes outside the row are +0.0, not bias.
+  struct Nibbles {
+    __m128i bytes;   // pshufb indices
+    __m512i shifts;  // per-lane right shifts
+  };
+  static AMTL_INLINE Nibbles nibbles(int64_t parity) {
+    return {_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNibbleBytes[parity])),
+            _mm512_loadu_si512(kNibbleShifts[parity])};
+  }
+  static AMTL_INLINE R wide(const Int4* v, int64_t at, __mmask16 m, float scale, float bias,
+                            const Nibbles& nib) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + (at >> 1)));
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(raw, nib.bytes));
+    const __m512i u =
+        _mm512_and_si512(_mm512_srlv_epi32(bytes, nib.shifts), _mm512_set1_epi32(0xF));
+    const R q = _mm512_cvtepi32_ps(u);
     return _mm512_maskz_add_ps(m, _mm512_mul_ps(q, _mm512_set1_ps(scale)), _mm512_set1_ps(bias));
   }
   static AMTL_INLINE R zero() { return _mm512_setzero_ps(); }

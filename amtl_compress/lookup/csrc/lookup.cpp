@@ -2,7 +2,8 @@
 //
 // A packed table keeps the first L_i (1 <= L_i <= D) values of row i (paper Eq. 1):
 // `values` holds the kept prefixes back to back, row i is values[offsets[i] : offsets[i+1]].
-// int8 values carry a per-row affine: value = q * scale[i] + bias[i] (tail stays 0).
+// int8 and int4 values carry a per-row affine: value = q * scale[i] + bias[i] (tail stays 0);
+// int4 values come as a uint8 tensor of nibbles (table.h, Int4).
 //
 // Exactness: for float32 values the outputs are bitwise equal to F.embedding / F.embedding_bag
 // on the dense table whose tails are zero. That pins down the arithmetic (checked against
@@ -239,17 +240,19 @@ void check_table(const at::Tensor& values, const at::Tensor& offsets,
   TORCH_CHECK_VALUE(embedding_dim >= 1 && embedding_dim < (int64_t{1} << 30),
                     "`embedding_dim` must be in [1, 2^30), got ", embedding_dim);
   const int64_t rows = offsets.numel() - 1;
-  const bool quantized = values.scalar_type() == at::kChar;
+  // uint8 values are int4 (two a byte); int8 and int4 carry a scale and bias per row.
+  const bool quantized = values.scalar_type() == at::kChar || values.scalar_type() == at::kByte;
   for (const auto* opt : {&scale, &bias}) {
     const char* label = opt == &scale ? "scale" : "bias";
     const bool given = opt->has_value() && (*opt)->defined();
     if (quantized) {
       TORCH_CHECK_TYPE(given && (*opt)->scalar_type() == at::kFloat && (*opt)->dim() == 1 &&
                            (*opt)->numel() == rows && (*opt)->is_contiguous(),
-                       "int8 `values` need a contiguous float32 `", label, "` of shape (", rows,
-                       ",)");
+                       "int8 / int4 (uint8) `values` need a contiguous float32 `", label,
+                       "` of shape (", rows, ",)");
     } else {
-      TORCH_CHECK_TYPE(!given, "`", label, "` is only used with int8 `values`, got ",
+      TORCH_CHECK_TYPE(!given, "`", label,
+                       "` is only used with int8 / int4 (uint8) `values`, got ",
                        values.scalar_type());
     }
   }
@@ -268,9 +271,17 @@ template <typename T, typename OffT>
 Table<T, OffT> make_table(const at::Tensor& values, const at::Tensor& offsets,
                           const std::optional<at::Tensor>& scale,
                           const std::optional<at::Tensor>& bias, int64_t embedding_dim) {
-  const bool quantized = std::is_same_v<T, int8_t>;
-  return Table<T, OffT>{values.const_data_ptr<T>(),
-                        values.numel(),
+  constexpr bool quantized = kQuantized<T>;
+  const T* data;
+  int64_t num_values = values.numel();
+  if constexpr (std::is_same_v<T, Int4>) {
+    data = reinterpret_cast<const Int4*>(values.const_data_ptr<uint8_t>());
+    num_values *= 2;  // nibbles
+  } else {
+    data = values.const_data_ptr<T>();
+  }
+  return Table<T, OffT>{data,
+                        num_values,
                         offsets_ptr<OffT>(offsets),
                         offsets.numel() - 1,
                         quantized ? scale->const_data_ptr<float>() : nullptr,
@@ -296,8 +307,12 @@ void dispatch_values(at::ScalarType dtype, at::ScalarType offsets_dtype, bool tr
       return with_offsets(c10::BFloat16{});
     case at::kChar:
       return with_offsets(int8_t{});
+    case at::kByte:
+      return with_offsets(Int4{});
     default:
-      TORCH_CHECK_TYPE(false, "`values` must be float32, float16, bfloat16 or int8, got ", dtype);
+      TORCH_CHECK_TYPE(false,
+                       "`values` must be float32, float16, bfloat16, int8 or uint8 (int4), got ",
+                       dtype);
   }
 }
 

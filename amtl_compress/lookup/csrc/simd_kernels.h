@@ -20,18 +20,22 @@
 // pointed back inside the row (min(k * W, L - 1): a cmp + cmov each). Clamping every vector and
 // prefetching only the row's own lines (a cmp + cmov per line) fetched fewer lines, but cost more
 // instructions than those lines were worth (docs/lookup.md). AVX-512 converts float16 / bfloat16 /
-// int8 in registers from masked 16/8-bit loads; AVX2 has no such loads and converts each row into a
-// scratch buffer first.
+// int8 in registers from masked 16/8-bit loads. Where no masked load fits (AVX2: float16, bfloat16,
+// int8; both ISAs: int4) a vector is a plain load converted in registers, its lanes past L then
+// zeroed (WideRow); the plain load can read past the row, so the last rows of a table, whose loads
+// could reach past the end of `values`, are converted into a scratch row instead (one compare per
+// row, almost never taken). Converting every row through scratch, as AVX2 once did, ran a loop
+// whose trip count is the row length: 5-10x the float32 cost per id (docs/lookup.md).
 //
 // Bags accumulate a block of NV vectors (NV * W columns) in registers over all ids of the bag,
 // block after block; per column the additions run in input order, as in torch.
 
 // No include guard and no #include: this file is included once per ISA namespace.
 
-// Row prefix as float32 in `scratch` (n floats), for an ISA without converting loads (AVX2). The
-// loops are inlined into the ISA region, so they vectorise. float32 (in place) and int8 (q * scale
-// + bias) are table.h's row_as_float; float16 uses F16C and bfloat16 a shift here. n == 0 (and
-// failed ids) read nothing.
+// Row prefix as float32 in `scratch` (n floats), for the rows WideRow may not read (the last ones
+// of a table) on an ISA without masked converting loads for T. The loops are inlined into the ISA
+// region, so they vectorise. float32 (in place), int8 (q * scale + bias) and int4 are table.h's
+// row_as_float; float16 uses F16C and bfloat16 a shift here. n == 0 (and failed ids) read nothing.
 template <typename T, typename OffT>
 AMTL_INLINE const float* row_floats(const Table<T, OffT>& t, int64_t id, int64_t s, int64_t n,
                                     float* scratch) {
@@ -68,7 +72,8 @@ struct Acc {
 // Lines that the first `vectors` vector loads of a row of T (from its start) can touch.
 template <typename T>
 constexpr int row_lines(int64_t vectors) {
-  return lines_spanned(vectors * Vec::W * static_cast<int64_t>(sizeof(T)), sizeof(T));
+  return lines_spanned(values_bytes<T>(vectors * Vec::W),
+                       std::is_same_v<T, Int4> ? 1 : static_cast<int64_t>(sizeof(T)));
 }
 
 // How many vectors from a row's start lie within its first `lines` lines (wherever it starts).
@@ -79,9 +84,10 @@ constexpr int vectors_within(int lines) {
   return k;
 }
 
-// The prefix of one row seen from column c0, as vectors of W float32 (+0.0 past the prefix). E is
-// float, or the packed dtype where Vec converts in registers. Vectors from kFree on point back
-// inside the row when they lie wholly past it (see the top of this file).
+// The prefix of one row seen from column c0, as vectors of W float32 (+0.0 past the prefix), read
+// with masked loads. E is float, or the packed dtype where Vec converts in registers
+// (Vec::masked<T>). Vectors from kFree on point back inside the row when they lie wholly past it
+// (see the top of this file).
 template <typename E, int kFree>
 struct Row {
   const E* p;
@@ -100,23 +106,90 @@ struct Row {
   }
 };
 
-// Calls fn(Row<...>) for row id (start s, n values) seen from column c0: in place when the values
-// are float32 or Vec converts them, else through `scratch`.
+// The same for a dtype Vec has no masked converting load for (AVX2: float16, bfloat16, int8;
+// both ISAs: int4): each vector is a plain load of W values (int4: of the bytes that hold them),
+// converted in registers, with the lanes past the prefix then set to +0.0. The plain load may read
+// up to W - 1 values past the row, so with_row takes this path only for rows at least
+// wide_margin() values before the end of `values` (all but the last few rows of a table). Vectors
+// from kFree on that lie wholly past the prefix are pointed back at the row's last value (not past
+// it, as Row does: its masked loads read nothing there, these read a whole vector).
+template <typename T, int kFree>
+struct WideRow {
+  const T* values;  // the table's values (int4: byte 0 of the stream)
+  int64_t first;    // position of column c0 of the row in `values`
+  int64_t last;     // position of the row's last value (its start if it has none)
+  typename Vec::Lanes lanes;
+  float scale, bias;  // int8 / int4 only
+  // int4: how the nibbles of a vector sit in its bytes, set once per row from the parity of
+  // `first` (W is even, so every vector of the row shares it; a vector pointed back at `last` may
+  // not, but all its lanes are zeroed anyway).
+  typename Vec::Nibbles nibbles;
+
+  AMTL_INLINE WideRow(const T* values_, int64_t s, int64_t n, int64_t c0, float scale_,
+                      float bias_)
+      : values(values_), first(s + c0), last(s + std::max<int64_t>(n - 1, 0)),
+        lanes(Vec::lanes(n - c0)), scale(scale_), bias(bias_) {
+    if constexpr (std::is_same_v<T, Int4>) nibbles = Vec::nibbles(first & 1);
+  }
+
+  AMTL_INLINE typename Vec::R vec(int64_t k) const {
+    const int64_t at = k < kFree ? first + k * Vec::W : std::min<int64_t>(first + k * Vec::W, last);
+    if constexpr (std::is_same_v<T, Int4>) {
+      return Vec::wide(values, at, Vec::mask_k(lanes, k), scale, bias, nibbles);
+    } else {
+      return Vec::wide(values, at, Vec::mask_k(lanes, k), scale, bias);
+    }
+  }
+};
+
+// Values past a row's start that WideRow's loads may read, for rows up to D with blocks of NV
+// vectors: a vector starts at most max((NV - 1) * W, D - 1) values past the row start and reads W
+// values (int4: W bytes from the byte of its first value, so W nibbles more).
+template <typename T, int NV>
+constexpr int64_t wide_reach(int64_t dim) {
+  return dim + NV * Vec::W + (std::is_same_v<T, Int4> ? Vec::W : 0);
+}
+
+// Whether rows of T are read with WideRow (and, near the end of `values`, through a float
+// scratch row): no masked load of Vec reads them.
+template <typename T>
+constexpr bool uses_wide() {
+  return !std::is_same_v<T, float> && !Vec::template masked<T>();
+}
+
+// The last row start WideRow may read from (see wide_reach); 0, unused, for other dtypes.
+template <typename T, int NV, typename OffT>
+AMTL_INLINE int64_t wide_limit_of(const Table<T, OffT>& t) {
+  if constexpr (uses_wide<T>()) {
+    return t.num_values - wide_reach<T, NV>(t.dim);
+  } else {
+    return 0;
+  }
+}
+
+// Calls fn(row) for row id (start s, n values) seen from column c0: masked loads in place when
+// the values are float32 or Vec converts them so; else WideRow when s <= wide_limit (the row is far
+// enough from the end of `values`), else through `scratch` (D floats; needs no pointing back: it
+// is in cache). The wide_limit branch is almost never taken, so it predicts well.
 template <int kFree, typename T, typename OffT, typename Fn>
 AMTL_INLINE void with_row(const Table<T, OffT>& t, int64_t id, int64_t s, int64_t n, int64_t c0,
-                          float* scratch, Fn&& fn) {
+                          int64_t wide_limit, float* scratch, Fn&& fn) {
   if constexpr (std::is_same_v<T, float>) {
     fn(Row<float, kFree>(t.values + s + c0, n - c0));
-  } else if constexpr (Vec::kConverts) {
-    if constexpr (std::is_same_v<T, int8_t>) {
-      const float scale = n > 0 ? t.scale[id] : 0.0f;  // failed ids have n == 0: not indexed
-      const float bias = n > 0 ? t.bias[id] : 0.0f;
-      fn(Row<T, kFree>(t.values + s + c0, n - c0, scale, bias));
-    } else {
-      fn(Row<T, kFree>(t.values + s + c0, n - c0));
+  } else {
+    float scale = 1.0f, bias = 0.0f;
+    if constexpr (kQuantized<T>) {
+      scale = n > 0 ? t.scale[id] : 0.0f;  // failed ids have n == 0: not indexed
+      bias = n > 0 ? t.bias[id] : 0.0f;
     }
-  } else {  // the scratch row is in cache: no vector needs pointing back
-    fn(Row<float, std::numeric_limits<int>::max()>(row_floats(t, id, s, n, scratch) + c0, n - c0));
+    if constexpr (Vec::template masked<T>()) {
+      fn(Row<T, kFree>(t.values + s + c0, n - c0, scale, bias));
+    } else if (s <= wide_limit) {
+      fn(WideRow<T, kFree>(t.values, s, n, c0, scale, bias));
+    } else {
+      fn(Row<float, std::numeric_limits<int>::max()>(row_floats(t, id, s, n, scratch) + c0,
+                                                      n - c0));
+    }
   }
 }
 
@@ -167,7 +240,8 @@ template <int NV, bool kFull, typename T, typename OffT, typename index_t>
 void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begin, int64_t end,
                         float* out, Failures& fail) {
   const int64_t dim = t.dim;
-  std::vector<float> scratch(std::is_same_v<T, float> || Vec::kConverts ? 0 : dim);
+  std::vector<float> scratch(uses_wide<T>() ? dim : 0);
+  const int64_t wide_limit = wide_limit_of<T, NV>(t);
   // At most 5 lines (256 bytes, more than the mean row of D = 128 at 37 %): all 9 of D = 128
   // measured the same median and a higher worst cell (bench/lookup.py, 1 thread). Vectors past
   // them point back inside the row.
@@ -183,7 +257,8 @@ void embedding_chunk_nv(const Table<T, OffT> t, const index_t* ids, int64_t begi
     }
     float* o = out + j * dim;
     // n == 0 reads nothing
-    with_row<vectors_within<T>(kLines)>(t, id, s, n, 0, scratch.data(), [&](const auto& r) {
+    with_row<vectors_within<T>(kLines)>(t, id, s, n, 0, wide_limit, scratch.data(),
+                                        [&](const auto& r) {
       if constexpr (kFull) {
         for (int k = 0; k < NV; ++k) Vec::store(o + k * Vec::W, r.vec(k));
       } else {
@@ -231,7 +306,8 @@ void bag_chunk_nv(const Table<T, OffT> t, const BagArgs<index_t> a, int64_t b_be
                   int64_t b_end, float* out, Failures& fail) {
   const int64_t dim = t.dim;
   const int64_t limit = a.bag_start(b_end);
-  std::vector<float> scratch(std::is_same_v<T, float> || Vec::kConverts ? 0 : dim);
+  std::vector<float> scratch(uses_wide<T>() ? dim : 0);
+  const int64_t wide_limit = wide_limit_of<T, NV>(t);
   const index_t* input = a.input;
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t s_bag = a.bag_start(b);
@@ -255,9 +331,8 @@ void bag_chunk_nv(const Table<T, OffT> t, const BagArgs<index_t> a, int64_t b_be
           return;
         }
         const float w = Op::kWeighted ? a.weights[j] : 0.0f;
-        with_row<decltype(free)::value>(t, id, s, n, c0, scratch.data(), [&](const auto& r) {
-          Op::apply(acc, r, count == 0, w);
-        });
+        with_row<decltype(free)::value>(t, id, s, n, c0, wide_limit, scratch.data(),
+                                        [&](const auto& r) { Op::apply(acc, r, count == 0, w); });
         ++count;
       };
       // Prefetches run with the first column block. Bags ending at least kAheadOffsets ids before

@@ -66,17 +66,51 @@ constexpr int lines_spanned(int64_t bytes, int64_t elem) {
 // The packed table and per-row access.
 // ---------------------------------------------------------------------------------------------
 
+// int4 values (a torch.uint8 tensor of ceil(S / 2) bytes): value j is the low nibble of byte
+// j / 2 for even j, the high nibble for odd j, unsigned 0..15, decoded as u * scale + bias. The
+// tag stands for one byte of that stream: Table<Int4>::values points at byte 0, and positions
+// (offsets, starts, lengths) count nibbles, so `values + s` is never formed for it; see
+// value_byte().
+struct Int4 {
+  uint8_t bits;
+};
+
+// Per-row scale and bias: int8 and int4.
+template <typename T>
+constexpr bool kQuantized = std::is_same_v<T, int8_t> || std::is_same_v<T, Int4>;
+
+// Byte offset of value `pos` in a values array of T.
+template <typename T>
+AMTL_INLINE constexpr uint64_t value_byte(uint64_t pos) {
+  if constexpr (std::is_same_v<T, Int4>) {
+    return pos >> 1;
+  } else {
+    return pos * sizeof(T);
+  }
+}
+
+// Bytes that `n` consecutive values of T can touch (int4: a nibble-aligned start may add one).
+template <typename T>
+constexpr int64_t values_bytes(int64_t n) {
+  return std::is_same_v<T, Int4> ? n / 2 + 1 : n * static_cast<int64_t>(sizeof(T));
+}
+
+// Value u of nibble position `pos` of an int4 stream (see Int4).
+AMTL_INLINE uint32_t nibble(const Int4* v, int64_t pos) {
+  return (static_cast<uint32_t>(v[pos >> 1].bits) >> ((pos & 1) * 4)) & 0xFu;
+}
+
 // OffT is the offsets type: int64 (the format), or int32 when len(values) < 2^31 (the modules
 // derive such a copy once, which halves the index the lookups walk through). uint32_t marks that
 // copy after the module validated it whole (the `*_trusted` operators): rows are not re-checked.
 template <typename T, typename OffT = int64_t>
 struct Table {
   const T* values;
-  int64_t num_values;
+  int64_t num_values;   // values it holds (int4: 2 x its bytes, the nibbles)
   const OffT* offsets;  // (rows + 1,)
   int64_t rows;         // N
-  const float* scale;   // (N,) for int8, else nullptr
-  const float* bias;    // (N,) for int8, else nullptr
+  const float* scale;   // (N,) for int8 / int4, else nullptr
+  const float* bias;    // (N,) for int8 / int4, else nullptr
   int64_t dim;          // D
 
   // Start and length of row `id` (already checked to be in [0, N)); false if the offsets are
@@ -112,10 +146,11 @@ struct Table {
   AMTL_INLINE void prefetch_row(int64_t id) const {
     if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(rows)) return;
     // Integer arithmetic: corrupt offsets must not make this pointer arithmetic out of bounds.
-    const uintptr_t first = reinterpret_cast<uintptr_t>(values) +
-                            static_cast<uintptr_t>(static_cast<int64_t>(offsets[id])) * sizeof(T);
+    const uintptr_t first =
+        reinterpret_cast<uintptr_t>(values) +
+        static_cast<uintptr_t>(value_byte<T>(static_cast<int64_t>(offsets[id])));
     for (int k = 0; k < kLines; ++k) prefetch(reinterpret_cast<const void*>(first + 64 * k));
-    if constexpr (std::is_same_v<T, int8_t>) {  // the row's scale and bias: two more lines
+    if constexpr (kQuantized<T>) {  // the row's scale and bias: two more lines
       prefetch(scale + id);
       prefetch(bias + id);
     }
@@ -153,6 +188,18 @@ AMTL_INLINE const float* row_as_float(const Table<int8_t, OffT>& t, int64_t id, 
   const float bias = t.bias[id];
   // Two roundings, like the reference (`q.float() * scale + bias`): -ffp-contract=off keeps it so.
   for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(src[d]) * scale + bias;
+  return scratch;
+}
+
+template <typename OffT>
+AMTL_INLINE const float* row_as_float(const Table<Int4, OffT>& t, int64_t id, int64_t s,
+                                      int64_t n, float* scratch) {
+  if (n <= 0) return scratch;  // also for failed ids: never index scale/bias with them
+  const float scale = t.scale[id];
+  const float bias = t.bias[id];
+  for (int64_t d = 0; d < n; ++d) {
+    scratch[d] = static_cast<float>(nibble(t.values, s + d)) * scale + bias;
+  }
   return scratch;
 }
 
@@ -239,7 +286,8 @@ struct BagArgs {
   AMTL_INSTANTIATE_OFFSETS(float, index_t)           \
   AMTL_INSTANTIATE_OFFSETS(c10::Half, index_t)       \
   AMTL_INSTANTIATE_OFFSETS(c10::BFloat16, index_t)   \
-  AMTL_INSTANTIATE_OFFSETS(int8_t, index_t)
+  AMTL_INSTANTIATE_OFFSETS(int8_t, index_t)          \
+  AMTL_INSTANTIATE_OFFSETS(Int4, index_t)
 #define AMTL_INSTANTIATE_CHUNKS() \
   AMTL_INSTANTIATE_VALUES(int64_t)  \
   AMTL_INSTANTIATE_VALUES(int32_t)
