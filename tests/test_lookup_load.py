@@ -16,6 +16,7 @@ from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.errors import CheckpointError, PackedFormatError
 from amtl_compress.lookup.load import load_packed
 from amtl_compress.storage.format import prefix_mask, read_packed_table
+from amtl_compress.storage.header import read_header
 from amtl_compress.storage.pack import pack
 from amtl_compress.storage.quantize import dequantize_values
 
@@ -259,7 +260,8 @@ def test_verify_catches_a_flipped_bit_that_validation_cannot(tmp_path: Path, toy
     pack(tmp_path / "run", out, progress=False)
     path = out / "user.safetensors"
     raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0x01  # inside `values`: the header and offsets stay valid
+    values = read_header(path).tensors["values"]
+    raw[values.offset + values.nbytes - 1] ^= 0x01  # inside `values`: header and index stay valid
     path.write_bytes(bytes(raw))
     load_packed(toy.build(), out)  # structure is fine, so the default path loads it
     with pytest.raises(PackedFormatError, match="user.safetensors`: SHA-256 differs"):

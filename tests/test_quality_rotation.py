@@ -180,10 +180,10 @@ def test_rotated_table_round_trips_its_rotation(tmp_path: Path):
     assert torch.equal(table.rotation, rotation)
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
-    # Layout: offsets (uint32), then the rotation, then values (largest alignment first).
-    assert header["offsets"]["data_offsets"] == [0, 12]
-    assert header["rotation"] == {"dtype": "F32", "shape": [3, 3], "data_offsets": [12, 48]}
-    assert header["values"]["data_offsets"] == [48, 60]
+    # Layout: the rotation, values, then the uint8 lengths (largest item size first).
+    assert header["rotation"] == {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 36]}
+    assert header["values"]["data_offsets"] == [36, 48]
+    assert header["lengths"] == {"dtype": "U8", "shape": [2], "data_offsets": [48, 50]}
     plain = tmp_path / "v1.safetensors"
     write_packed_table(
         plain, torch.tensor([1.0]), torch.tensor([0, 1]), embedding_dim=2, field="emb",

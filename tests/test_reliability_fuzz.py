@@ -28,6 +28,8 @@ from amtl_compress.storage.pack import pack_table
 from tests.reliability_helpers import cli_env
 
 N, D = 40, 6
+#: struct format and width of each integer dtype a row index may have.
+INDEX_WIDTHS = {"U8": ("<B", 1), "U16": ("<H", 2), "U32": ("<I", 4), "I64": ("<q", 8)}
 #: What a lookup may raise on a table that loaded: an id outside [0, N) (IndexError) or corrupt
 #: offsets / arguments (ValueError, which PackedFormatError is) - never anything else.
 CLEAN_ERRORS = (IndexError, ValueError)
@@ -64,7 +66,7 @@ def _join(header: dict, data: bytes) -> bytes:
 
 
 def _rewrite(raw: bytes, how: str, a: int, b: int) -> bytes:
-    """Structured tampering that byte flips rarely reach: header fields and offsets values."""
+    """Structured tampering that byte flips rarely reach: header fields and index values."""
     header, data = _split(raw)
     names = [k for k in header if k != "__metadata__"]
     name = names[a % len(names)]
@@ -78,9 +80,9 @@ def _rewrite(raw: bytes, how: str, a: int, b: int) -> bytes:
     elif how == "metadata":
         key = sorted(header["__metadata__"])[a % len(header["__metadata__"])]
         header["__metadata__"][key] = ["0", "-1", "99999999999", "", "1e3", "int8", "t"][b % 7]
-    elif how == "offset_value" and "offsets" in header:  # one offset set to a hostile value
-        begin, end = header["offsets"]["data_offsets"]
-        fmt, width = ("<q", 8) if header["offsets"]["dtype"] == "I64" else ("<I", 4)
+    elif how == "index_value" and "lengths" in header:  # one length set to a hostile value
+        begin, end = header["lengths"]["data_offsets"]
+        fmt, width = INDEX_WIDTHS[header["lengths"]["dtype"]]
         slot = begin + width * (a % ((end - begin) // width))
         value = [-1, 0, 1, D, D + 1, 2**62, -(2**63), 2**63 - 1, a][b % 9]
         value %= 2 ** (8 * width)  # the same bits, as the field's unsigned width holds them
@@ -120,7 +122,7 @@ def _lookups_are_safe(table, ids: torch.Tensor) -> None:
     in_values=st.booleans(),
     rewrite=st.one_of(
         st.none(), st.none(), st.none(),  # mostly none, so enough tables load and get looked up
-        st.tuples(st.sampled_from(["data_offsets", "shape", "dtype", "metadata", "offset_value"]),
+        st.tuples(st.sampled_from(["data_offsets", "shape", "dtype", "metadata", "index_value"]),
                   st.integers(0, 1000), st.integers(0, 1000)),
     ),
     cut=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 10**6)),
@@ -165,23 +167,28 @@ def test_tampered_files_fail_cleanly_or_look_up_safely(
     _lookups_are_safe(table, torch.tensor(id_pairs).reshape(-1))
 
 
-def test_a_hostile_offsets_value_is_refused_before_any_lookup(sources, tmp_path: Path) -> None:
-    """The cases the fuzz is for, pinned: offsets that would point outside `values`."""
+def test_a_hostile_length_is_refused_before_any_lookup(sources, tmp_path: Path) -> None:
+    """The cases the fuzz is for, pinned: a row length that would point outside `values`."""
     header, data = _split(sources["float32"])
-    begin = header["offsets"]["data_offsets"][0]
-    # Version 3 stores fewer than 2**32 values with uint32 offsets; both widths are pinned.
-    widths = {"I64": ("<q", 8, (-1, -(2**63), 2**62, 2**63 - 1, 10**6)),
-              "U32": ("<I", 4, (2**32 - 1, 2**31, 2**31 - 1, 10**6))}
-    fmt, width, hostile = widths[header["offsets"]["dtype"]]
-    for slot in (0, 1, N // 2, N):
-        for value in hostile:
+    begin = header["lengths"]["data_offsets"][0]
+    # Version 3 stores the lengths as uint8 for D <= 255: every byte value but 1..D is hostile,
+    # and any other value changes their sum, which must then equal len(values).
+    fmt, width = INDEX_WIDTHS[header["lengths"]["dtype"]]
+    assert width == 1
+    for slot in (0, 1, N // 2, N - 1):
+        for value in (0, D + 1, 127, 128, 255):
             at = begin + width * slot
             path = tmp_path / "t.safetensors"
             path.write_bytes(
                 _join(header, data[:at] + struct.pack(fmt, value) + data[at + width :])
             )
-            with pytest.raises(PackedFormatError, match="offsets"):
+            with pytest.raises(PackedFormatError, match=f"row {slot} has length {value}, outside"):
                 read_packed_table(path)
+        old = data[begin + slot]
+        at = begin + slot
+        path.write_bytes(_join(header, data[:at] + bytes([old % D + 1]) + data[at + 1 :]))
+        with pytest.raises(PackedFormatError, match="`lengths` sum to S = "):
+            read_packed_table(path)
 
 
 RAW_KERNEL_FUZZ = textwrap.dedent(

@@ -189,10 +189,10 @@ def test_sigkill_during_pack_keeps_the_previous_output(
     before = tree_bytes(out)
 
     proc = start_cli("pack", str(runs["big"]), "--out", str(out), "--overwrite", "-q")
-    # Killed a fraction of the way through the table file (about 17.5 MB when complete: 16.5 MB
-    # of values, 1 MB of uint32 offsets); at 0.99 the kill lands while the file is finished,
-    # hashed, or the other weights are written.
-    reached = wait_for(lambda: _table_bytes(out) >= fraction * 17e6, proc)
+    # Killed a fraction of the way through the table file (about 16.75 MB when complete: 16.5 MB
+    # of values, then 0.25 MB of uint8 lengths written last); at 0.99 the kill lands while the
+    # file is finished, hashed, or the other weights are written.
+    reached = wait_for(lambda: _table_bytes(out) >= fraction * 16.7e6, proc)
     proc.kill()
     proc.wait(timeout=30)
     assert reached and proc.returncode == -signal.SIGKILL

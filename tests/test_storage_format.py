@@ -89,14 +89,15 @@ def test_worked_example_matches_the_spec(tmp_path: Path) -> None:
     assert (8 + n) % 8 == 0
     header = raw[8 : 8 + n].decode().rstrip(" ")
     assert header.endswith(
-        '"offsets":{"dtype":"U32","shape":[4],"data_offsets":[0,16]},'
-        '"values":{"dtype":"F32","shape":[7],"data_offsets":[16,44]}}'
+        '"values":{"dtype":"F32","shape":[7],"data_offsets":[0,28]},'
+        '"lengths":{"dtype":"U8","shape":[3],"data_offsets":[28,31]}}'
     )
     assert header.startswith('{"__metadata__":{"dtype":"float32","embedding_dim":"4","field":"emb"')
     assert '"format_version":"3"' in header and "row_length" not in header
-    assert table.offsets.dtype == torch.int64  # widened from U32 on read
+    assert raw[8 + n + 28 :] == bytes([2, 1, 4])  # the lengths, one byte each (D <= 255)
+    assert table.offsets.dtype == torch.int64  # their cumulative sum on read
     assert table.format_version == 3
-    assert (table.stored.values, table.stored.index, table.stored.row_metadata) == (28, 16, 0)
+    assert (table.stored.values, table.stored.index, table.stored.row_metadata) == (28, 3, 0)
 
 
 def test_worked_example_int8_matches_the_spec(tmp_path: Path) -> None:
@@ -114,9 +115,9 @@ def test_worked_example_int8_matches_the_spec(tmp_path: Path) -> None:
     assert table.scale[0].item() == pytest.approx(1.5 / 255, rel=1e-3)
     header = read_header(path)
     order = sorted(header.tensors.values(), key=lambda e: e.offset)
-    assert [e.name for e in order] == ["offsets", "bias", "scale", "values"]
-    assert [e.nbytes for e in order] == [16, 6, 6, 7]
-    assert [e.dtype for e in order] == ["U32", "F16", "F16", "I8"]
+    assert [e.name for e in order] == ["bias", "scale", "lengths", "values"]
+    assert [e.nbytes for e in order] == [6, 6, 3, 7]
+    assert [e.dtype for e in order] == ["F16", "F16", "U8", "I8"]
 
 
 def test_worked_example_int4_matches_the_spec(tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_worked_example_int4_matches_the_spec(tmp_path: Path) -> None:
     header = read_header(path)
     order = sorted(header.tensors.values(), key=lambda e: e.offset)
     assert [(e.name, e.dtype, e.nbytes) for e in order] == [
-        ("offsets", "U32", 16), ("bias", "F16", 6), ("scale", "F16", 6), ("values", "U8", 4),
+        ("bias", "F16", 6), ("scale", "F16", 6), ("lengths", "U8", 3), ("values", "U8", 4),
     ]
 
 
@@ -156,7 +157,7 @@ def test_equal_lengths_store_no_index(tmp_path: Path, dtype: str) -> None:
     )
     assert stored.index == 0
     header = read_header(path)
-    assert "offsets" not in header.tensors and header.metadata["row_length"] == "2"
+    assert "lengths" not in header.tensors and header.metadata["row_length"] == "2"
     table = read_packed_table(path)
     assert table.offsets.tolist() == [0, 2, 4, 6] and table.offsets.dtype == torch.int64
     assert table.stored == stored
@@ -169,13 +170,49 @@ def test_equal_lengths_store_no_index(tmp_path: Path, dtype: str) -> None:
     assert again.read_bytes() == path.read_bytes()
 
 
-def test_index_is_uint32_below_2_to_the_32_values() -> None:
+def test_index_is_the_smallest_unsigned_dtype_that_holds_d() -> None:
     from amtl_compress.storage.format import table_layout
 
-    assert table_layout(3, 4, 2**32 - 1, "float32")[0] == ("offsets", "U32", (4,))
-    assert table_layout(3, 4, 2**32, "float32")[0] == ("offsets", "I64", (4,))
-    assert table_layout(3, 4, 6, "float32", row_length=2)[0][0] == "values"
+    def index(d: int, dtype: str = "float32") -> tuple[str, str, tuple[int, ...]]:
+        return next(e for e in table_layout(3, d, 6, dtype) if e[0] == "lengths")
+
+    assert index(1) == index(255) == ("lengths", "U8", (3,))
+    assert index(256) == index(65535) == ("lengths", "U16", (3,))
+    assert index(65536) == ("lengths", "U32", (3,))
+    # However many values: the lengths are bounded by D, not by S.
+    assert ("lengths", "U8", (3,)) in table_layout(3, 64, 2**40, "float32")
+    assert [e[0] for e in table_layout(3, 4, 6, "float32", row_length=2)] == ["values"]
     assert table_layout(3, 4, 7, "int4")[-1] == ("values", "U8", (4,))
+    # Largest item size first, so each tensor starts at a multiple of its item size.
+    assert [e[0] for e in table_layout(3, 300, 6, "float32", rotated=True)] == [
+        "rotation", "values", "lengths",
+    ]
+    assert [e[0] for e in table_layout(3, 300, 6, "int8", rotated=True)] == [
+        "rotation", "lengths", "bias", "scale", "values",
+    ]
+    assert [e[0] for e in table_layout(3, 70000, 6, "float16")] == ["lengths", "values"]
+
+
+@pytest.mark.parametrize("d,code", [(255, "U8"), (256, "U16"), (300, "U16")])
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_round_trip_with_each_index_dtype(tmp_path: Path, d: int, code: str, dtype: str) -> None:
+    path = tmp_path / "t.safetensors"
+    lengths = torch.tensor([d, 1, 7, d - 1])
+    weight = torch.randn(4, d, generator=torch.Generator().manual_seed(0))
+    weight[~prefix_mask(lengths, d)] = 0.0
+    values, offsets = packed(weight, lengths)
+    scale = bias = None
+    if dtype == "int4":
+        codes, scale, bias = int4_encode(values, lengths)
+        values = pack_nibbles(codes)
+    stored = write_packed_table(
+        path, values, offsets, embedding_dim=d, field="e", source_sha256=source_digest(weight),
+        scale=scale, bias=bias,
+    )
+    assert read_header(path).tensors["lengths"].dtype == code
+    assert stored.index == 4 * {"U8": 1, "U16": 2}[code]
+    table = read_packed_table(path)
+    assert torch.equal(table.offsets, offsets) and table.stored == stored
 
 
 def test_writer_rejects_parameters_that_are_not_float16(tmp_path: Path) -> None:
@@ -213,9 +250,9 @@ def test_safetensors_reads_our_files(tmp_path: Path) -> None:
     table = read_packed_table(path, mmap=False)
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["format"] == "amtl-packed-table"
-        assert sorted(f.keys()) == ["bias", "offsets", "scale", "values"]
+        assert sorted(f.keys()) == ["bias", "lengths", "scale", "values"]
         assert torch.equal(f.get_tensor("values"), table.values)
-        assert torch.equal(f.get_tensor("offsets").to(torch.int64), table.offsets)
+        assert torch.equal(f.get_tensor("lengths").to(torch.int64), table.lengths)
         assert torch.equal(f.get_tensor("scale").float(), table.scale)
 
 
@@ -278,10 +315,11 @@ def join(path: Path, header: dict, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
-def set_offsets(header: dict, data: bytes, offsets: list[int]) -> bytes:
-    begin, end = header["offsets"]["data_offsets"]
-    code = {"U32": "<u4", "I64": "<i8"}[header["offsets"]["dtype"]]
-    raw = np.asarray(offsets, dtype=code).tobytes()
+def set_index(header: dict, data: bytes, name: str, numbers: list[int]) -> bytes:
+    """Overwrite the integers of ``offsets`` (versions 1, 2) or ``lengths`` (version 3)."""
+    begin, end = header[name]["data_offsets"]
+    code = {"U8": "u1", "U16": "<u2", "U32": "<u4", "I64": "<i8"}[header[name]["dtype"]]
+    raw = np.asarray(numbers, dtype=code).tobytes()
     assert len(raw) == end - begin
     return data[:begin] + raw + data[end:]
 
@@ -306,12 +344,24 @@ def shift(name: str, by: int) -> Callable[[dict, bytes], tuple[dict, bytes]]:
 
 
 def offsets_are(values: list[int]) -> Callable[[dict, bytes], tuple[dict, bytes]]:
-    return lambda h, d: (h, set_offsets(h, d, values))
+    return lambda h, d: (h, set_index(h, d, "offsets", values))
+
+
+def lengths_are(values: list[int]) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    return lambda h, d: (h, set_index(h, d, "lengths", values))
 
 
 def retype(name: str, dtype: str, shape: list[int]) -> Callable[[dict, bytes], tuple[dict, bytes]]:
     def edit(h: dict, d: bytes) -> tuple[dict, bytes]:
         h[name]["dtype"], h[name]["shape"] = dtype, shape
+        return h, d
+
+    return edit
+
+
+def rename(old: str, new: str) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    def edit(h: dict, d: bytes) -> tuple[dict, bytes]:
+        h[new] = h.pop(old)
         return h, d
 
     return edit
@@ -331,22 +381,26 @@ def drop(name: str) -> Callable[[dict, bytes], tuple[dict, bytes]]:
 
 
 def grow(h: dict, d: bytes, numel: int) -> tuple[dict, bytes]:
-    """Claim that `values` holds ``numel`` floats, more than the file has."""
-    begin = h["values"]["data_offsets"][0]
-    h["values"].update(shape=[numel], data_offsets=[begin, begin + 4 * numel])
+    """Claim that `lengths` (the last tensor) holds ``numel`` bytes, more than the file has."""
+    begin = h["lengths"]["data_offsets"][0]
+    h["lengths"].update(shape=[numel], data_offsets=[begin, begin + numel])
     return h, d
 
 
-def widen_offsets(h: dict, d: bytes) -> tuple[dict, bytes]:
-    """Store the offsets as I64 (what versions 1 and 2 hold), keeping the data region tiled."""
-    begin, end = h["offsets"]["data_offsets"]
-    raw = np.frombuffer(d[begin:end], dtype="<u4").astype("<i8").tobytes()
-    grown = len(raw) - (end - begin)
-    for info in (v for k, v in h.items() if k != "__metadata__"):
-        if info["data_offsets"][0] >= end:
-            info["data_offsets"] = [o + grown for o in info["data_offsets"]]
-    h["offsets"].update(dtype="I64", data_offsets=[begin, begin + len(raw)])
-    return h, d[:begin] + raw + d[end:]
+def widen_lengths(code: str) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    """Store the lengths in a wider dtype (U16, U32), keeping the data region tiled."""
+
+    def edit(h: dict, d: bytes) -> tuple[dict, bytes]:
+        begin, end = h["lengths"]["data_offsets"]
+        raw = np.frombuffer(d[begin:end], dtype="u1").astype({"U16": "<u2", "U32": "<u4"}[code])
+        grown = raw.nbytes - (end - begin)
+        for info in (v for k, v in h.items() if k != "__metadata__"):
+            if info["data_offsets"][0] >= end:
+                info["data_offsets"] = [o + grown for o in info["data_offsets"]]
+        h["lengths"].update(dtype=code, data_offsets=[begin, begin + raw.nbytes])
+        return h, d[:begin] + raw.tobytes() + d[end:]
+
+    return edit
 
 
 def add_tensor(h: dict, d: bytes) -> tuple[dict, bytes]:
@@ -355,31 +409,37 @@ def add_tensor(h: dict, d: bytes) -> tuple[dict, bytes]:
 
 
 TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
-    ("overlap", shift("values", -4), "tensor `values` overlaps the previous tensor's data"),
-    ("hole", lambda h, d: shift("values", 4)(h, d[:16] + b"\0" * 4 + d[16:]), "hole in the data"),
-    ("past end", lambda h, d: grow(h, d, 8), r"truncated file \(data region needs 48 bytes, file"),
+    # The worked example's data region: `values` F32 [0, 28), then `lengths` U8 [28, 31).
+    ("overlap", shift("lengths", -4), "tensor `lengths` overlaps the previous tensor's data"),
+    ("hole", lambda h, d: shift("lengths", 4)(h, d[:28] + b"\0" * 4 + d[28:]), "hole in the data"),
+    ("past end", lambda h, d: grow(h, d, 20), r"truncated file \(data region needs 48 bytes, file"),
     ("trailing", lambda h, d: (h, d + b"\0" * 8), "8 trailing bytes after the last tensor"),
     ("span != shape", retype("values", "F32", [6]), r"spans 28 bytes but F32\[6\] needs 24"),
     ("unknown dtype", retype("values", "F99", [7]), "unknown dtype `F99`"),
     ("bad shape", retype("values", "F32", [-7]), "malformed shape"),
     ("missing values", drop("values"), r"missing tensor\(s\) `values`"),
-    ("missing offsets", drop("offsets"), r"missing tensor\(s\) `offsets`"),
+    ("missing lengths", drop("lengths"), r"missing tensor\(s\) `lengths`"),
     ("extra tensor", add_tensor, r"unexpected tensor\(s\) `extra`"),
-    ("offsets dtype", retype("offsets", "I32", [4]), "`offsets` has dtype I32, expected U32 or"),
-    ("offsets shape", retype("offsets", "U32", [2, 2]), r"`offsets` has shape \[2, 2\], expected"),
-    ("offsets I64", widen_offsets, "`offsets` is I64 for 7 values; version 3 stores fewer than"),
-    ("v1 with U32", meta("format_version", "1"), "`offsets` has dtype U32, expected I64"),
-    ("row_length", meta("row_length", "2"), r"unexpected tensor\(s\) `offsets`"),
+    ("lengths signed", retype("lengths", "I8", [3]),
+     "`lengths` has dtype I8, expected U8 for embedding_dim 4"),
+    # The index dtype is fixed by D: a wider one than D needs is rejected too.
+    ("lengths U16", widen_lengths("U16"), "`lengths` has dtype U16, expected U8 for embedding_dim"),
+    ("lengths U32", widen_lengths("U32"), "`lengths` has dtype U32, expected U8 for embedding_dim"),
+    ("U8 for D 300", meta("embedding_dim", "300"), "`lengths` has dtype U8, expected U16 for emb"),
+    ("lengths shape", retype("lengths", "U8", [1, 3]), r"`lengths` has shape \[1, 3\], expected"),
+    # Version 3 has no `offsets` (version 1 and 2's index).
+    ("v3 offsets", rename("lengths", "offsets"), r"missing tensor\(s\) `lengths`"),
+    ("v1 with lengths", meta("format_version", "1"), r"missing tensor\(s\) `offsets`"),
+    ("row_length", meta("row_length", "2"), r"unexpected tensor\(s\) `lengths`"),
     ("row_length 0", meta("row_length", "0"), r"`row_length` is `0`, must be a decimal integer in"),
     ("row_length > D", meta("row_length", "5"), r"`row_length` is `5`, must be .* \[1, embedding"),
     ("values dtype", retype("values", "I32", [7]), "`values` has dtype I32, metadata says F32"),
     ("values 2-D", retype("values", "F32", [7, 1]), r"`values` has shape \[7, 1\], must be 1-D"),
-    ("offsets[0]", offsets_are([1, 2, 3, 7]), r"offsets\[0\] is 1, must be 0"),
-    ("decreasing", offsets_are([0, 3, 2, 7]), r"offsets decrease at row 1 \(3 -> 2\)"),
-    ("zero length", offsets_are([0, 2, 2, 7]), r"row 1 has length 0, outside \[1, embedding_dim=4"),
-    ("length > D", offsets_are([0, 1, 2, 7]), r"row 2 has length 5, outside \[1, embedding_dim=4"),
-    ("past values", offsets_are([0, 2, 5, 8]), r"offsets\[N\] = 8 points past the end of `values`"),
-    ("short", offsets_are([0, 1, 2, 6]), r"offsets\[N\] = 6 but `values` holds 7 entries"),
+    ("zero length", lengths_are([2, 0, 4]), r"row 1 has length 0, outside \[1, embedding_dim=4"),
+    ("length > D", lengths_are([2, 1, 5]), r"row 2 has length 5, outside \[1, embedding_dim=4"),
+    ("length 255", lengths_are([255, 1, 4]), r"row 0 has length 255, outside \[1, embedding_di"),
+    ("sum > S", lengths_are([2, 2, 4]), r"`lengths` sum to S = 8 values, which need 8 entries"),
+    ("sum < S", lengths_are([2, 1, 3]), r"sum to S = 6 values, which need 6 entries of `values`"),
     ("no format", meta("format", None), r"metadata key\(s\) `format` missing"),
     ("wrong format", meta("format", "other"), "metadata `format` is `other`"),
     ("version", meta("format_version", "4"), "format_version `4` is not supported"),
@@ -387,7 +447,7 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("D zero", meta("embedding_dim", "0"), r"`embedding_dim` is 0, must be in \[1, 65536\]"),
     # Consistent with every row length, but a lookup would allocate a (B, D) output of ~800 GB.
     ("D huge", meta("embedding_dim", "99999999999"), "`embedding_dim` is 99999999999, must be in"),
-    ("N mismatch", meta("num_embeddings", "4"), r"`offsets` has shape \[4\], expected \[5\]"),
+    ("N mismatch", meta("num_embeddings", "4"), r"`lengths` has shape \[3\], expected \[4\]"),
     ("dtype name", meta("dtype", "fp8"), "metadata `dtype` is `fp8`"),
     ("int8 no scale", meta("dtype", "int8"), r"missing tensor\(s\) `bias`, `scale`"),
     ("int4 no scale", meta("dtype", "int4"), r"missing tensor\(s\) `bias`, `scale`"),
@@ -399,7 +459,7 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
 
 
 @pytest.mark.parametrize("edit,message", [t[1:] for t in TAMPERS], ids=[t[0] for t in TAMPERS])
-def test_reader_rejects_tampered_header_or_offsets(
+def test_reader_rejects_tampered_header_or_index(
     tmp_path: Path, edit: Callable[[dict, bytes], tuple[dict, bytes]], message: str
 ) -> None:
     path = tmp_path / "t.safetensors"
@@ -421,10 +481,13 @@ def test_reader_rejects_tampered_header_or_offsets(
             "format_version `4` is not supported (this amtl-compress reads versions 1, 2, 3; a "
             "later release wrote it)",
         ),
-        (offsets_are([0, 3, 2, 7]), "offsets decrease at row 1 (3 -> 2)"),
-        (offsets_are([0, 2, 5, 8]), "offsets[N] = 8 points past the end of `values` (7 entries)"),
+        (lengths_are([2, 0, 4]), "row 1 has length 0, outside [1, embedding_dim=4]"),
+        (
+            lengths_are([2, 2, 4]),
+            "`lengths` sum to S = 8 values, which need 8 entries of `values`; it holds 7",
+        ),
     ],
-    ids=["version", "offsets decrease", "offsets past values"],
+    ids=["version", "zero length", "lengths past values"],
 )
 def test_reader_error_strings_are_pinned(
     tmp_path: Path, edit: Callable[[dict, bytes], tuple[dict, bytes]], problem: str
@@ -544,11 +607,25 @@ def test_fuzzed_files_fail_cleanly(tmp_path: Path, edits, cut, dtype) -> None:
 
 
 
-def test_reader_rejects_int4_offsets_that_do_not_fit_the_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "lengths,message",
+    [
+        # S = 6 and 8 need 3 and 4 bytes; the file holds 4 (S = 7): only the second fits.
+        ([2, 1, 3], r"sum to S = 6 values, which need 3 bytes of int4 `values`; it holds 4"),
+        ([1, 1, 2], r"sum to S = 4 values, which need 2 bytes of int4 `values`; it holds 4"),
+        ([2, 0, 4], r"row 1 has length 0, outside \[1, embedding_dim=4\]"),
+        ([2, 1, 9], r"row 2 has length 9, outside \[1, embedding_dim=4\]"),
+    ],
+)
+def test_reader_rejects_int4_lengths_that_do_not_fit_the_bytes(
+    tmp_path: Path, lengths: list[int], message: str
+) -> None:
     path = tmp_path / "t.safetensors"
     write_table(path, "int4")
-    join(path, *offsets_are([0, 2, 3, 6])(*split(path)))
-    with pytest.raises(PackedFormatError, match=r"offsets\[N\] = 6 values need 3 bytes of int4"):
+    join(path, *lengths_are([2, 2, 4])(*split(path)))
+    read_packed_table(path)  # S = 8 fits the 4 bytes too: a valid (other) table
+    join(path, *lengths_are(lengths)(*split(path)))
+    with pytest.raises(PackedFormatError, match=message):
         read_packed_table(path)
 
 
@@ -573,7 +650,7 @@ def test_reader_rejects_row_length_that_does_not_fit_values(tmp_path: Path) -> N
         ("table_float32", offsets_are([0, 1, 5, 7, 10, 15]), r"row 4 has length 5, outside"),
         ("table_v2_float32", meta("format_version", "1"), r"unexpected tensor\(s\) `rotation`"),
         ("table_float32", meta("format_version", "2"), r"missing tensor\(s\) `rotation`"),
-        ("table_v2_int8", meta("format_version", "3"), "`scale` has dtype F32, expected F16"),
+        ("table_v2_int8", meta("format_version", "3"), r"missing tensor\(s\) `lengths`"),
         # Versions 1 and 2 ignore `row_length`: their offsets stay the index.
         ("table_float32", meta("row_length", "1"), None),
     ],

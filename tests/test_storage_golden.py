@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from amtl_compress.storage.format import prefix_mask, read_packed_table
+from amtl_compress.storage.header import read_header
 from amtl_compress.storage.pack import pack_table
 from amtl_compress.storage.quantize import dequantize_values
 
@@ -46,12 +47,12 @@ V3_CASES = {
     "table_v3_float32_equal": ("float32", False, True),
 }
 V3_SHA256 = {
-    "table_v3_float32": "91cb5137a31d02c35afbc30b9d163d8a067026bf81bea56d9a0287da9e105923",
-    "table_v3_float16": "af6b54c4e4520e235052ef3dbb01abaca02f2de756e145056bc8d9bdc48623b6",
-    "table_v3_bfloat16": "f1a49b39cc800b0c226761eb3e1b10cf33f00c5d460d95823ea8e0c956255d8b",
-    "table_v3_int8": "e17ca047e6a5f4239fe04965fd6cd114e37f090142c337b757ae093921147aec",
-    "table_v3_int4": "301f77331e2ff57a80ef0c5eb7d68e1a34ba6f2eb9dbf98246ae3ae391b3abe1",
-    "table_v3_int4_rotated": "0a04e550709a0dbd52c0ed2b1b11798465517e95f64780b0ca0e792dc1ac2112",
+    "table_v3_float32": "91892fe91bc9b680e9660ccc7a48702d1fb5c61b34d25c59bda7f71318dbf699",
+    "table_v3_float16": "ed961cef9a8dcd20a5bf67903c2f5df88192e9a5392c28bf901f049bef751a64",
+    "table_v3_bfloat16": "b17bef113fc81e3b3d1ec8aafb46cb03f1ec501d7b42b5e80d3beeee8bd3cf5d",
+    "table_v3_int8": "09bddd7e7572f09036fefa2ff84db50465098de0d80ceba48342f40387276667",
+    "table_v3_int4": "36f16e7ad0b8dfefc8481335947f904cf6e36867f032a1b9199f8a3a86ca2f9f",
+    "table_v3_int4_rotated": "f2b6b275f557689c7e881b0886a2a861b86e9ebc67720e1566e8e7e2e8551a62",
     "table_v3_float32_equal": "cb9bf9625b1d4d0ce095efed96b2d95b71b29833363bf444663ef2c1b1376167",
 }
 LENGTHS = torch.tensor([1, 4, 2, 3, 4])
@@ -108,6 +109,11 @@ def test_golden_files_still_read(name: str) -> None:
     equal = name.endswith("_equal")
     lengths = EQUAL_LENGTHS if equal else LENGTHS
     assert ("row_length" in table.metadata) == equal
+    index = read_header(GOLDEN / f"{name}.safetensors").tensors.get(
+        "offsets" if version < 3 else "lengths"
+    )
+    # The row index: int64 offsets in versions 1 and 2, uint8 lengths (D = 4) in version 3.
+    assert (index.dtype if index else None) == (None if equal else "I64" if version < 3 else "U8")
     # Every version reads into the same in-memory form (docs/format.md, "Reading").
     assert table.offsets.dtype == torch.int64 and torch.equal(table.lengths, lengths)
     if table.scale is not None and table.bias is not None:

@@ -2,9 +2,11 @@
 
 Symbols: N rows, D dense width, L_i row i's kept length, S = sum(L_i) stored values.
 
-A packed table stores row i's kept prefix (its first L_i values, Eq. 1) back to back in ``values``;
-``offsets`` (N + 1,) marks where each row starts, torchrec-style (stored as uint32 in format
-version 3, or not at all when every row has one length, ``row_length``)::
+A packed table stores row i's kept prefix (its first L_i values, Eq. 1) back to back in ``values``.
+The file stores the row index as ``lengths`` (N,) in the smallest unsigned dtype that holds D
+(format version 3; nothing when every row has one length, ``row_length``); in memory it is
+``offsets`` (N + 1,), where each row starts, torchrec-style, their cumulative sum (versions 1 and
+2 stored these int64 offsets)::
 
     rows (D = 4, tails zeroed)     lengths   offsets      values
     [a0 a1 0  0 ]                  2         [0,          [a0 a1
@@ -34,6 +36,7 @@ from amtl_compress.storage.header import (
     read_header,
     read_tensor,
 )
+from amtl_compress.storage.offsets import FILE_MIN_LENGTH, offsets_problem
 from amtl_compress.storage.quantize import PACKED_DTYPES, QUANTIZED
 from amtl_compress.storage.validate import (
     FIX,
@@ -47,7 +50,7 @@ from amtl_compress.storage.validate import (
     ROW_LENGTH_KEY,
     SOURCE_DTYPES,
     expected_tensors,
-    index_code,
+    lengths_code,
     stored_count,
     validate_data,
     validate_layout,
@@ -84,7 +87,8 @@ class TableBytes:
 
     Attributes:
         values: ``values`` (the kept values, or int4 codes two a byte).
-        index: ``offsets`` (0 for a version 3 table with ``row_length``).
+        index: the row index: version 3's ``lengths`` (0 with ``row_length``), versions 1
+            and 2's ``offsets``.
         row_metadata: int8/int4 ``scale`` + ``bias``.
         rotation: the (D, D) float32 ``rotation``.
         dense: N * D * 4, the dense float32 table the ratio is taken against.
@@ -133,7 +137,7 @@ class PackedTable:
             ``j // 2`` (low nibble for even j, high for odd j). Memory-mapped (copy-on-write)
             when read with ``mmap=True``.
         offsets: (N + 1,) int64, ``offsets[0] == 0``, ``offsets[N] == S``, steps in [1, D]
-            (widened from the file's uint32, or ``arange(N + 1) * row_length``).
+            (the cumulative sum of the file's ``lengths``, or ``arange(N + 1) * row_length``).
         scale: (N,) float32 for int8/int4 (``value = float32(q) * scale + bias``; widened from
             the file's float16 in version 3), else None.
         bias: (N,) float32 for int8/int4, else None.
@@ -207,21 +211,23 @@ def table_layout(
 ) -> list[tuple[str, str, tuple[int, ...]]]:
     """The tensors of a version 3 table, ``(name, dtype code, shape)`` in data order.
 
-    Offsets (U32, or I64 from 2**32 values; none with ``row_length``), then the rotation, then
-    int8/int4 bias and scale (F16), then values: largest alignment first, so every tensor starts
-    at a multiple of its itemsize (the header is padded to 8 bytes).
+    The tensors are ``rotation`` (F32), ``lengths`` (U8/U16/U32 by D; none with
+    ``row_length``), int8/int4 ``bias`` and ``scale`` (F16) and ``values``, sorted by item size,
+    largest first (ties in that order), so every tensor starts at a multiple of its item size
+    (the header is padded to 8 bytes) and ``values`` can be memory-mapped in place.
     """
     n = num_embeddings
     entries: list[tuple[str, str, tuple[int, ...]]] = []
-    if row_length is None:
-        entries.append(("offsets", index_code(num_values), (n + 1,)))
     if rotated:
         entries.append(("rotation", "F32", (embedding_dim, embedding_dim)))
+    if row_length is None:
+        entries.append(("lengths", lengths_code(embedding_dim), (n,)))
     if dtype in QUANTIZED:
         entries += [("bias", "F16", (n,)), ("scale", "F16", (n,))]
     values_code = CODE_OF[PACKED_DTYPES[dtype]]
     entries.append(("values", values_code, (stored_count(num_values, dtype),)))
-    return entries
+    # sorted() is stable: equal item sizes keep the order above.
+    return sorted(entries, key=lambda e: -DTYPES[e[1]][1].itemsize)
 
 
 def table_bytes(
@@ -236,7 +242,7 @@ def table_bytes(
         sizes = {name: math.prod(shape) * DTYPES[code][1].itemsize for name, code, shape in entries}
     return TableBytes(
         values=sizes.get("values", 0),
-        index=sizes.get("offsets", 0),
+        index=sizes.get("lengths", 0) + sizes.get("offsets", 0),
         row_metadata=sizes.get("scale", 0) + sizes.get("bias", 0),
         rotation=sizes.get("rotation", 0),
         dense=num_embeddings * embedding_dim * 4,
@@ -265,7 +271,7 @@ def table_header(
     """The header bytes of a version 3 packed table and each tensor's absolute file offset.
 
     The layout is :func:`table_layout`'s; ``rotated`` adds a (D, D) ``rotation``, ``row_length``
-    drops ``offsets`` (every row has that length).
+    drops ``lengths`` (every row has that length).
     """
     entries = table_layout(
         num_embeddings, embedding_dim, num_values, dtype, rotated, row_length
@@ -327,8 +333,9 @@ def write_packed_table(
     streams instead).
 
     Takes the in-memory form :func:`read_packed_table` returns, so a table read back writes the
-    same bytes: the writer stores ``offsets`` as uint32 (int64 from 2**32 values) or, when every
-    row has one length, as ``row_length`` metadata, and ``scale``/``bias`` as float16.
+    same bytes: the writer stores ``offsets`` as the row ``lengths`` (uint8 when D <= 255, uint16
+    when D <= 65535, else uint32) or, when every row has one length, as ``row_length`` metadata,
+    and ``scale``/``bias`` as float16.
 
     Args:
         path: output ``.safetensors`` file.
@@ -364,15 +371,17 @@ def write_packed_table(
         raise fail(f"`offsets` is {offsets.dtype}{list(offsets.shape)}, expected int64 [N + 1]")
     n = offsets.numel() - 1
     num_values = int(offsets[-1])
+    # The steps must be valid lengths before they are narrowed to the file's dtype (no
+    # wrap-around); their sum against `values` is checked with the stored tensors below.
+    problem = offsets_problem(offsets, num_values, embedding_dim, min_length=FILE_MIN_LENGTH)
+    if problem is not None:
+        raise fail(problem)
     lengths = offsets[1:] - offsets[:-1]
     length = uniform_length(lengths)
-    if length is not None and (int(offsets[0]) != 0 or not 1 <= length <= embedding_dim):
-        length = None  # not a valid table: the offsets checks below name the problem
     tensors = {"values": values}
     if length is None:
-        fits = index_code(num_values) == "U32" and int(offsets.min()) >= 0
-        # Invalid offsets stay int64 (no wrap-around) so that the checks report them as they are.
-        tensors["offsets"] = offsets.to(torch.uint32) if fits else offsets
+        code = lengths_code(embedding_dim)
+        tensors["lengths"] = lengths.to(DTYPES[code][0])
     for name, param in (("scale", scale), ("bias", bias)):
         if param is None:
             continue

@@ -16,6 +16,10 @@ The bound: a lookup needs ``min_length = 0`` (an empty row is looked up as D zer
 and the kernel accept it, and a user may build a ``PackedEmbedding`` with such rows), which is
 the default. A packed file is stricter because it stores ``L_i = k_i + 1`` values per row, never
 zero: its reader passes ``min_length=FILE_MIN_LENGTH`` (docs/format.md, "Reader validation").
+
+A version 3 file stores the lengths L_i instead of the offsets (``offsets`` is their cumulative
+sum, so the first and last conditions hold by construction): :func:`lengths_problem` is the
+middle condition on them.
 """
 
 from __future__ import annotations
@@ -59,4 +63,27 @@ def offsets_problem(
         return f"offsets[N] = {end} points past the end of `values` ({num_values} entries)"
     if end < num_values:
         return f"offsets[N] = {end} but `values` holds {num_values} entries"
+    return None
+
+
+def lengths_problem(
+    lengths: torch.Tensor, embedding_dim: int, min_length: int = 0
+) -> str | None:
+    """The first row whose length is outside [``min_length``, D], as one line of text, or None.
+
+    Args:
+        lengths: (N,) int64 row lengths L_i (widened from the file's unsigned dtype).
+        embedding_dim: D.
+        min_length: smallest allowed row length (``FILE_MIN_LENGTH`` for files).
+
+    Returns:
+        e.g. ``"row 1 has length 0, outside [1, embedding_dim=4]"``, or None.
+    """
+    bad = ((lengths < min_length) | (lengths > embedding_dim)).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        return (
+            f"row {row} has length {int(lengths[row])}, outside [{min_length}, "
+            f"embedding_dim={embedding_dim}]"
+        )
     return None

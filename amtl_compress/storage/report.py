@@ -18,8 +18,9 @@ class TableReport:
         rows: N.
         embedding_dim: D.
         avg_kept: mean kept length sum(L_i) / N (values per row).
-        stored: the file's bytes by part (values / index / per-row metadata / rotation, header
-            excluded) and the dense float32 bytes N * D * 4 (docs/format.md, "Byte accounting").
+        stored: the file's bytes by part (values / index, i.e. the ``lengths`` tensor, 0 with
+            ``row_length`` / per-row metadata / rotation; header excluded) and the dense float32
+            bytes N * D * 4 (docs/format.md, "Byte accounting").
         dtype: packed dtype name.
         file: the written file.
         sha256: hex SHA-256 of the written file.
@@ -81,7 +82,8 @@ class PackReport:
         return self.stored.ratio
 
     def format_table(self) -> str:
-        """A plain-text table (one row per table, then the total) for printing."""
+        """A plain-text table (one row per table, then the total) for printing; "index" is the
+        row lengths tensor."""
         rows = [["table", "rows", "D", "avg kept", "dense fp32", "values", "index", "row meta",
                  "rotation", f"packed {self.dtype}", "ratio"]]
         for t in self.tables:

@@ -4,10 +4,10 @@ The table is read from a safetensors file in row chunks with plain file reads (n
 resident memory stays bounded however large the table), row i is cut to its first L_i values
 (Eq. 1), encoded (storage/quantize.py) and appended to the output file, whose safetensors header
 was computed up front from the lengths (storage/format.py). Peak memory is a few chunks
-(``chunk_bytes`` each) plus O(N) for lengths, offsets and int8/int4 scale/bias. One helper
+(``chunk_bytes`` each) plus O(N) for lengths and int8/int4 scale/bias. One helper
 thread reads and hashes the source ahead of the encoder (``_ChunkReader``). The file is format
-version 3: a uint32 row index (none when every row has one length), float16 int8/int4
-parameters, int4 codes two a byte.
+version 3: the row lengths as its index (uint8 when D <= 255; none when every row has one
+length), float16 int8/int4 parameters, int4 codes two a byte.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from amtl_compress.storage.quantize import (
 )
 from amtl_compress.storage.report import TableReport
 from amtl_compress.storage.source import RUN_FIX, check_lengths
-from amtl_compress.storage.validate import index_code
+from amtl_compress.storage.validate import lengths_code
 
 #: Source bytes read per chunk. Working memory is a small multiple of this (float32 copy, mask,
 #: encoded prefixes), so 32 MiB keeps the peak near 200 MB while amortising per-chunk overhead.
@@ -108,9 +108,7 @@ def pack_table(
     n, d = entry.shape
     check_lengths(lengths, n, d, f"lengths of `{field}`")
     lengths = lengths.to("cpu", torch.int64)
-    offsets = torch.zeros(n + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    num_values = int(offsets[-1])
+    num_values = int(lengths.sum())
     row_length = uniform_length(lengths)
     rotated = rotation is not None
     if rotation is not None and (
@@ -146,13 +144,12 @@ def pack_table(
         _ChunkReader(source_path, entry.offset, n, d, np_src, chunk_rows, digest) as chunks,
     ):
         out.write(prefix)
-        if row_length is None:
-            index = offsets.to(torch.uint32) if index_code(num_values) == "U32" else offsets
-            out.write(_as_bytes(index))
         if rotation is not None:
             out.seek(starts["rotation"])
             out.write(_as_bytes(rotation.contiguous()))
-        out.seek(starts["values"])  # int8/int4 bias/scale go in this gap once every row is encoded
+        # The values are appended in order; the tensors around them are written once they are
+        # done (the lengths may lie after them), so the file grows with the rows encoded.
+        out.seek(starts["values"])
         for start, view in chunks:
             stop = start + view.size // d
             rows = torch.from_numpy(view).view(torch_src).reshape(stop - start, d)
@@ -164,6 +161,9 @@ def pack_table(
             bar.update(stop - start)
         if nibbles is not None:
             out.write(nibbles.finish())
+        if row_length is None:
+            out.seek(starts["lengths"])
+            out.write(_as_bytes(lengths.to(DTYPES[lengths_code(d)][0])))
         if quantized:
             out.seek(starts["bias"])
             out.write(biases)

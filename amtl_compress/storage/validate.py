@@ -17,12 +17,12 @@ import torch
 
 from amtl_compress.errors import PackedFormatError
 from amtl_compress.storage.header import CODE_OF
-from amtl_compress.storage.offsets import FILE_MIN_LENGTH, offsets_problem
+from amtl_compress.storage.offsets import FILE_MIN_LENGTH, lengths_problem, offsets_problem
 from amtl_compress.storage.quantize import PACKED_DTYPES, QUANTIZED
 
 FORMAT_NAME = "amtl-packed-table"
-#: The version writers write (docs/format.md): uint32 or no row index, float16 int8/int4
-#: parameters, int4, an optional rotation.
+#: The version writers write (docs/format.md): a row index of lengths in the smallest unsigned
+#: dtype that holds D (or none), float16 int8/int4 parameters, int4, an optional rotation.
 FORMAT_VERSION = "3"
 #: Version 1: int64 offsets, float32 int8 parameters, no rotation (read, never written).
 LEGACY_FORMAT_VERSION = "1"
@@ -41,10 +41,10 @@ REQUIRED_METADATA = (
     "source_dtype",
     "source_sha256",
 )
-#: Version 3's optional metadata key: every row has this length and the file stores no offsets.
+#: Version 3's optional metadata key: every row has this length and the file stores no index.
 ROW_LENGTH_KEY = "row_length"
-#: A version 3 row index is uint32 below this many values, int64 from it on.
-UINT32_INDEX_LIMIT = 2**32
+#: Version 3's row index dtype by D: the smallest unsigned integer that holds every L_i <= D.
+LENGTH_CODES = ((255, "U8"), (65535, "U16"))
 _DECIMAL = re.compile(r"(0|[1-9][0-9]*)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: Dtypes a source table may have (``source_dtype``); it is converted to float32 before encoding.
@@ -62,13 +62,14 @@ MAX_EMBEDDING_DIM = 65536
 FIX = "re-create it with `pack`"
 
 
-def index_code(num_values: int) -> str:
-    """The dtype code of a version 3 ``offsets`` for S = ``num_values``: U32, or I64 from 2**32."""
-    return "U32" if num_values < UINT32_INDEX_LIMIT else "I64"
+def lengths_code(embedding_dim: int) -> str:
+    """The dtype code of a version 3 ``lengths`` for width D: U8 up to 255, U16 up to 65535,
+    else U32."""
+    return next((code for limit, code in LENGTH_CODES if embedding_dim <= limit), "U32")
 
 
 def row_length(meta: dict[str, str]) -> int | None:
-    """A version 3 table's ``row_length`` (validated metadata), or None when it has offsets."""
+    """A version 3 table's ``row_length`` (validated metadata), or None when it has an index."""
     if meta["format_version"] != FORMAT_VERSION or ROW_LENGTH_KEY not in meta:
         return None
     return int(meta[ROW_LENGTH_KEY])
@@ -87,8 +88,10 @@ def expected_tensors(meta: dict[str, str], present: Collection[str] = ()) -> set
     """
     version = meta["format_version"]
     expected = {"values"}
-    if row_length(meta) is None:
+    if version != FORMAT_VERSION:
         expected.add("offsets")
+    elif row_length(meta) is None:
+        expected.add("lengths")
     if meta["dtype"] in QUANTIZED:
         expected |= {"scale", "bias"}
     if version == ROTATED_FORMAT_VERSION or (version == FORMAT_VERSION and "rotation" in present):
@@ -177,7 +180,8 @@ def validate_layout(
     legacy = meta["format_version"] != FORMAT_VERSION
     param = "F32" if legacy else "F16"
     want: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-        "offsets": (("I64",) if legacy else ("U32", "I64"), (n + 1,)),
+        "offsets": (("I64",), (n + 1,)),
+        "lengths": ((lengths_code(d),), (n,)),
         "scale": ((param,), (n,)),
         "bias": ((param,), (n,)),
         "rotation": (("F32",), (d, d)),
@@ -186,7 +190,10 @@ def validate_layout(
         if name not in shapes:
             continue
         if codes[name] not in allowed:
-            raise fail(f"tensor `{name}` has dtype {codes[name]}, expected {' or '.join(allowed)}")
+            why = f" for embedding_dim {d}" if name == "lengths" else ""
+            raise fail(
+                f"tensor `{name}` has dtype {codes[name]}, expected {' or '.join(allowed)}{why}"
+            )
         if shapes[name] != shape:
             raise fail(
                 f"tensor `{name}` has shape {list(shapes[name])}, expected {list(shape)} "
@@ -201,14 +208,6 @@ def validate_layout(
                 f"tensor `values` has shape {list(shapes['values'])}, expected [{want_count}] "
                 f"for num_embeddings {n} x row_length {length}"
             )
-    # Header-level half of the index rule: a uint32 index cannot reach 2**32 values.
-    if codes.get("offsets") == "U32" and shapes["values"][0] > stored_count(
-        UINT32_INDEX_LIMIT - 1, dtype
-    ):
-        raise fail(
-            f"tensor `offsets` is U32 but `values` holds {shapes['values'][0]} entries; 2**32 "
-            "or more values need I64"
-        )
 
 
 def validate_data(
@@ -218,15 +217,17 @@ def validate_data(
 ) -> dict[str, torch.Tensor]:
     """The O(N) content checks, on the tensors as stored; returns them in the in-memory form.
 
-    Checks the offsets rule with lengths in [1, D] (storage/offsets.py) against S (for int4,
-    ``ceil(S / 2)`` bytes of ``values``), the version 3 index dtype (I64 only from 2**32 values),
-    finite affine parameters with ``scale >= 0`` and a finite rotation. ``values`` itself is
-    never scanned (it may be larger than RAM).
+    Checks version 3's ``lengths`` (every L_i in [1, D], their sum S against ``values``: S
+    entries, or ``ceil(S / 2)`` bytes for int4) or versions 1 and 2's ``offsets`` (the offsets
+    rule of storage/offsets.py with lengths in [1, D]), finite affine parameters with
+    ``scale >= 0`` and a finite rotation. ``values`` itself is never scanned (it may be larger
+    than RAM).
 
     Returns:
-        A new dict: ``offsets`` int64 (N + 1,) (widened from uint32, or materialised from
-        ``row_length``), ``scale``/``bias`` float32 (widened from float16, exact), the other
-        tensors as given.
+        A new dict: ``offsets`` int64 (N + 1,) (the cumulative sum of ``lengths``, or
+        ``arange(N + 1) * row_length``, or versions 1 and 2's as stored) in place of
+        ``lengths``, ``scale``/``bias`` float32 (widened from float16, exact), the other tensors
+        as given.
     """
     out = dict(tensors)
     n, d = int(meta["num_embeddings"]), int(meta["embedding_dim"])
@@ -235,31 +236,28 @@ def validate_data(
     length = row_length(meta)
     if length is not None:
         out["offsets"] = torch.arange(n + 1, dtype=torch.int64) * length  # sizes checked by layout
-    else:
-        stored = tensors["offsets"]
-        offsets = stored if stored.dtype == torch.int64 else stored.to(torch.int64)
-        num_values = count
-        if dtype == "int4":
-            # S is odd or even; the offsets say which, `values` must hold ceil(S / 2) bytes.
-            num_values = int(offsets[-1])
-        problem = offsets_problem(offsets, num_values, d, min_length=FILE_MIN_LENGTH)
+    elif "lengths" in tensors:
+        lengths = tensors["lengths"].to(torch.int64)
+        problem = lengths_problem(lengths, d, min_length=FILE_MIN_LENGTH)
         if problem is not None:
             raise fail(problem)
-        if dtype == "int4" and stored_count(num_values, dtype) != count:
+        offsets = torch.zeros(n + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        num_values = int(offsets[-1])
+        if stored_count(num_values, dtype) != count:
+            unit = "bytes of int4 `values`" if dtype == "int4" else "entries of `values`"
             raise fail(
-                f"offsets[N] = {num_values} values need {stored_count(num_values, dtype)} bytes "
-                f"of int4 `values`, which holds {count}"
+                f"`lengths` sum to S = {num_values} values, which need "
+                f"{stored_count(num_values, dtype)} {unit}; it holds {count}"
             )
-        if (
-            meta["format_version"] == FORMAT_VERSION
-            and stored.dtype == torch.int64
-            and num_values < UINT32_INDEX_LIMIT
-        ):
-            raise fail(
-                f"tensor `offsets` is I64 for {num_values} values; version 3 stores fewer than "
-                "2**32 values with a U32 index"
-            )
+        del out["lengths"]
         out["offsets"] = offsets
+    else:
+        # Versions 1 and 2: int64 offsets, no int4.
+        offsets = tensors["offsets"]
+        problem = offsets_problem(offsets, count, d, min_length=FILE_MIN_LENGTH)
+        if problem is not None:
+            raise fail(problem)
     if "scale" in tensors:
         scale, bias = tensors["scale"], tensors["bias"]
         if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
