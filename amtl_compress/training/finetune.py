@@ -420,11 +420,12 @@ def dense_gradients_(model: nn.Module) -> list[str]:
 
 
 def _missed(targets: dict[str, float], ratios: dict[str, float]) -> dict[str, dict[str, float]]:
-    """The tables whose realized ratio is more than :data:`BUDGET_TOLERANCE` from their R."""
+    """The tables whose realized ratio is more than :data:`BUDGET_TOLERANCE` over their R (a
+    memory budget is an upper bound: a table that keeps less than R meets it)."""
     return {
         path: {"target": r, "realized": ratios[path]}
         for path, r in targets.items()
-        if abs(ratios[path] - r) > BUDGET_TOLERANCE
+        if ratios[path] - r > BUDGET_TOLERANCE
     }
 
 

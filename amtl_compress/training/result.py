@@ -43,9 +43,10 @@ class CollapseWarning(UserWarning):
 class BudgetWarning(UserWarning):
     """No epoch met the memory budget: the run was written from the best epoch all the same.
 
-    An epoch meets the budget when the warmup is over and every budgeted table's realized ratio
-    is within ``BUDGET_TOLERANCE`` of its R. ``metrics.json`` then says ``"budget_met": false``
-    and lists the tables that missed (``"budget_missed"``).
+    An epoch meets the budget when the warmup is over and no budgeted table's realized ratio
+    is more than ``BUDGET_TOLERANCE`` over its R (keeping less than R meets it).
+    ``metrics.json`` then says ``"budget_met": false`` and lists the tables that missed
+    (``"budget_missed"``).
 
     Attributes:
         missed: module path -> ``{"target": R, "realized": ratio of the kept epoch}``.
