@@ -514,12 +514,12 @@ def plan(
     checkpoint: Annotated[Path, typer.Argument(help="Trained weights (.safetensors or .pt).")],
     valid: Annotated[Path, typer.Option(help="Validation data to score (never the test split).")],
     field: Annotated[
-        list[str],
+        Optional[list[str]],  # noqa: UP045
         typer.Option(
             help="Table to plan: `MODULE=COLUMN`, or a bare name for both (repeatable), as in "
-            "`finetune`."
+            "`finetune`. Default: the adapter's (`dlrm`: every emb_l.K=cat_K)."
         ),
-    ],
+    ] = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = "auto",
     output: OutputOpt = "auto",
@@ -553,7 +553,8 @@ def plan(
     from amtl_compress.training.config import parse_field
 
     result = run_plan(
-        checkpoint, valid, dict(parse_field(f) for f in field), ratios=parse_ratios(ratios),
+        checkpoint, valid, dict(parse_field(f) for f in field or []),
+        ratios=parse_ratios(ratios),
         max_auc_drop=max_auc_drop, model_factory=model, batch_size=batch_size, label=label,
         plot=plot, progress=not quiet, adapter=adapter, output=output,
     )

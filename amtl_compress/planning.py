@@ -385,17 +385,18 @@ def plan(
 
     Raises:
         As :func:`truncation_curves` and :func:`~amtl_compress.checkpoint.load_model`;
-        ConfigError for no ``fields``, a bad ``max_auc_drop`` or a ``plot`` that is not .svg,
-        before anything is loaded.
+        ConfigError for a bad ``max_auc_drop`` or a ``plot`` that is not .svg, before anything
+        is loaded; for no ``fields`` when the adapter has no default tables either.
     """
-    if not fields:
-        raise ConfigError("no `fields` given; name at least one embedding table to plan")
     check_ratios(ratios)
     _check_drop(max_auc_drop)
     plot_path = None if plot is None else _check_plot_path(plot)
     model, spec = load_model(checkpoint, model_factory)
     chosen = resolve_adapter(model, adapter, spec)
     data = open_data(valid, label=label, list_padding=adapter_list_padding(chosen))
+    fields = dict(fields) or chosen.default_fields(model, data.columns)
+    if not fields:
+        raise ConfigError("no `fields` given; name at least one embedding table to plan")
     call, note = check_model_call(model, chosen, first_batch(data.batches(min(batch_size, 1024))),
                                   recorded_output(output, spec))
     curves = truncation_curves(model, data, fields, ratios, batch_size=batch_size,

@@ -398,3 +398,16 @@ def test_plan_runs_dlrm_net_with_a_template(dlrm_task) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("model output read as probabilities")
     assert lines[2].split() == ["ratio", *[f"emb_l.{k}" for k in range(len(ROWS))]]
+
+
+def test_plan_without_fields_plans_the_adapters_tables(dlrm_task) -> None:
+    """No --field: `plan` takes the adapter's default tables (every emb_l.K=cat_K), as
+    `finetune` does."""
+    paths, checkpoint = dlrm_task
+    result = CliRunner(mix_stderr=False).invoke(app, [
+        "plan", str(checkpoint), "--model", FACTORY, "--adapter", "dlrm",
+        "--valid", str(paths["valid"]), "--ratios", "0.5", "-q",
+    ])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert result.stdout.splitlines()[2].split() == [
+        "ratio", *[f"emb_l.{k}" for k in range(len(ROWS))]]
