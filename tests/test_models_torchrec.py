@@ -336,3 +336,18 @@ def test_finetune_pack_eval_cli(synthetic, e2e, tmp_path) -> None:
            if line.split() and line.split()[0] in ("checkpoint", "fine-tuned", "packed")}
     assert set(auc) == {"checkpoint", "fine-tuned", "packed"}
     assert abs(auc["packed"] - auc["fine-tuned"]) < 5e-3  # int8 values
+
+
+def test_plan_without_fields_plans_every_table(synthetic, e2e) -> None:
+    from typer.testing import CliRunner
+
+    from amtl_compress.cli import app
+
+    factory, base = e2e
+    result = CliRunner(mix_stderr=False).invoke(app, [
+        "plan", str(base), "--model", factory, "--adapter", "torchrec",
+        "--valid", str(synthetic.valid), "--ratios", "0.5", "-q",
+    ])
+    assert result.exit_code == 0, result.output + result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("ratio"))
+    assert set(header.split()[1:]) == TABLES
