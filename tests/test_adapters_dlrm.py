@@ -411,3 +411,38 @@ def test_plan_without_fields_plans_the_adapters_tables(dlrm_task) -> None:
     assert result.exit_code == 0, result.output + result.stderr
     assert result.stdout.splitlines()[2].split() == [
         "ratio", *[f"emb_l.{k}" for k in range(len(ROWS))]]
+
+
+def test_resume_with_another_output_reading_is_refused(dlrm_task, tmp_path, monkeypatch) -> None:
+    """The adapter and the output reading are part of the run: an interrupted run read as
+    probabilities does not resume as logits (that would continue on another loss)."""
+    import amtl_compress.training.finetune as finetune_mod
+
+    paths, checkpoint = dlrm_task
+    out = tmp_path / "run"
+    real_step, calls = finetune_mod.bce_step, {"n": 0}
+
+    def interrupted_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the save at step 3
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    def run(*extra: str):
+        return CliRunner(mix_stderr=False).invoke(app, [
+            "finetune", str(checkpoint), "--model", FACTORY, "--adapter", "dlrm",
+            "--data", str(paths["train"]), "--valid", str(paths["valid"]),
+            "--field", "emb_l.{i}=cat_{i}", "--target-ratio", "0.4", "--out", str(out),
+            "--epochs", "1", "--batch-size", "512", "--save-every", "3", "-q", *extra,
+        ])
+
+    monkeypatch.setattr(finetune_mod, "bce_step", interrupted_step)
+    assert run().exit_code == 130
+    monkeypatch.setattr(finetune_mod, "bce_step", real_step)
+    result = run("--output", "logits")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: `{tmp_path / 'run.resume'}` holds an interrupted run with a different "
+        "configuration; rerun with the same options, or pass --no-resume to start over\n"
+    )
+    assert run().exit_code == 0  # the same options resume

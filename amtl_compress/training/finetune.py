@@ -192,7 +192,10 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
             ]
         )
     state_dir = resume_dir(request.out)
-    config_json = json.dumps(config.to_dict(), sort_keys=True)
+    # How the model is called is part of the run: resuming with another adapter or output
+    # reading would continue on a different loss.
+    config_json = json.dumps({**config.to_dict(), "model_call": {
+        "adapter": inputs.call.adapter.name, "output": inputs.call.output}}, sort_keys=True)
     progress_state = resume_or_restart(
         state_dir, model, optimizer, config_json, request.resume, world
     )
