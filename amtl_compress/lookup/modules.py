@@ -32,6 +32,17 @@ from amtl_compress.storage.offsets import offsets_problem
 _BUFFERS = ("values", "offsets", "scale", "bias")
 
 
+def _num_values(values: Tensor, offsets: Tensor) -> int | None:
+    """S, the values a table holds: ``len(values)``, or for int4 (uint8, two a byte)
+    ``offsets[N]`` when ``values`` has exactly ceil(S / 2) bytes for it; None when it has not."""
+    if values.dtype != torch.uint8:
+        return values.numel()
+    if offsets.numel() < 1:
+        return None
+    s = int(offsets[-1])
+    return s if s >= 0 and (s + 1) // 2 == values.numel() else None
+
+
 def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
               bias: Tensor | None, embedding_dim: int) -> None:
     """Check a whole packed table (O(N), never reads ``values``); raise PackedFormatError.
@@ -52,13 +63,11 @@ def _validate(table: str, values: Tensor, offsets: Tensor, scale: Tensor | None,
         raise PackedFormatError(f"{where}: `offsets` must be a non-empty 1-D int64 tensor "
                                 "(N + 1,)")
     n = offsets.numel() - 1
-    num_values = values.numel()
-    if values.dtype == torch.uint8:  # int4: S = offsets[N] values in ceil(S / 2) bytes
-        num_values = int(offsets[-1])
-        if num_values < 0 or (num_values + 1) // 2 != values.numel():
-            raise PackedFormatError(f"{where}: int4 (uint8) `values` must hold ceil(S / 2) bytes "
-                                    f"for S = offsets[N] = {num_values} values, got "
-                                    f"{values.numel()} bytes")
+    num_values = _num_values(values, offsets)
+    if num_values is None:  # int4: S = offsets[N] values in ceil(S / 2) bytes
+        raise PackedFormatError(f"{where}: int4 (uint8) `values` must hold ceil(S / 2) bytes "
+                                f"for S = offsets[N] = {int(offsets[-1])} values, got "
+                                f"{values.numel()} bytes")
     problem = offsets_problem(offsets, num_values, embedding_dim)
     if problem is not None:
         raise PackedFormatError(f"{where}: {problem}; `offsets` must start at 0, rise by 0 to "
@@ -155,14 +164,10 @@ class _PackedLookup(nn.Module):
             return cached.derived, cached.unchecked
         inference = offsets.is_inference()
         unchecked = False
-        # Values the table holds (int4: S = offsets[N], the nibbles; the table passed _validate,
-        # so ceil(S / 2) == len(values)). The check below fails the copy if that ever breaks.
-        num_values = values.numel()
-        if values.dtype == torch.uint8 and offsets.numel() >= 1:
-            num_values = int(offsets[-1])
-            if (num_values + 1) // 2 != values.numel():
-                num_values = -1  # no valid copy: checked operators
-        if (0 <= num_values < 2**31 and offsets.dtype == torch.int64
+        # Values the table holds (int4: S = offsets[N]); None (no valid copy: the checked
+        # operators) if the buffers changed since _validate.
+        num_values = _num_values(values, offsets)
+        if (num_values is not None and num_values < 2**31 and offsets.dtype == torch.int64
                 and offsets.numel() >= 1):
             derived = offsets.to(torch.int32)
             # The copy itself is checked: it is the very tensor the unchecked operators read.
