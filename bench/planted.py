@@ -213,15 +213,23 @@ def train_base(splits: CTRSplits, out: Path, seed: int, cfg: PlantedConfig = PLA
 
 
 @torch.no_grad()
+def pca_prefix(weight: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows (N, D) on the table's principal axes with row r cut to its first ``keep[r]`` dims,
+    the (D, D) rotation R that maps them back: ``rows @ R``); what a truncated table stores."""
+    rotation = principal_axes(weight)
+    rotated = weight @ rotation.T
+    rotated *= torch.arange(weight.shape[1]) < keep.unsqueeze(1)
+    return rotated, rotation
+
+
+@torch.no_grad()
 def pca_truncated(model: nn.Module, lengths: dict[str, Tensor]) -> nn.Module:
     """``model`` with each table's rows cut to their first ``lengths[f]`` (N,) dims in the
     table's principal-axes basis (core/rotation.py) and rotated back: what a truncated table
     stores (kept values + the D x D rotation) decoded to D dims. Modifies ``model`` in place."""
     for f, keep in lengths.items():
         weight = model.embeddings[f].weight
-        rotation = principal_axes(weight)
-        rotated = weight @ rotation.T
-        rotated *= torch.arange(weight.shape[1]) < keep.unsqueeze(1)
+        rotated, rotation = pca_prefix(weight, keep)
         weight.copy_(rotated @ rotation)
     return model
 

@@ -67,6 +67,7 @@ cores). Results are rewritten after every seed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -293,6 +294,16 @@ def test_scores(model: nn.Module, data: dict) -> dict[str, float]:
     return evaluate(model, data["test"].batches(4096))
 
 
+def record_fixed(data: dict, name: str, group: str, model: nn.Module,
+                 lengths: dict[str, Tensor], extra_bytes: int) -> dict:
+    """:func:`record` for a method that stores its kept values in float32 (field -> lengths
+    (N,)) plus ``extra_bytes``."""
+    kept = sum(int(lengths[f].sum()) for f in FIELDS)
+    dense_values = sum(data["rows"][f] * data["dim"] for f in FIELDS)
+    return record(name, group, model, data, kept * 4 + extra_bytes,
+                  {f: float(lengths[f].double().mean()) for f in FIELDS}, kept / dense_values)
+
+
 def record(name: str, group: str, model: nn.Module, data: dict, table_bytes: int,
            avg_dim: dict[str, float], kept_ratio: float) -> dict:
     scores = test_scores(model, data)
@@ -310,12 +321,7 @@ def run_seed(seed: int, work: Path, quick: bool) -> tuple[list[dict], dict]:
     full = {f: float(d) for f in FIELDS}
     out: list[dict] = []
 
-    def fixed_record(name: str, group: str, model: nn.Module, lengths: dict[str, Tensor],
-                     extra_bytes: int) -> dict:
-        kept = sum(int(lengths[f].sum()) for f in FIELDS)
-        return record(name, group, model, data, kept * 4 + extra_bytes,
-                      {f: float(lengths[f].double().mean()) for f in FIELDS},
-                      kept / dense_values)
+    fixed_record = functools.partial(record_fixed, data)
 
     base, _ = load_model(data["base"])
     out.append(record("FBE (trained)", "FBE", base, data, dense_values * 4, full, 1.0))
@@ -445,19 +451,27 @@ def tier_rule(budget_bytes: int, counts: dict[str, Tensor], dim: int
 
     Returns field -> lengths int64 (N,)."""
     edges = torch.tensor(TIER_EDGES)
-    tiers = {f: torch.bucketize(c, edges, right=True) for f, c in counts.items()}
-    weight = {}
+    weights = {}
     for f, c in counts.items():
-        means = torch.stack([c[tiers[f] == t].double().mean() if (tiers[f] == t).any()
+        tiers = torch.bucketize(c, edges, right=True)
+        means = torch.stack([c[tiers == t].double().mean() if (tiers == t).any()
                              else torch.tensor(0.0, dtype=torch.float64)
                              for t in range(len(TIER_EDGES) + 1)])
-        weight[f] = torch.log2(2.0 + means)
+        weights[f] = torch.log2(2.0 + means)[tiers]
+    return lengths_within(weights, budget_bytes, dim)
+
+
+def lengths_within(weights: dict[str, Tensor], budget_bytes: int, dim: int
+                   ) -> dict[str, Tensor]:
+    """``clip(round(a * weight), 1, D)`` per row (weights: field -> (N,) float64), one scale
+    ``a`` for every table, the largest (bisected) whose kept values x 4 + the D x D rotations
+    fit ``budget_bytes``. Returns field -> lengths int64 (N,)."""
 
     def lengths(a: float) -> dict[str, Tensor]:
-        return {f: (a * weight[f]).round().clamp(1, dim).long()[tiers[f]] for f in counts}
+        return {f: (a * w).round().clamp(1, dim).long() for f, w in weights.items()}
 
     def cost(a: float) -> int:
-        return sum(int(v.sum()) for v in lengths(a).values()) * 4 + len(counts) * dim * dim * 4
+        return sum(int(v.sum()) for v in lengths(a).values()) * 4 + len(weights) * dim * dim * 4
 
     lo, hi = 0.0, float(dim)
     for _ in range(60):
@@ -521,12 +535,7 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool, recipe: dict | None = 
         print(f"  seed {seed}: {what} ({time.time() - clock:.0f} s)", file=sys.stderr)
         clock = time.time()
 
-    def fixed_record(name: str, group: str, model: nn.Module, lengths: dict[str, Tensor],
-                     extra_bytes: int) -> dict:
-        kept = sum(int(lengths[f].sum()) for f in FIELDS)
-        return record(name, group, model, data, kept * 4 + extra_bytes,
-                      {f: float(lengths[f].double().mean()) for f in FIELDS},
-                      kept / dense_values)
+    fixed_record = functools.partial(record_fixed, data)
 
     out.append(record("FBE (trained)", "FBE", load_model(data["base"])[0], data,
                       dense_values * 4, full, 1.0))
@@ -577,16 +586,14 @@ def tier_packed_records(data: dict, work: Path, lengths: dict[str, Tensor], name
     """The trained tables on their principal axes, row r cut to ``lengths[f][r]`` dims, written
     as a run directory and packed by `pack` (float32 and int8) like AMTL's runs: the tiers pay
     the same row index, per-row parameters and rotation as AMTL, bytes from the real files."""
+    import planted
+
     from amtl_compress._io import atomic_save_safetensors
-    from amtl_compress.core.rotation import principal_axes as axes
 
     model = load_model(data["base"])[0]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for f, keep in lengths.items():
-        weight = state[f"embeddings.{f}.weight"]
-        rotation = axes(weight)
-        rotated = weight @ rotation.T
-        rotated *= torch.arange(weight.shape[1]) < keep.unsqueeze(1)
+        rotated, rotation = planted.pca_prefix(state[f"embeddings.{f}.weight"], keep)
         state[f"embeddings.{f}.weight"] = rotated.contiguous()
         state[f"embeddings.{f}.rotation"] = rotation.contiguous()
     run = work / "tiers-run"

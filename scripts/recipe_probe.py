@@ -41,24 +41,6 @@ def valid_auc(model: torch.nn.Module, data: dict) -> float:
     return evaluate(model.eval(), data["valid"].batches(65_536))["auc"]
 
 
-def scaled_lengths(weights: dict[str, torch.Tensor], budget_bytes: int, dim: int
-                   ) -> dict[str, torch.Tensor]:
-    """``clip(round(a * weight), 1, D)`` per row, ``a`` the largest whose value bytes (x 4, plus
-    the D x D rotations, as ``quality.tier_rule``) fit ``budget_bytes``."""
-
-    def lengths(a: float) -> dict[str, torch.Tensor]:
-        return {f: (a * w).round().clamp(1, dim).long() for f, w in weights.items()}
-
-    def cost(a: float) -> int:
-        return sum(int(v.sum()) for v in lengths(a).values()) * 4 + len(weights) * dim * dim * 4
-
-    lo, hi = 0.0, float(dim)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(mid) <= budget_bytes else (lo, mid)
-    return lengths(lo)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -87,7 +69,7 @@ def main() -> None:
                                for f in quality.FIELDS}),
                 ("planted dims", {f: torch.from_numpy(truth[f"dims_{f}"]).double()
                                   for f in quality.FIELDS})):
-            lengths = scaled_lengths(weights, int(budget * dense_bytes), data["dim"])
+            lengths = quality.lengths_within(weights, int(budget * dense_bytes), data["dim"])
             model = planted.pca_truncated(load_model(data["base"])[0], lengths)
             rows.append((f"{name} @{budget:g}", "-", valid_auc(model, data)))
     amtl = AMTLConfig(**json.loads(args.amtl))
