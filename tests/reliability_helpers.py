@@ -1,5 +1,5 @@
-"""Helpers shared by the ``test_reliability_*`` files: CLI subprocesses and synthetic run
-directories."""
+"""Helpers shared by the ``test_reliability_*`` files and the resume tests: CLI subprocesses,
+synthetic run directories, an interrupted fine-tune."""
 
 from __future__ import annotations
 
@@ -92,3 +92,20 @@ def saved_step(state_file: Path) -> int | None:
             return int((f.metadata() or {})["step"])
     except Exception:  # missing, or replaced between open and read: no readable state now
         return None
+
+
+def interrupt_at_step(monkeypatch, step: int) -> Callable[[], None]:
+    """Make ``finetune``'s ``step``-th optimiser step (1-based, counted over every call from now)
+    raise KeyboardInterrupt, as a Ctrl-C would; returns a function that puts the real step back."""
+    import amtl_compress.training.finetune as finetune_mod
+
+    real_step, calls = finetune_mod.bce_step, {"n": 0}
+
+    def interrupted_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_mod, "bce_step", interrupted_step)
+    return lambda: monkeypatch.setattr(finetune_mod, "bce_step", real_step)

@@ -53,6 +53,7 @@ from amtl_compress.surgery.targets import field_column, find_embedding_modules, 
 from amtl_compress.training.config import FinetuneConfig, parse_field
 from amtl_compress.training.finetune import finetune
 from amtl_compress.training.loop import evaluate
+from tests.reliability_helpers import interrupt_at_step
 
 FACTORY = "dlrm_net:build_dlrm_net"
 
@@ -416,17 +417,8 @@ def test_plan_without_fields_plans_the_adapters_tables(dlrm_task) -> None:
 def test_resume_with_another_output_reading_is_refused(dlrm_task, tmp_path, monkeypatch) -> None:
     """The adapter and the output reading are part of the run: an interrupted run read as
     probabilities does not resume as logits (that would continue on another loss)."""
-    import amtl_compress.training.finetune as finetune_mod
-
     paths, checkpoint = dlrm_task
     out = tmp_path / "run"
-    real_step, calls = finetune_mod.bce_step, {"n": 0}
-
-    def interrupted_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # after the save at step 3
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
 
     def run(*extra: str):
         return CliRunner(mix_stderr=False).invoke(app, [
@@ -436,9 +428,9 @@ def test_resume_with_another_output_reading_is_refused(dlrm_task, tmp_path, monk
             "--epochs", "1", "--batch-size", "512", "--save-every", "3", "-q", *extra,
         ])
 
-    monkeypatch.setattr(finetune_mod, "bce_step", interrupted_step)
+    restore = interrupt_at_step(monkeypatch, 5)  # after the save at step 3
     assert run().exit_code == 130
-    monkeypatch.setattr(finetune_mod, "bce_step", real_step)
+    restore()
     result = run("--output", "logits")
     assert result.exit_code == 1
     assert result.stderr == (

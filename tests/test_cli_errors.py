@@ -8,8 +8,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-import amtl_compress.training.finetune as finetune_mod
 from amtl_compress.cli import app, cli_message
+from tests.reliability_helpers import interrupt_at_step
 
 runner = CliRunner(mix_stderr=False)
 
@@ -70,15 +70,7 @@ def test_error_lines_are_pinned(synthetic, baseline, tmp_path):
 
 def test_resume_with_other_options_is_refused(synthetic, baseline, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_step, calls = finetune_mod.bce_step, {"n": 0}
-
-    def interrupted_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # after the save at step 3
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(finetune_mod, "bce_step", interrupted_step)
+    restore = interrupt_at_step(monkeypatch, 5)  # after the save at step 3
     result = _finetune(baseline, synthetic, out, "--field", "user_id")
     assert result.exit_code == 130
     state = tmp_path / "run.resume"
@@ -86,7 +78,7 @@ def test_resume_with_other_options_is_refused(synthetic, baseline, tmp_path, mon
         f"Interrupted; progress is saved in `{state}`: rerun the same command to resume "
         "(or add --no-resume to start over)\n"
     )
-    monkeypatch.setattr(finetune_mod, "bce_step", real_step)
+    restore()
     result = _finetune(baseline, synthetic, out, "--field", "user_id", "--lr", "0.02")
     assert result.exit_code == 1
     assert result.stderr == (

@@ -38,7 +38,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import amtl_compress.training.finetune as finetune_mod
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.cli import app
 from amtl_compress.errors import ConfigError, DataError, RunDirError, TrainingError
@@ -48,7 +47,7 @@ from amtl_compress.training.distributed import World, process_group
 from amtl_compress.training.finetune import finetune
 from amtl_compress.training.loop import predict, predict_sharded
 from amtl_compress.training.train import train_dlrm
-from tests.reliability_helpers import REPO, saved_step
+from tests.reliability_helpers import REPO, interrupt_at_step, saved_step
 
 #: Fraction of rows whose length must equal the single-process run's, per table.
 EQUAL_ROWS = 0.98
@@ -360,19 +359,11 @@ def test_resume_refuses_a_state_saved_by_another_world_size(
     synthetic, baseline, tmp_path, monkeypatch
 ):
     config = FinetuneConfig(fields={"user_id": "user_id"}, epochs=1, batch_size=512, save_every=2)
-    real_step, calls = finetune_mod.bce_step, {"n": 0}
-
-    def interrupted_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(finetune_mod, "bce_step", interrupted_step)
+    restore = interrupt_at_step(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "run", config,
                  progress=False)
-    monkeypatch.setattr(finetune_mod, "bce_step", real_step)
+    restore()
     # Make the state look as if 2 ranks had saved it.
     state = tmp_path / "run.resume" / "state.safetensors"
     with safe_open(str(state), framework="pt") as f:

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import amtl_compress.training.finetune as finetune_mod
 from amtl_compress.checkpoint import load_model
 from amtl_compress.errors import ConfigError, NoMatchingModuleError, OutputExistsError
 from amtl_compress.training.config import FinetuneConfig, parse_field
 from amtl_compress.training.finetune import finetune
+from tests.reliability_helpers import interrupt_at_step
 
 FIELDS = {"user_id": "user_id", "item_id": "item_id"}
 
@@ -71,21 +71,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     full = finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "a", config,
                     progress=False)
 
-    real_step = finetune_mod.bce_step
-    calls = {"n": 0}
-
-    def interrupted_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 14:  # mid-epoch 2, after a save at step 12
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(finetune_mod, "bce_step", interrupted_step)
+    restore = interrupt_at_step(monkeypatch, 14)  # mid-epoch 2, after a save at step 12
     with pytest.raises(KeyboardInterrupt):
         finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "b", config,
                  progress=False)
     assert not (tmp_path / "b").exists() and (tmp_path / "b.resume" / "state.json").exists()
-    monkeypatch.setattr(finetune_mod, "bce_step", real_step)
+    restore()
     resumed = finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "b", config,
                        progress=False)
     for path in full.lengths:
