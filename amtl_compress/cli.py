@@ -327,7 +327,11 @@ def finetune(
                 parse_target_ratio,
             )
             from amtl_compress.training.finetune import finetune as run_finetune
-            from amtl_compress.training.result import BudgetWarning, CollapseWarning
+            from amtl_compress.training.result import (
+                BudgetWarning,
+                CollapseWarning,
+                UnseenRowsWarning,
+            )
         with world.errors_agreed():
             config = FinetuneConfig(
                 fields=dict(parse_field(f) for f in field or []), epochs=epochs,
@@ -343,6 +347,9 @@ def finetune(
             # Reported below, once (rank 0), as `Warning: ...` lines.
             warnings.simplefilter("ignore", CollapseWarning)
             warnings.simplefilter("ignore", BudgetWarning)
+            # Said when it arises (before training; finetune warns on rank 0 only).
+            warnings.simplefilter("always", UnseenRowsWarning)
+            warnings.showwarning = _show_as_cli_line(warnings.showwarning, UnseenRowsWarning)
             result = run_finetune(
                 checkpoint, data, valid, out, config, model_factory=model, counts_file=counts,
                 resume=resume, overwrite=overwrite, progress=not quiet, adapter=adapter,
@@ -364,6 +371,21 @@ def finetune(
             typer.echo(f"wrote {result.run_dir}")
             if result.metrics.get("budget_summary"):  # last, where a reader looks for the verdict
                 typer.echo(cli_message(result.metrics["budget_summary"], _option_names()))
+
+
+def _show_as_cli_line(
+    show: Callable[..., None], category: type[Warning]
+) -> Callable[..., None]:
+    """``warnings.showwarning`` that writes ``category`` as a one-line ``Warning: ...`` in the
+    CLI's words, and anything else as ``show`` does."""
+
+    def showwarning(message, kind, *args, **kwargs) -> None:  # noqa: ANN001 (warnings' API)
+        if issubclass(kind, category):
+            typer.echo(f"Warning: {cli_message(str(message), _option_names())}", err=True)
+        else:
+            show(message, kind, *args, **kwargs)
+
+    return showwarning
 
 
 def _interrupted_message(out: Path) -> str:

@@ -142,8 +142,8 @@ def table_report(
     Returns:
         (module path -> {column, rows, dim, avg_kept_dim, memory_ratio, collapsed} plus, with
         ``counts``, ``kept_dim_by_frequency_group`` (G0 rarest .. G6 most frequent rows, the
-        paper's Fig. 3) and ``spearman_with_count``; kept values / all values over every table,
-        1.0 when there is none).
+        paper's Fig. 3), ``spearman_with_count`` and ``unseen_rows`` (rows with count 0);
+        kept values / all values over every table, 1.0 when there is none).
     """
     per_table: dict[str, Any] = {}
     kept = total = 0
@@ -162,6 +162,7 @@ def table_report(
             count = counts[path].to(lens.device)
             per_table[path]["kept_dim_by_frequency_group"] = frequency_group_means(lens, count)
             per_table[path]["spearman_with_count"] = rank_correlation(lens, count)
+            per_table[path]["unseen_rows"] = int((count == 0).sum())
         kept += int(lens.sum())
         total += n * d
     return per_table, (kept / total if total else 1.0)

@@ -6,7 +6,10 @@ first 25 % of the training split, batch 65,536) at each learning rate given, and
 VALIDATION split (the bench reports the test split; choices are made here, never there):
 
 - ``FBE fine-tuned``: the trained model, no AMTL, same steps (what the recipe costs by itself);
-- ``AMTL @R``: ``finetune`` at each ``--budgets`` ratio, with ``--amtl`` overrides;
+- ``AMTL @R``: ``finetune`` at each ``--budgets`` ratio, with ``--amtl`` overrides; its
+  frequencies counted on the fine-tuning share (what ``finetune`` does by default), or with
+  ``--counts train`` on the whole training split (``counts_file``), as the tiers count them;
+  the mean kept length per frequency group (G0..G6) of each table is printed to stderr;
 - ``freq tiers @R``: the training-free bar of the bench, at AMTL's budget (value bytes);
 - ``log count @R``: no tiers, every row its own ``clip(round(a log2(2 + count)), 1, D)``;
 - ``planted dims @R``: the oracle, every row ``clip(round(a d(r)), 1, D)`` from the generator's
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -49,6 +53,8 @@ def main() -> None:
     parser.add_argument("--amtl", default="{}", help="JSON overrides of AMTLConfig")
     parser.add_argument("--finetune", default="{}", help="JSON overrides of FinetuneConfig")
     parser.add_argument("--skip-fbe", action="store_true")
+    parser.add_argument("--counts", choices=("finetune", "train"), default="finetune",
+                        help="where AMTL's frequencies are counted (default: its own data)")
     parser.add_argument("--tiny", action="store_true", help="planted.TINY sizes (smoke run)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/recipe_probe"))
     args = parser.parse_args()
@@ -73,6 +79,10 @@ def main() -> None:
             model = planted.pca_truncated(load_model(data["base"])[0], lengths)
             rows.append((f"{name} @{budget:g}", "-", valid_auc(model, data)))
     amtl = AMTLConfig(**json.loads(args.amtl))
+    counts_file = None
+    if args.counts == "train":
+        counts_file = work / "train-counts.safetensors"
+        save_file({f: data["counts"][f] for f in quality.FIELDS}, str(counts_file))
     for lr in args.lrs:
         if not args.skip_fbe:
             start = time.time()
@@ -88,10 +98,13 @@ def main() -> None:
                 amtl=amtl, **json.loads(args.finetune))
             result = finetune(data["base"], data["ft_train_path"], data["ctr"].valid,
                               work / "run", config, resume=False, overwrite=True,
-                              progress=False)
+                              progress=False, counts_file=counts_file)
             best = result.metrics["best_epoch"]
             auc = next(e["auc"] for e in result.metrics["epochs"] if e["epoch"] == best)
             rows.append((f"AMTL @{budget:g}", f"{lr:g}", auc))
+            for table, report in result.metrics["tables"].items():
+                groups = " ".join(f"{x:.1f}" for x in report["kept_dim_by_frequency_group"])
+                print(f"    {table}: G0..G6 {groups}", file=sys.stderr)
             print(f"  AMTL @{budget:g} lr {lr:g}: {auc:.4f} ({time.time() - start:.0f} s)",
                   file=sys.stderr)
     print(f"planted seed {args.seed}, amtl={args.amtl} finetune={args.finetune} "

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import amtl_compress.training.finetune as finetune_mod
 from amtl_compress.cli import app
+from amtl_compress.data.counts import count_frequencies
 from amtl_compress.errors import TrainingError
-from amtl_compress.training.finetune import FinetuneConfig, finetune
+from amtl_compress.training.finetune import FinetuneConfig, UnseenRowsWarning, finetune
 
 runner = CliRunner(mix_stderr=False)
 
@@ -120,3 +121,52 @@ def test_no_collapse_flag_when_rows_keep_more_than_one_value(
     assert [str(w.message) for w in record] == ["sentinel"]
     assert result.metrics["collapsed"] == []
     assert result.metrics["tables"]["embeddings.user_id"]["collapsed"] is False
+
+
+def _first_rows(path: Path, rows: int, out: Path) -> Path:
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path).slice(0, rows), out)
+    return out
+
+
+def test_unseen_rows_are_reported_before_training(synthetic, baseline, tmp_path: Path) -> None:
+    # 200 rows of data cannot show most of the 400 users: those all share one frequency.
+    small = _first_rows(synthetic.train, 200, tmp_path / "small.parquet")
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "finetune", str(baseline), "--data", str(small), "--valid", str(synthetic.valid),
+        "--field", "user_id", "--field", "item_id", "--target-ratio", "0.5", "--out", str(out),
+        "--epochs", "1", "--batch-size", "64", "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    counts = {f: count_frequencies(small, f, n) for f, n in (("user_id", 400), ("item_id", 200))}
+    unseen = {f: int((c == 0).sum()) for f, c in counts.items()}
+    assert unseen["user_id"] > 200  # the fixture's premise
+    warned = [line for line in result.stderr.splitlines() if "never occur" in line]
+    assert len(warned) == 1 and warned[0].startswith("Warning: `embeddings.user_id`: ")
+    assert f"{unseen['user_id']:,} of 400 rows" in warned[0]
+    assert warned[0].endswith("pass that data's counts as --counts (docs/data.md)")
+    assert ("`embeddings.item_id`" in warned[0]) == (unseen["item_id"] > 100)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tables"]["embeddings.user_id"]["unseen_rows"] == unseen["user_id"]
+
+
+def test_no_unseen_rows_warning_with_the_training_counts(
+    synthetic, baseline, tmp_path: Path
+) -> None:
+    small = _first_rows(synthetic.train, 200, tmp_path / "small.parquet")
+    config = FinetuneConfig(fields={"user_id": "user_id"}, epochs=1, batch_size=64,
+                            target_ratio=0.5)
+    with pytest.warns(UnseenRowsWarning) as record:
+        finetune(baseline, small, synthetic.valid, tmp_path / "a", config, progress=False)
+    (warning,) = [w.message for w in record if isinstance(w.message, UnseenRowsWarning)]
+    zero, rows = warning.unseen["embeddings.user_id"]
+    assert rows == 400 and zero > 200
+    counts = tmp_path / "counts.safetensors"
+    save_file({"user_id": count_frequencies(synthetic.train, "user_id", 400)}, str(counts))
+    with pytest.warns() as record:
+        finetune(baseline, small, synthetic.valid, tmp_path / "b", config, progress=False,
+                 counts_file=counts)
+        finetune_mod.warnings.warn("sentinel", UserWarning)  # pytest.warns needs one warning
+    assert [str(w.message) for w in record] == ["sentinel"]

@@ -54,12 +54,18 @@ from amtl_compress.training.distributed import (
 from amtl_compress.training.launch import DeferredInterrupt
 from amtl_compress.training.loop import bce_step, evaluate, read_batches, sync_batch
 from amtl_compress.training.request import FinetuneRequest, Inputs, prepare
-from amtl_compress.training.result import BudgetWarning, CollapseWarning, FinetuneResult
+from amtl_compress.training.result import (
+    UNSEEN_SHARE,
+    BudgetWarning,
+    CollapseWarning,
+    FinetuneResult,
+    UnseenRowsWarning,
+)
 from amtl_compress.training.resume import resume_or_restart, save_state
 from amtl_compress.training.targets import resolve_table_targets
 
 __all__ = [
-    "BUDGET_TOLERANCE", "BudgetWarning", "CollapseWarning", "FinetuneConfig",
+    "BUDGET_TOLERANCE", "BudgetWarning", "CollapseWarning", "FinetuneConfig", "UnseenRowsWarning",
     "FinetuneRequest", "FinetuneResult", "finetune",
 ]
 
@@ -157,6 +163,8 @@ def finetune(
         CollapseWarning: a table's rows were all cut to length 1.
         BudgetWarning: no epoch met the budget (the run is still written, from the best epoch;
             ``metrics.json`` has ``"budget_met": false`` and the tables that missed).
+        UnseenRowsWarning: frequencies counted on ``data`` (no ``counts_file``) and more than
+            half of a table's rows never occur in it (``metrics.json``: ``unseen_rows``).
     """
     request = FinetuneRequest(checkpoint, data, valid, Path(out), config, model_factory,
                               counts_file, resume, overwrite, progress, adapter, output)
@@ -177,6 +185,8 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
     config, model = request.config, inputs.model
     if request.progress and world.is_main and not inputs.call.is_plain:
         tqdm.write(inputs.call_note, file=sys.stderr)
+    if request.counts_file is None and world.is_main:
+        _warn_unseen_rows(inputs.counts)
     before = evaluate(model, inputs.valid_data.batches(config.batch_size), world, inputs.call)
     with world.errors_agreed():
         targets = resolve_table_targets(config, inputs, request.progress and world.is_main)
@@ -333,6 +343,17 @@ def _end_epoch(run: _Run, step: int) -> None:
             if run.world.is_main:
                 run.state_dir.mkdir(parents=True, exist_ok=True)
                 atomic_save_safetensors(run.model.state_dict(), run.state_dir / _BEST_FILE)
+
+
+def _warn_unseen_rows(counts: dict[str, torch.Tensor]) -> None:
+    """Warn (:class:`UnseenRowsWarning`) about tables where most rows have count 0."""
+    unseen = {
+        path: (int((count == 0).sum()), count.numel())
+        for path, count in counts.items()
+        if count.numel() and int((count == 0).sum()) > UNSEEN_SHARE * count.numel()
+    }
+    if unseen:
+        warnings.warn(UnseenRowsWarning(unseen), stacklevel=5)  # at finetune's caller
 
 
 def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResult:

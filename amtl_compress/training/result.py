@@ -1,4 +1,4 @@
-"""What a fine-tuning run hands back: its result, and the warning of a collapsed table."""
+"""What a fine-tuning run hands back: its result, and the warnings it can raise on the way."""
 
 from __future__ import annotations
 
@@ -68,4 +68,33 @@ class BudgetWarning(UserWarning):
         super().__init__(
             f"no epoch met the memory budget; kept epoch {epoch}: {'; '.join(parts)} - "
             "train for more epochs, lower `budget_warmup` or raise `target_ratio`"
+        )
+
+
+#: Share of a table's rows absent from the counted data above which ``finetune`` warns.
+UNSEEN_SHARE = 0.5
+
+
+class UnseenRowsWarning(UserWarning):
+    """Most rows of a table never occur in the data the frequencies were counted on.
+
+    Rows with the same count share one frequency and so one length: every unseen row gets the
+    rarest rows' length, whatever the model learned for it. It happens when the fine-tuning
+    data is a small share of what the model was trained on; the training data's counts
+    (``counts_file``, docs/data.md) then give lengths that follow frequency.
+
+    Attributes:
+        unseen: module path -> (rows with count 0, rows of the table).
+    """
+
+    def __init__(self, unseen: dict[str, tuple[int, int]]) -> None:
+        self.unseen = unseen
+        tables = "; ".join(
+            f"`{path}`: {zero:,} of {rows:,} rows ({100 * zero / rows:.1f} %)"
+            for path, (zero, rows) in unseen.items()
+        )
+        super().__init__(
+            f"{tables} never occur in the fine-tuning data, so they all get the rarest rows' "
+            "length; if the model was trained on more data, pass that data's counts as "
+            "`counts_file` (docs/data.md)"
         )
