@@ -45,7 +45,7 @@ def int8_encode(
 
     With ``lo``/``hi`` the min/max of a row's L_i kept values, in float32 arithmetic:
 
-    - ``float16_params`` (format version 3): ``b = f16(lo + 128 * ((hi - lo) / 255))``,
+    - ``float16_params`` (format versions 3 and 4): ``b = f16(lo + 128 * ((hi - lo) / 255))``,
       ``scale = f16up(max((b - lo) / 128, (hi - b) / 127))``, so [lo, hi] stays inside the codes'
       range whatever the rounding of ``b`` and every decoded value is within ``scale / 2``;
     - else (versions 1 and 2): ``scale = (hi - lo) / 255``, ``b = lo + 128 * scale``;

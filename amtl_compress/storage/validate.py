@@ -78,7 +78,7 @@ FIX = "re-create it with `pack`"
 
 
 def lengths_code(embedding_dim: int) -> str:
-    """The dtype code of a version 3 ``lengths`` for width D: U8 up to 255, U16 up to 65535,
+    """The dtype code of a version 3 or 4 ``lengths`` for width D: U8 up to 255, U16 up to 65535,
     else U32."""
     return next((code for limit, code in LENGTH_CODES if embedding_dim <= limit), "U32")
 
