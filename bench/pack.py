@@ -10,12 +10,15 @@ source does not count towards the measured peak. Prints MB/s of source and the c
 on MovieLens-100k (the demo's data and split, seed 0), fine-tunes AMTL on user_id and item_id at
 ``target_ratio`` 0.4 with the library defaults (dimension ordering "pca": a float32 rotation
 per table), packs the run in every dtype and prints each one's bytes by part with its ratio to
-the dense float32 tables and the test AUC of the fine-tuned model with its tables replaced by
-the decoded packed rows; then int8 with version 3's float16 scale/bias against version 1's
-float32 ones (decode error over every kept value, AUC). Then the same for a second fine-tune
-with ``AMTLConfig(ordering="none")`` (no rotation stored), and whether each target of the
-format (float32 <= 0.44, int8 <= 0.14, int4 <= 0.08 with test AUC within 0.002 of float32) is
-met with each ordering. 8 minutes on 2 cores shared with other jobs.
+the dense float32 tables and the test AUC of the fine-tuned model with its tables and rotations
+replaced by the decoded packed ones; the rotation as stored (format version 4: at the values'
+precision) against the float32 one; int8 with float16 scale/bias against version 1's float32
+ones, and int4 with version 4's symmetric float16 scale against version 3's scale + bias and a
+scale + zero point (decode error over every kept value, AUC). Then the same for a second
+fine-tune with ``AMTLConfig(ordering="none")`` (no rotation stored); the AUC-vs-bytes points of
+format versions 2, 3 and 4; and whether each target of the format (float32 <= 0.44, int8 <=
+0.14, int4 <= 0.08 with test AUC within 0.002 of float32) is met with each ordering. 8-10
+minutes on 2 cores shared with other jobs.
 
     .venv/bin/python bench/pack.py                      # 4M x 128, all dtypes
     .venv/bin/python bench/pack.py --rows 200000 --dtypes float32   # quick
@@ -163,6 +166,7 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
         return rows
 
     measured: dict[str, dict[str, tuple[float, float]]] = {}  # ordering -> dtype -> (ratio, AUC)
+    versions: list[tuple[str, ...]] = []  # rows of the AUC-vs-bytes table by format version
     for ordering in orderings:
         result = finetune(
             base, ctr.train, ctr.valid, work / f"amtl-{ordering}",
@@ -172,12 +176,19 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
         )
         model_file = RunDir(result.run_dir).model_file
 
-        def auc_with(rows_of: dict[str, torch.Tensor], model_file: Path = model_file) -> float:
-            """Test AUC of the fine-tuned model with these (N, D) tables in place of its own."""
+        def auc_with(
+            rows_of: dict[str, torch.Tensor],
+            rotations: dict[str, torch.Tensor] | None = None,
+            model_file: Path = model_file,
+        ) -> float:
+            """Test AUC of the fine-tuned model with these (N, D) tables (and (D, D) rotations)
+            in place of its own."""
             model = load_model(model_file)[0]
             with torch.no_grad():
                 for path, rows in rows_of.items():
                     model.get_submodule(path).weight.copy_(rows)
+                for path, rotation in (rotations or {}).items():
+                    model.get_submodule(path).rotation.copy_(rotation)
             return evaluate(model, test.batches(4096))["auc"]
 
         tables = result.metrics["tables"]
@@ -191,67 +202,207 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
         print(f"fine-tuned model, test AUC {finetuned_auc:.4f}\n")
         summary = [("dtype", "values", "index", "row meta", "rotation", "total", "ratio",
                     "w/o rotation", "test AUC")]
-        int8_tables = {}
+        rotation_rows = [("dtype", "rotation stored", "bytes", "max |err|", "AUC float32 R",
+                          "AUC stored R")]
+        quantized_tables: dict[str, dict] = {}
         measured[ordering] = {}
         for dtype in dtypes:
             report = pack(result.run_dir, work / f"packed-{ordering}-{dtype}", dtype=dtype,
                           overwrite=True, progress=False)
             print(f"$ amtl-compress pack <run, ordering={ordering}> --dtype {dtype}")
             print(report.format_table() + "\n")
-            decoded = {}
+            decoded, rotations, exact_rotations = {}, {}, {}
             for entry in report.tables:
                 table = read_packed_table(entry.file)
-                if dtype == "int8":
-                    int8_tables[entry.field] = table
+                if dtype in ("int8", "int4"):
+                    quantized_tables.setdefault(dtype, {})[entry.field] = table
                 decoded[entry.field] = padded(
                     table, dequantize_values(table.values, table.offsets, table.scale, table.bias)
                 )
+                if table.rotation is not None:
+                    rotations[entry.field] = table.rotation
+                    exact_rotations[entry.field] = load_model(model_file)[0].get_submodule(
+                        entry.field
+                    ).rotation.detach().clone()
             b = report.stored
-            auc = auc_with(decoded)
+            auc = auc_with(decoded, rotations)
             measured[ordering][dtype] = (b.ratio, auc)
             summary.append((dtype, f"{b.values:,}", f"{b.index:,}", f"{b.row_metadata:,}",
                             f"{b.rotation:,}", f"{b.total:,}", f"{b.ratio:.3f}",
                             f"{(b.total - b.rotation) / b.dense:.3f}", f"{auc:.4f}"))
+            # The same values with the fine-tuned float32 rotation: what version 3 stored.
+            auc_f32_rotation = auc_with(decoded, exact_rotations) if rotations else auc
+            if rotations:
+                err = max((rotations[p] - exact_rotations[p]).abs().max().item()
+                          for p in rotations)
+                code = {"float16": "F16", "bfloat16": "BF16", "int8": "I8 + F16 row scale",
+                        "int4": "I8 + F16 row scale"}.get(dtype, "F32")
+                rotation_rows.append((dtype, code, f"{b.rotation:,}", f"{err:.2e}",
+                                      f"{auc_f32_rotation:.4f}", f"{auc:.4f}"))
+            versions.append(_version_row(ordering, dtype, report, auc, auc_f32_rotation))
         print(f"ordering={ordering!r}: dense float32 tables {report.stored.dense:,} bytes; "
-              "ratio = total / dense; test AUC with the decoded packed rows in the fine-tuned "
-              "model")
+              "ratio = total / dense; test AUC with the decoded packed rows (and rotations) in "
+              "the fine-tuned model")
         print(_columns(summary) + "\n")
-        if ordering == orderings[0] and int8_tables:
-            _int8_params(int8_tables, model_file, auc_with, measured[ordering]["int8"][1], padded)
+        if len(rotation_rows) > 1:
+            print("the rotation as stored (format version 4) against the fine-tuned float32 one: "
+                  "largest entry error, and test AUC with the packed rows and either rotation")
+            print(_columns(rotation_rows) + "\n")
+        if "int8" in quantized_tables:
+            _int8_params(quantized_tables["int8"], model_file, auc_with, padded, versions,
+                         ordering)
+        if "int4" in quantized_tables:
+            _int4_params(quantized_tables["int4"], model_file, auc_with, padded, versions,
+                         ordering)
+    _versions(versions)
     _targets(measured)
 
 
-def _int8_params(int8_tables, model_file, auc_with, v3_auc: float, padded) -> None:
-    """int8 parameters: version 3's float16 scale/bias against version 1's float32 ones."""
+def _version_row(ordering: str, dtype: str, report, auc: float, auc_f32_rotation: float):
+    """Bytes and test AUC of this pack as format versions 2, 3 and 4 would store it.
+
+    Versions 2 and 3 store the same values as version 4 (except int8 in version 2 and int4 in
+    version 3, whose AUC :func:`_int8_params` / :func:`_int4_params` fill in) and a float32
+    rotation: version 2 int64 offsets (8 (N + 1) bytes) and float32 int8 scale/bias (8 N);
+    version 3 the same 1-byte lengths as version 4 and float16 scale/bias (4 N).
+    """
+    v4 = report.stored
+    rows = sum(t.rows for t in report.tables)
+    rotated = [t for t in report.tables if t.stored.rotation]
+    f32_rotation = sum(4 * t.embedding_dim**2 for t in rotated)
+    quantized = dtype in ("int8", "int4")
+    v3 = v4.values + v4.index + (4 * rows if quantized else 0) + f32_rotation
+    v2 = v4.values + 8 * (rows + len(report.tables)) + (8 * rows if quantized else 0) + f32_rotation
+    return {
+        "ordering": ordering, "dtype": dtype, "dense": v4.dense,
+        2: (v2 / v4.dense, auc_f32_rotation) if dtype != "int4" else None,
+        3: (v3 / v4.dense, auc_f32_rotation),
+        4: (v4.ratio, auc),
+    }
+
+
+def _versions(rows: list[dict]) -> None:
+    """The AUC-vs-bytes points of each format version (docs/benchmarks.md, "Packing")."""
+    out = [("ordering", "dtype", "v2 ratio", "v2 AUC", "v3 ratio", "v3 AUC", "v4 ratio", "v4 AUC")]
+    for r in rows:
+        cells = []
+        for version in (2, 3, 4):
+            point = r[version]
+            cells += ["-", "-"] if point is None else [f"{point[0]:.3f}", f"{point[1]:.4f}"]
+        out.append((r["ordering"], r["dtype"], *cells))
+    print("AUC against bytes by format version: the same fine-tuned tables stored as versions "
+          "2, 3 and 4 (ratio to the dense float32 bytes; test AUC with the decoded rows and "
+          "rotations; version 2 has no int4)")
+    print(_columns(out) + "\n")
+
+
+def _affine_error_rows(name_to_decoded, kept_of, steps_of, aucs):
+    """Rows of a decode-error table: mean/max |err|, max |err| / scale, mean scale, AUC."""
     import torch
+
+    rows = []
+    for name, decoded in name_to_decoded.items():
+        err = torch.cat([(decoded[p] - kept_of[p]).abs() for p in kept_of])
+        step = torch.cat([steps_of[name][p] for p in kept_of])
+        coded = step > 0
+        rows.append((name, f"{err.mean().item():.3e}", f"{err.max().item():.3e}",
+                     f"{(err[coded] / step[coded]).max().item():.4f}",
+                     f"{step.mean().item():.4e}", f"{aucs[name]:.4f}"))
+    return rows
+
+
+def _int8_params(tables, model_file, auc_with, padded, versions, ordering) -> None:
+    """int8 parameters: float16 scale/bias (versions 3, 4) against version 1's float32 ones."""
 
     from amtl_compress.checkpoint import load_model
     from amtl_compress.storage.format import prefix_mask
     from amtl_compress.storage.quantize import dequantize_values, int8_encode
 
-    errors: dict[str, list[torch.Tensor]] = {"float32 (v1)": [], "float16 (v3)": []}
-    steps: dict[str, list[torch.Tensor]] = {"float32 (v1)": [], "float16 (v3)": []}
-    rows_v1 = {}
-    for path, table in int8_tables.items():
-        weight = load_model(model_file)[0].get_submodule(path).weight.detach()
-        kept = weight[prefix_mask(table.lengths, table.embedding_dim)]
+    model = load_model(model_file)[0]
+    names = ("float32 (v1, v2)", "float16 (v3, v4)")
+    decoded = {n: {} for n in names}
+    steps = {n: {} for n in names}
+    kept_of, rows_v1, rotations = {}, {}, {}
+    for path, table in tables.items():
+        weight = model.get_submodule(path).weight.detach()
+        kept = kept_of[path] = weight[prefix_mask(table.lengths, table.embedding_dim)]
         q, scale, bias = int8_encode(kept, table.lengths, float16_params=False)
-        v1 = dequantize_values(q, table.offsets, scale, bias)
-        rows_v1[path] = padded(table, v1)
-        v3 = dequantize_values(table.values, table.offsets, table.scale, table.bias)
-        for name, decoded, s in (("float32 (v1)", v1, scale), ("float16 (v3)", v3, table.scale)):
-            errors[name].append((decoded - kept).abs())
-            steps[name].append(s.float().repeat_interleave(table.lengths))
+        decoded[names[0]][path] = dequantize_values(q, table.offsets, scale, bias)
+        steps[names[0]][path] = scale.float().repeat_interleave(table.lengths)
+        rows_v1[path] = padded(table, decoded[names[0]][path])
+        decoded[names[1]][path] = dequantize_values(
+            table.values, table.offsets, table.scale, table.bias
+        )
+        steps[names[1]][path] = table.scale.float().repeat_interleave(table.lengths)
+        if table.rotation is not None:
+            rotations[path] = table.rotation
+    # Both with the float32 rotation (versions 1-3); version 4's int8 rotation is measured above.
+    aucs = {names[0]: auc_with(rows_v1)}
+    aucs[names[1]] = auc_with({p: padded(t, decoded[names[1]][p]) for p, t in tables.items()})
+    for r in versions:
+        if r["ordering"] == ordering and r["dtype"] == "int8":
+            r[2] = (r[2][0], aucs[names[0]])
     rows = [("int8 scale/bias", "mean |err|", "max |err|", "max |err| / scale", "mean scale",
-             "test AUC")]
-    for name in errors:
-        err, step = torch.cat(errors[name]), torch.cat(steps[name])
-        coded = step > 0
-        auc = auc_with(rows_v1) if name.startswith("float32") else v3_auc
-        rows.append((name, f"{err.mean().item():.3e}", f"{err.max().item():.3e}",
-                     f"{(err[coded] / step[coded]).max().item():.4f}",
-                     f"{step.mean().item():.4e}", f"{auc:.4f}"))
-    print(f"int8 decode error over all {sum(len(e) for e in errors['float16 (v3)'])} kept values")
+             "test AUC")] + _affine_error_rows(decoded, kept_of, steps, aucs)
+    print(f"int8 decode error over all {sum(len(k) for k in kept_of.values())} kept values "
+          "(test AUC with the fine-tuned float32 rotation)")
+    print(_columns(rows) + "\n")
+
+
+def _zero_point_int4(kept, lengths):
+    """The int4 candidate not taken: a float16 scale and a uint8 zero point z in [0, 15] per row
+    (3 bytes), ``x' = (u - z) * scale`` over [min(lo, 0), max(hi, 0)]. Returns (x', scale)."""
+    import numpy as np
+    import torch
+
+    from amtl_compress.storage.quantize import _f16_up, _row_ranges
+
+    x, counts, lo, hi = _row_ranges(kept, lengths)
+    lo0, hi0 = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
+    scale = _f16_up((hi0 - lo0) / np.float32(15)).astype(np.float32)
+    step = np.where(scale > 0, scale, np.float32(1))
+    z = np.clip(np.rint(-lo0 / step), 0, 15).astype(np.float32)
+    u = np.clip(np.rint(x / np.repeat(step, counts)) + np.repeat(z, counts), 0, 15)
+    decoded = (u - np.repeat(z, counts)) * np.repeat(scale, counts)
+    return torch.from_numpy(decoded.astype(np.float32)), torch.from_numpy(scale)
+
+
+def _int4_params(tables, model_file, auc_with, padded, versions, ordering) -> None:
+    """int4 row parameters: version 4's symmetric float16 scale (2 bytes a row) against version
+    3's float16 scale + bias (4) and a float16 scale + uint8 zero point (3)."""
+    from amtl_compress.checkpoint import load_model
+    from amtl_compress.storage.format import prefix_mask
+    from amtl_compress.storage.quantize import dequantize_values, int4_encode, pack_nibbles
+
+    model = load_model(model_file)[0]
+    names = ("scale + bias (v3), 4 B", "scale + zero point, 3 B", "scale only (v4), 2 B")
+    decoded = {n: {} for n in names}
+    steps = {n: {} for n in names}
+    kept_of = {}
+    for path, table in tables.items():
+        weight = model.get_submodule(path).weight.detach()
+        kept = kept_of[path] = weight[prefix_mask(table.lengths, table.embedding_dim)]
+        q, scale, bias = int4_encode(kept, table.lengths, symmetric=False)
+        decoded[names[0]][path] = dequantize_values(pack_nibbles(q), table.offsets, scale, bias)
+        steps[names[0]][path] = scale.float().repeat_interleave(table.lengths)
+        zp, zp_scale = _zero_point_int4(kept, table.lengths)
+        decoded[names[1]][path] = zp
+        steps[names[1]][path] = zp_scale.repeat_interleave(table.lengths)
+        decoded[names[2]][path] = dequantize_values(
+            table.values, table.offsets, table.scale, table.bias
+        )
+        steps[names[2]][path] = table.scale.repeat_interleave(table.lengths)
+    # All three with the fine-tuned float32 rotation, so only the row code differs.
+    aucs = {
+        n: auc_with({p: padded(t, decoded[n][p]) for p, t in tables.items()}) for n in names
+    }
+    for r in versions:
+        if r["ordering"] == ordering and r["dtype"] == "int4":
+            r[3] = (r[3][0], aucs[names[0]])
+    rows = [("int4 row params", "mean |err|", "max |err|", "max |err| / scale", "mean scale",
+             "test AUC")] + _affine_error_rows(decoded, kept_of, steps, aucs)
+    print(f"int4 decode error over all {sum(len(k) for k in kept_of.values())} kept values "
+          "(test AUC with the fine-tuned float32 rotation)")
     print(_columns(rows) + "\n")
 
 

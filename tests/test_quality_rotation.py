@@ -176,7 +176,7 @@ def test_rotated_table_round_trips_its_rotation(tmp_path: Path):
     path = tmp_path / "t.safetensors"
     _, rotation = rotated_table(path)
     table = read_packed_table(path)
-    assert table.metadata["format_version"] == "3"
+    assert table.metadata["format_version"] == "4"
     assert torch.equal(table.rotation, rotation)
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])

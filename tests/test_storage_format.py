@@ -50,8 +50,13 @@ def packed(weight: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, t
     return weight[mask], offsets
 
 
-def write_table(path: Path, dtype: str = "float32") -> torch.Tensor:
-    """Write the worked example in ``dtype``; return the dense rows."""
+#: A 4 x 4 rotation (orthogonal; 0.6 and 0.8 are not float16 values).
+ROTATION = torch.tensor([[0.6, 0.8, 0, 0], [-0.8, 0.6, 0, 0], [0, 0, 0, 1.0], [0, 0, 1.0, 0]])
+
+
+def write_table(path: Path, dtype: str = "float32", rotated: bool = False) -> torch.Tensor:
+    """Write the worked example in ``dtype`` (with ``ROTATION`` if ``rotated``); return the
+    dense rows."""
     weight = dense_rows()
     values, offsets = packed(weight, LENGTHS)
     scale = bias = None
@@ -64,7 +69,7 @@ def write_table(path: Path, dtype: str = "float32") -> torch.Tensor:
         values = values.to(getattr(torch, dtype))
     write_packed_table(
         path, values, offsets, embedding_dim=D, field="emb", source_sha256=source_digest(weight),
-        scale=scale, bias=bias,
+        scale=scale, bias=bias, rotation=ROTATION if rotated else None,
     )
     return weight
 
@@ -93,10 +98,10 @@ def test_worked_example_matches_the_spec(tmp_path: Path) -> None:
         '"lengths":{"dtype":"U8","shape":[3],"data_offsets":[28,31]}}'
     )
     assert header.startswith('{"__metadata__":{"dtype":"float32","embedding_dim":"4","field":"emb"')
-    assert '"format_version":"3"' in header and "row_length" not in header
+    assert '"format_version":"4"' in header and "row_length" not in header
     assert raw[8 + n + 28 :] == bytes([2, 1, 4])  # the lengths, one byte each (D <= 255)
     assert table.offsets.dtype == torch.int64  # their cumulative sum on read
-    assert table.format_version == 3
+    assert table.format_version == 4
     assert (table.stored.values, table.stored.index, table.stored.row_metadata) == (28, 3, 0)
 
 
@@ -125,18 +130,22 @@ def test_worked_example_int4_matches_the_spec(tmp_path: Path) -> None:
     weight = write_table(path, "int4")
     table = read_packed_table(path)
     assert table.values.dtype == torch.uint8
-    assert [hex(b) for b in table.values.tolist()] == ["0xf", "0xa0", "0xfc", "0x0"]
+    # Codes [12, 0 | 15 | 9, 11, 14, 0] (zero is code 8), two a byte, low nibble first.
+    assert [hex(b) for b in table.values.tolist()] == ["0xc", "0x9f", "0xeb", "0x0"]
     assert table.scale is not None and table.bias is not None
-    assert table.bias.tolist() == [-1.0, 2.0, -2.0]
-    assert table.scale[2].item() == 0.2333984375 and table.scale[1].item() == 0.0
+    # Row 0: max(1 / 8, 0.5 / 7) = 0.125; row 1: f16up(2 / 7); row 2: max(2 / 8, 1.5 / 7).
+    assert table.scale.tolist() == [0.125, 0.285888671875, 0.25]
+    assert torch.equal(table.bias, table.scale * -8)  # not stored: -8 * scale, on read
     decoded = dequantize_values(table.values, table.offsets, table.scale, table.bias)
     expected, _ = packed(weight, LENGTHS)
+    assert decoded.tolist() == [0.5, -1.0, 2.001220703125, 0.25, 0.75, 1.5, -2.0]
     assert ((decoded - expected).abs() <= table.scale.repeat_interleave(LENGTHS) / 2 + 1e-6).all()
     header = read_header(path)
     order = sorted(header.tensors.values(), key=lambda e: e.offset)
     assert [(e.name, e.dtype, e.nbytes) for e in order] == [
-        ("bias", "F16", 6), ("scale", "F16", 6), ("lengths", "U8", 3), ("values", "U8", 4),
+        ("scale", "F16", 6), ("lengths", "U8", 3), ("values", "U8", 4),
     ]
+    assert table.stored is not None and table.stored.row_metadata == 6
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
@@ -188,8 +197,15 @@ def test_index_is_the_smallest_unsigned_dtype_that_holds_d() -> None:
         "rotation", "values", "lengths",
     ]
     assert [e[0] for e in table_layout(3, 300, 6, "int8", rotated=True)] == [
-        "rotation", "lengths", "bias", "scale", "values",
+        "rotation_scale", "lengths", "bias", "scale", "rotation", "values",
     ]
+    # Version 4: the rotation at the values' precision; int4 stores a scale and no bias.
+    assert [e[:2] for e in table_layout(3, 4, 6, "int4", rotated=True)] == [
+        ("rotation_scale", "F16"), ("scale", "F16"), ("rotation", "I8"), ("lengths", "U8"),
+        ("values", "U8"),
+    ]
+    for dtype, code in (("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")):
+        assert table_layout(3, 4, 6, dtype, rotated=True)[0] == ("rotation", code, (4, 4))
     assert [e[0] for e in table_layout(3, 70000, 6, "float16")] == ["lengths", "values"]
 
 
@@ -442,7 +458,7 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("sum < S", lengths_are([2, 1, 3]), r"sum to S = 6 values, which need 6 entries of `values`"),
     ("no format", meta("format", None), r"metadata key\(s\) `format` missing"),
     ("wrong format", meta("format", "other"), "metadata `format` is `other`"),
-    ("version", meta("format_version", "4"), "format_version `4` is not supported"),
+    ("version", meta("format_version", "5"), "format_version `5` is not supported"),
     ("N unparsable", meta("num_embeddings", "three"), "`num_embeddings` is `three`, not a"),
     ("D zero", meta("embedding_dim", "0"), r"`embedding_dim` is 0, must be in \[1, 65536\]"),
     # Consistent with every row length, but a lookup would allocate a (B, D) output of ~800 GB.
@@ -450,7 +466,8 @@ TAMPERS: list[tuple[str, Callable[[dict, bytes], tuple[dict, bytes]], str]] = [
     ("N mismatch", meta("num_embeddings", "4"), r"`lengths` has shape \[3\], expected \[4\]"),
     ("dtype name", meta("dtype", "fp8"), "metadata `dtype` is `fp8`"),
     ("int8 no scale", meta("dtype", "int8"), r"missing tensor\(s\) `bias`, `scale`"),
-    ("int4 no scale", meta("dtype", "int4"), r"missing tensor\(s\) `bias`, `scale`"),
+    # Version 4 int4 stores a scale and no bias (version 3: both).
+    ("int4 no scale", meta("dtype", "int4"), r"missing tensor\(s\) `scale`;"),
     ("source dtype", meta("source_dtype", "int4"), "metadata `source_dtype` is `int4`"),
     ("empty field", meta("field", ""), "metadata `field` is empty"),
     ("sha", meta("source_sha256", "abc"), "`source_sha256` is not 64 lowercase hex digits"),
@@ -477,9 +494,9 @@ def test_reader_rejects_tampered_header_or_index(
     "edit,problem",
     [
         (
-            meta("format_version", "4"),
-            "format_version `4` is not supported (this amtl-compress reads versions 1, 2, 3; a "
-            "later release wrote it)",
+            meta("format_version", "5"),
+            "format_version `5` is not supported (this amtl-compress reads versions 1, 2, 3, 4; "
+            "a later release wrote it)",
         ),
         (lengths_are([2, 0, 4]), "row 1 has length 0, outside [1, embedding_dim=4]"),
         (
@@ -543,12 +560,15 @@ def test_reader_rejects_bad_affine_parameters(
     path = tmp_path / "t.safetensors"
     write_table(path, dtype)
     header, data = split(path)
+    names = [name for name in ("scale", "bias") if name in header]  # version 4 int4: no bias
     arrays = {}
-    for name in ("scale", "bias"):
+    for name in names:
         begin, end = header[name]["data_offsets"]
         arrays[name] = torch.from_numpy(np.frombuffer(data[begin:end], dtype="<f2").copy())
-    edit(arrays["scale"], arrays["bias"])
-    for name in ("scale", "bias"):
+    edit(arrays["scale"], arrays.get("bias", torch.zeros(0, dtype=torch.float16)))
+    if "bias" not in names and message == "non-finite" and torch.isfinite(arrays["scale"]).all():
+        pytest.skip("version 4 int4 stores no bias")
+    for name in names:
         begin, end = header[name]["data_offsets"]
         data = data[:begin] + arrays[name].numpy().tobytes() + data[end:]
     join(path, header, data)
@@ -584,10 +604,11 @@ def test_encode_header_pads_to_8_and_places_tensors_back_to_back() -> None:
     edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
     cut=st.one_of(st.none(), st.integers(0, 10_000)),
     dtype=st.sampled_from(["float32", "int8", "int4"]),
+    rotated=st.booleans(),
 )
-def test_fuzzed_files_fail_cleanly(tmp_path: Path, edits, cut, dtype) -> None:
+def test_fuzzed_files_fail_cleanly(tmp_path: Path, edits, cut, dtype, rotated) -> None:
     path = tmp_path / f"fuzz_{dtype}.safetensors"
-    write_table(path, dtype)
+    write_table(path, dtype, rotated)
     raw = bytearray(path.read_bytes())
     for position, byte in edits:
         raw[position % len(raw)] = byte
@@ -604,6 +625,8 @@ def test_fuzzed_files_fail_cleanly(tmp_path: Path, edits, cut, dtype) -> None:
     expected_count = (num_values + 1) // 2 if table.dtype == "int4" else num_values
     assert expected_count == table.values.numel()
     assert (table.lengths >= 1).all() and (table.lengths <= table.embedding_dim).all()
+    if table.rotation is not None:
+        assert table.rotation.dtype == torch.float32 and torch.isfinite(table.rotation).all()
 
 
 
@@ -679,3 +702,185 @@ def test_legacy_int8_parameters_are_float32_and_checked(tmp_path: Path) -> None:
     join(path, header, data)
     with pytest.raises(PackedFormatError, match="`scale` holds a negative value"):
         read_packed_table(path)
+
+
+# --- version 4: the rotation at the values' precision, int4 without a bias ------------------------
+
+
+def tensor_bytes(h: dict, d: bytes, name: str, np_dtype: str) -> np.ndarray:
+    begin, end = h[name]["data_offsets"]
+    return np.frombuffer(d[begin:end], dtype=np_dtype).copy()
+
+
+def replace(name: str, code: str, array: np.ndarray | None):
+    """Store ``array`` as tensor ``name`` with dtype ``code`` (None: keep its bytes, change only
+    the dtype), moving later tensors so the data region stays tiled."""
+
+    def edit(h: dict, d: bytes) -> tuple[dict, bytes]:
+        begin, end = h[name]["data_offsets"]
+        raw = d[begin:end] if array is None else array.tobytes()
+        grown = len(raw) - (end - begin)
+        for info in (v for k, v in h.items() if k != "__metadata__"):
+            if info["data_offsets"][0] >= end:
+                info["data_offsets"] = [o + grown for o in info["data_offsets"]]
+        shape = h[name]["shape"] if array is None else list(array.shape)
+        h[name] = {"dtype": code, "shape": shape, "data_offsets": [begin, begin + len(raw)]}
+        return h, d[:begin] + raw + d[end:]
+
+    return edit
+
+
+def add(name: str, code: str, array: np.ndarray):
+    """Append tensor ``name`` at the end of the data region."""
+
+    def edit(h: dict, d: bytes) -> tuple[dict, bytes]:
+        raw = array.tobytes()
+        h[name] = {"dtype": code, "shape": list(array.shape),
+                   "data_offsets": [len(d), len(d) + len(raw)]}
+        return h, d + raw
+
+    return edit
+
+
+def edit_values(name: str, np_dtype: str, change: Callable[[np.ndarray], None]):
+    """Change tensor ``name``'s numbers in place (same dtype and size)."""
+
+    def edit(h: dict, d: bytes) -> tuple[dict, bytes]:
+        array = tensor_bytes(h, d, name, np_dtype)
+        change(array)
+        begin, end = h[name]["data_offsets"]
+        return h, d[:begin] + array.tobytes() + d[end:]
+
+    return edit
+
+
+F32_ROTATION = ROTATION.numpy().astype("<f4")
+
+
+V4_TAMPERS = [
+    # (id, dtype of the rotated file, edit, message)
+    ("int8 rotation F32", "int8", replace("rotation", "F32", F32_ROTATION),
+     "tensor `rotation` has dtype F32, expected I8 for dtype int8"),
+    ("int4 rotation F16", "int4", replace("rotation", "F16", F32_ROTATION.astype("<f2")),
+     "tensor `rotation` has dtype F16, expected I8 for dtype int4"),
+    ("float32 rotation F16", "float32", replace("rotation", "F16", F32_ROTATION.astype("<f2")),
+     "tensor `rotation` has dtype F16, expected F32 for dtype float32"),
+    ("float16 rotation BF16", "float16", replace("rotation", "BF16", None),
+     "tensor `rotation` has dtype BF16, expected F16 for dtype float16"),
+    ("bfloat16 rotation F16", "bfloat16", replace("rotation", "F16", None),
+     "tensor `rotation` has dtype F16, expected BF16 for dtype bfloat16"),
+    ("int8 rotation U8", "int8", replace("rotation", "U8", None),
+     "tensor `rotation` has dtype U8, expected I8 for dtype int8"),
+    ("rotation shape", "int8", replace("rotation", "I8", np.zeros((2, 8), dtype="i1")),
+     r"tensor `rotation` has shape \[2, 8\], expected \[4, 4\] for embedding_dim 4"),
+    ("no rotation_scale", "int8", drop("rotation_scale"), r"missing tensor\(s\) `rotation_scale`"),
+    ("no rotation", "int4", drop("rotation"), r"unexpected tensor\(s\) `rotation_scale`"),
+    ("float32 rotation_scale", "float32", add("rotation_scale", "F16", np.ones(4, dtype="<f2")),
+     r"unexpected tensor\(s\) `rotation_scale`"),
+    ("rotation_scale shape", "int8", replace("rotation_scale", "F16", np.ones(3, dtype="<f2")),
+     r"tensor `rotation_scale` has shape \[3\], expected \[4\] for embedding_dim 4"),
+    ("rotation_scale F32", "int4", replace("rotation_scale", "F32", np.ones(4, dtype="<f4")),
+     "tensor `rotation_scale` has dtype F32, expected F16"),
+    ("rotation_scale nan", "int8", edit_values("rotation_scale", "<f2", lambda a: a.fill(np.nan)),
+     "tensor `rotation_scale` holds a non-finite value"),
+    ("rotation_scale inf", "int4",
+     edit_values("rotation_scale", "<f2", lambda a: a.__setitem__(2, np.inf)),
+     "tensor `rotation_scale` holds a non-finite value"),
+    ("rotation_scale < 0", "int8",
+     edit_values("rotation_scale", "<f2", lambda a: a.__setitem__(1, -0.5)),
+     "tensor `rotation_scale` holds a negative value"),
+    ("rotation code -128", "int4",
+     edit_values("rotation", "i1", lambda a: a.__setitem__(6, -128)),
+     r"tensor `rotation` holds code -128 at \[1, 2\], outside \[-127, 127\]"),
+    ("float16 rotation inf", "float16",
+     edit_values("rotation", "<f2", lambda a: a.__setitem__(3, np.inf)),
+     "tensor `rotation` holds a non-finite value"),
+    ("bfloat16 rotation nan", "bfloat16",
+     edit_values("rotation", "<i2", lambda a: a.__setitem__(0, 0x7FC0)),
+     "tensor `rotation` holds a non-finite value"),
+    ("int4 with bias", "int4", add("bias", "F16", np.zeros(3, dtype="<f2")),
+     r"unexpected tensor\(s\) `bias`"),
+    # A version 4 file relabelled version 3: an int8 rotation and no int4 bias are version 4's.
+    ("v4 int8 as v3", "int8", meta("format_version", "3"),
+     r"unexpected tensor\(s\) `rotation_scale`"),
+    ("v4 int4 as v3", "int4", meta("format_version", "3"),
+     r"missing tensor\(s\) `bias`"),
+    ("v4 float16 as v3", "float16", meta("format_version", "3"),
+     "tensor `rotation` has dtype F16, expected F32;"),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype,edit,message", [t[1:] for t in V4_TAMPERS], ids=[t[0] for t in V4_TAMPERS]
+)
+def test_reader_rejects_tampered_version_4_rotation_and_parameters(
+    tmp_path: Path, dtype: str, edit: Callable, message: str
+) -> None:
+    path = tmp_path / "t.safetensors"
+    write_table(path, dtype, rotated=True)
+    read_packed_table(path)
+    join(path, *edit(*split(path)))
+    with pytest.raises(PackedFormatError, match=message) as info:
+        read_packed_table(path)
+    text = str(info.value)
+    assert text.startswith(f"`{path}`: ") and "\n" not in text
+    assert text.endswith("; re-create it with `pack`")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "int4"])
+def test_rotation_round_trips_at_the_values_precision(tmp_path: Path, dtype: str) -> None:
+    path = tmp_path / "t.safetensors"
+    write_table(path, dtype, rotated=True)
+    table = read_packed_table(path)
+    header = read_header(path)
+    code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype, "I8")
+    assert header.tensors["rotation"].dtype == code
+    assert ("rotation_scale" in header.tensors) == (code == "I8")
+    assert table.rotation is not None and table.rotation.dtype == torch.float32
+    tolerance = {"float32": 0.0, "float16": 2**-11, "bfloat16": 2**-8}.get(dtype, 0.8 / 254)
+    assert (table.rotation - ROTATION).abs().max().item() <= tolerance
+    expected_bytes = {"F32": 64, "F16": 32, "BF16": 32, "I8": 16 + 8}[code]
+    assert table.stored is not None and table.stored.rotation == expected_bytes
+    # A table read back writes the same bytes.
+    again = tmp_path / "again.safetensors"
+    write_packed_table(
+        again, table.values, table.offsets, embedding_dim=D, field="emb",
+        source_sha256=table.metadata["source_sha256"], scale=table.scale, bias=table.bias,
+        rotation=table.rotation,
+    )
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_writer_rejects_an_int4_bias_that_is_not_minus_8_scale(tmp_path: Path) -> None:
+    values, offsets = packed(dense_rows(), LENGTHS)
+    codes, scale, bias = int4_encode(values, LENGTHS, symmetric=False)  # version 3's code
+    with pytest.raises(PackedFormatError, match=r"int4 `bias` is not -8 \* `scale`"):
+        write_packed_table(
+            tmp_path / "t.safetensors", pack_nibbles(codes), offsets, embedding_dim=4,
+            field="e", source_sha256="0" * 64, scale=scale, bias=bias,
+        )
+    # The bias may be left out: the file stores the scale only.
+    codes, scale, _ = int4_encode(values, LENGTHS)
+    write_packed_table(
+        tmp_path / "t.safetensors", pack_nibbles(codes), offsets, embedding_dim=4, field="e",
+        source_sha256="0" * 64, scale=scale,
+    )
+    assert torch.equal(read_packed_table(tmp_path / "t.safetensors").bias, scale.float() * -8)
+    assert list(tmp_path.iterdir()) == [tmp_path / "t.safetensors"]
+
+
+def test_writer_rejects_a_rotation_that_is_not_float32_d_by_d(tmp_path: Path) -> None:
+    values, offsets = packed(dense_rows(), LENGTHS)
+    for rotation in (ROTATION.double(), ROTATION[:3]):
+        with pytest.raises(PackedFormatError, match=r"`rotation` is torch.float.*expected float32"):
+            write_packed_table(
+                tmp_path / "t.safetensors", values, offsets, embedding_dim=4, field="e",
+                source_sha256="0" * 64, rotation=rotation,
+            )
+    huge = ROTATION * 1e5  # not a rotation, but finite: float16 cannot hold it
+    with pytest.raises(PackedFormatError, match="`rotation` holds a non-finite value"):
+        write_packed_table(
+            tmp_path / "t.safetensors", values.half(), offsets, embedding_dim=4, field="e",
+            source_sha256="0" * 64, rotation=huge,
+        )
+    assert list(tmp_path.iterdir()) == []

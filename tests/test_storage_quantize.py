@@ -16,6 +16,8 @@ from amtl_compress.storage.quantize import (
     int4_encode,
     int8_encode,
     pack_nibbles,
+    rotation_decode,
+    rotation_encode,
     unpack_nibbles,
 )
 
@@ -81,6 +83,21 @@ def spec_v3(rows: torch.Tensor, lengths: torch.Tensor, dtype: str):
     )
 
 
+def spec_int4_v4(rows: torch.Tensor, lengths: torch.Tensor):
+    """docs/format.md's version 4 (symmetric) int4 encoder, row by row with numpy float32."""
+    qs, scales = [], []
+    f32 = np.float32
+    for row, n in zip(rows, lengths.tolist(), strict=True):
+        x = row[:n].numpy()
+        lo, hi = x.min(), x.max()
+        scale = f16(max(-lo / f32(8), hi / f32(7), f32(0)), "up")
+        q = np.clip(np.rint(x / f32(scale)), -8, 7) if scale > 0 else np.zeros_like(x)
+        qs.append(torch.from_numpy((q + 8).astype(np.uint8)))
+        scales.append(scale)
+    scale = torch.from_numpy(np.array(scales, dtype=np.float16))
+    return torch.cat(qs), scale, scale.float() * -8
+
+
 rows_and_lengths = st.integers(1, 12).flatmap(
     lambda d: st.tuples(
         st.just(d),
@@ -117,7 +134,7 @@ def test_kept_values_and_int8_follow_the_spec(case) -> None:
             assert (q[a:b] == 0).all() and bias[i] == kept[a]
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4 v3", "int4"])
 @settings(max_examples=60, deadline=None)
 @given(case=rows_and_lengths)
 def test_int8_and_int4_with_float16_params_follow_the_spec(dtype: str, case) -> None:
@@ -125,13 +142,20 @@ def test_int8_and_int4_with_float16_params_follow_the_spec(dtype: str, case) -> 
     lengths = torch.tensor(lens)
     rows = torch.randn(len(lens), d, generator=torch.Generator().manual_seed(seed)) * magnitude
     kept = kept_values(rows, lengths)
-    encode = int8_encode if dtype == "int8" else int4_encode
-    q, scale, bias = encode(kept, lengths)
-    assert scale.dtype == bias.dtype == torch.float16
-    ref_q, ref_scale, ref_bias = spec_v3(rows, lengths, dtype)
+    if dtype == "int4":  # version 4: symmetric codes, float16 scale, bias -8 * scale in float32
+        q, scale, bias = int4_encode(kept, lengths)
+        assert scale.dtype == torch.float16 and bias.dtype == torch.float32
+        ref_q, ref_scale, ref_bias = spec_int4_v4(rows, lengths)
+    else:
+        if dtype == "int8":
+            q, scale, bias = int8_encode(kept, lengths)
+        else:
+            q, scale, bias = int4_encode(kept, lengths, symmetric=False)
+        assert scale.dtype == bias.dtype == torch.float16
+        ref_q, ref_scale, ref_bias = spec_v3(rows, lengths, dtype.split()[0])
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale) and torch.equal(bias, ref_bias)
     # Every decoded value lies within scale / 2 of its source, whatever the float16 rounding.
-    stored = pack_nibbles(q) if dtype == "int4" else q
+    stored = pack_nibbles(q) if dtype.startswith("int4") else q
     decoded = dequantize_values(stored, offsets_of(lengths), scale, bias)
     step = scale.float().repeat_interleave(lengths)
     slack = 4 * torch.finfo(torch.float32).eps * kept.abs().max()
@@ -143,12 +167,18 @@ def test_float16_params_keep_the_error_of_a_row_far_from_zero_small() -> None:
     # cover [lo, hi] from the rounded bias; the error stays under scale / 2, far below the ulp.
     kept = torch.tensor([1000.1, 1000.2, 1000.3], dtype=torch.float32)
     lengths = torch.tensor([3])
-    for encode in (int8_encode, int4_encode):
+    for encode in (int8_encode, lambda k, n: int4_encode(k, n, symmetric=False)):
         q, scale, bias = encode(kept, lengths)
-        stored = pack_nibbles(q) if encode is int4_encode else q
+        stored = pack_nibbles(q) if encode is not int8_encode else q
         decoded = dequantize_values(stored, offsets_of(lengths), scale, bias)
         assert (decoded - kept).abs().max() <= scale.float() / 2 + 1e-4
         assert (decoded - kept).abs().max() < 0.05
+    # Version 4's symmetric int4 spans [-8, 7] x scale: the step follows max |x| (1000.3 / 7),
+    # not the spread, so such a row is coded coarsely (still within scale / 2; docs/format.md).
+    q, scale, bias = int4_encode(kept, lengths)
+    decoded = dequantize_values(pack_nibbles(q), offsets_of(lengths), scale, bias)
+    assert scale.item() == pytest.approx(1000.3 / 7, rel=1e-3)
+    assert (decoded - kept).abs().max() <= scale.float() / 2
 
 
 def test_int8_ignores_the_zero_tail() -> None:
@@ -173,8 +203,11 @@ def test_parameter_overflow_is_reported_as_inf() -> None:
     for encode in (int8_encode, int4_encode):
         _, scale, bias = encode(kept, torch.tensor([2, 1]))
         assert torch.isinf(scale[0]) and torch.isfinite(scale[1]) and torch.isfinite(bias[1])
-    _, _, bias = int4_encode(torch.tensor([-70000.0]), torch.tensor([1]))
+    _, _, bias = int4_encode(torch.tensor([-70000.0]), torch.tensor([1]), symmetric=False)
     assert torch.isinf(bias[0])
+    # Symmetric int4 stores no bias: only a scale over 65504 (|x| beyond ~4.6e5) overflows.
+    _, scale, bias = int4_encode(torch.tensor([-70000.0, 5e5]), torch.tensor([1, 1]))
+    assert torch.isfinite(scale[0]) and torch.isinf(scale[1]) and torch.isfinite(bias[0])
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 7, 8])
@@ -208,3 +241,45 @@ def test_float16_rounding_and_overflow_boundary() -> None:
 def test_dequantize_int8_needs_scale_and_bias() -> None:
     with pytest.raises(ValueError, match="int8/int4 values need `scale` and `bias`"):
         dequantize_values(torch.zeros(2, dtype=torch.int8), torch.tensor([0, 2]))
+
+
+def test_int4_codes_are_symmetric_around_8() -> None:
+    # docs/format.md, "Value encoding": scale = f16up(max(-lo / 8, hi / 7)), u = q + 8.
+    kept = torch.tensor([-1.0, 0.0, 0.5, 2.0, 3.0, 0.0, 0.0])
+    lengths = torch.tensor([3, 2, 2])
+    q, scale, bias = int4_encode(kept, lengths)
+    assert scale.tolist() == [0.125, 0.4287109375, 0.0]  # f16up(3 / 7) = 0.42871
+    assert q.tolist() == [0, 8, 12, 13, 15, 8, 8]  # zero is code 8; an all-zero row too
+    assert torch.equal(bias, scale.float() * -8)
+    decoded = dequantize_values(pack_nibbles(q), offsets_of(lengths), scale, bias)
+    assert decoded[:3].tolist() == [-1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "int4"])
+def test_rotation_is_stored_at_the_values_precision(dtype: str) -> None:
+    q_mat, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    stored, scale = rotation_encode(q_mat, dtype)
+    decoded = rotation_decode(stored, scale)
+    assert decoded.dtype == torch.float32
+    if dtype in ("int8", "int4"):
+        assert stored.dtype == torch.int8 and scale is not None and scale.dtype == torch.float16
+        assert int(stored.abs().max()) == 127 and int(stored.min()) >= -127
+        # s_i = f16up(max_j |R[i, j]| / 127); every entry within s_i / 2.
+        assert (scale.float() * 127 >= q_mat.abs().amax(1)).all()
+        assert ((decoded - q_mat).abs() <= scale.float().unsqueeze(1) / 2).all()
+    else:
+        assert scale is None and stored.dtype == getattr(torch, dtype)
+        assert torch.equal(decoded, q_mat.to(getattr(torch, dtype)).float())
+    # Encoding the decoded rotation again gives the same bytes (a table read back re-writes).
+    again, again_scale = rotation_encode(decoded, dtype)
+    assert torch.equal(again, stored)
+    assert (again_scale is None) == (scale is None)
+    if scale is not None and again_scale is not None:
+        assert torch.equal(again_scale, scale)
+
+
+def test_rotation_of_zero_rows_codes_zero() -> None:
+    rotation = torch.tensor([[0.0, 0.0], [0.6, -0.8]])
+    stored, scale = rotation_encode(rotation, "int8")
+    assert scale is not None
+    assert stored.tolist() == [[0, 0], [95, -127]] and scale[0].item() == 0.0

@@ -4,9 +4,11 @@ Symbols: N rows, D dense width, L_i row i's kept length, S = sum(L_i) stored val
 
 A packed table stores row i's kept prefix (its first L_i values, Eq. 1) back to back in ``values``.
 The file stores the row index as ``lengths`` (N,) in the smallest unsigned dtype that holds D
-(format version 3; nothing when every row has one length, ``row_length``); in memory it is
+(format versions 3 and 4; nothing when every row has one length, ``row_length``); in memory it is
 ``offsets`` (N + 1,), where each row starts, torchrec-style, their cumulative sum (versions 1 and
-2 stored these int64 offsets)::
+2 stored these int64 offsets). Version 4 stores an optional rotation at the values' precision
+and int4 rows with a ``scale`` only; the reader hands every version to the lookups in one
+in-memory form (:class:`PackedTable`)::
 
     rows (D = 4, tails zeroed)     lengths   offsets      values
     [a0 a1 0  0 ]                  2         [0,          [a0 a1
@@ -37,16 +39,18 @@ from amtl_compress.storage.header import (
     read_tensor,
 )
 from amtl_compress.storage.offsets import FILE_MIN_LENGTH, offsets_problem
-from amtl_compress.storage.quantize import PACKED_DTYPES, QUANTIZED
+from amtl_compress.storage.quantize import PACKED_DTYPES, QUANTIZED, rotation_encode
 from amtl_compress.storage.validate import (
     FIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     FORMAT_VERSIONS,
     LEGACY_FORMAT_VERSION,
+    LENGTHS_FORMAT_VERSION,
     MAX_EMBEDDING_DIM,
     REQUIRED_METADATA,
     ROTATED_FORMAT_VERSION,
+    ROTATION_CODES,
     ROW_LENGTH_KEY,
     SOURCE_DTYPES,
     expected_tensors,
@@ -65,6 +69,7 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
     "LEGACY_FORMAT_VERSION",
+    "LENGTHS_FORMAT_VERSION",
     "MAX_EMBEDDING_DIM",
     "REQUIRED_METADATA",
     "ROTATED_FORMAT_VERSION",
@@ -87,10 +92,10 @@ class TableBytes:
 
     Attributes:
         values: ``values`` (the kept values, or int4 codes two a byte).
-        index: the row index: version 3's ``lengths`` (0 with ``row_length``), versions 1
-            and 2's ``offsets``.
-        row_metadata: int8/int4 ``scale`` + ``bias``.
-        rotation: the (D, D) float32 ``rotation``.
+        index: the row index: versions 3 and 4's ``lengths`` (0 with ``row_length``),
+            versions 1 and 2's ``offsets``.
+        row_metadata: int8 ``scale`` + ``bias``, int4 ``scale`` (version 3: + ``bias``).
+        rotation: the (D, D) ``rotation`` (+ version 4's int8/int4 ``rotation_scale``).
         dense: N * D * 4, the dense float32 table the ratio is taken against.
     """
 
@@ -133,20 +138,22 @@ class PackedTable:
 
     Attributes:
         values: (S,) float32/float16/bfloat16/int8; row i is ``values[offsets[i]:offsets[i+1]]``.
-            For int4 (format version 3): (ceil(S / 2),) uint8, value j's 4-bit code in byte
+            For int4 (format versions 3, 4): (ceil(S / 2),) uint8, value j's 4-bit code in byte
             ``j // 2`` (low nibble for even j, high for odd j). Memory-mapped (copy-on-write)
             when read with ``mmap=True``.
         offsets: (N + 1,) int64, ``offsets[0] == 0``, ``offsets[N] == S``, steps in [1, D]
             (the cumulative sum of the file's ``lengths``, or ``arange(N + 1) * row_length``).
         scale: (N,) float32 for int8/int4 (``value = float32(q) * scale + bias``; widened from
-            the file's float16 in version 3), else None.
-        bias: (N,) float32 for int8/int4, else None.
+            the file's float16 in versions 3 and 4), else None.
+        bias: (N,) float32 for int8/int4 (version 4 int4: ``-8 * scale``, which the file does
+            not store), else None.
         num_embeddings: N.
         embedding_dim: D, the dense width rows are zero-padded back to.
         dtype: ``float32``, ``float16``, ``bfloat16``, ``int8`` or ``int4``.
         field: the module path the table belongs to (e.g. ``embeddings.user_id``).
         metadata: the file's full ``__metadata__`` map.
-        rotation: (D, D) float32 R applied to every zero-padded row (``row @ R``), or None.
+        rotation: (D, D) float32 R applied to every zero-padded row (``row @ R``), or None
+            (decoded from version 4's float16/bfloat16/int8 storage).
         stored: the file's bytes by part.
     """
 
@@ -169,7 +176,7 @@ class PackedTable:
 
     @property
     def format_version(self) -> int:
-        """The file's format version (1, 2 or 3)."""
+        """The file's format version (1 to 4)."""
         return int(self.metadata["format_version"])
 
 
@@ -209,21 +216,26 @@ def table_layout(
     rotated: bool = False,
     row_length: int | None = None,
 ) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The tensors of a version 3 table, ``(name, dtype code, shape)`` in data order.
+    """The tensors of a version 4 table, ``(name, dtype code, shape)`` in data order.
 
-    The tensors are ``rotation`` (F32), ``lengths`` (U8/U16/U32 by D; none with
-    ``row_length``), int8/int4 ``bias`` and ``scale`` (F16) and ``values``, sorted by item size,
-    largest first (ties in that order), so every tensor starts at a multiple of its item size
-    (the header is padded to 8 bytes) and ``values`` can be memory-mapped in place.
+    The tensors are ``rotation`` (by dtype: F32, F16, BF16, or I8 for int8/int4) and its
+    ``rotation_scale`` (F16 (D,), int8/int4 only), ``lengths`` (U8/U16/U32 by D; none with
+    ``row_length``), int8 ``bias`` and int8/int4 ``scale`` (F16) and ``values``, sorted by item
+    size, largest first (ties in that order), so every tensor starts at a multiple of its item
+    size (the header is padded to 8 bytes) and ``values`` can be memory-mapped in place.
     """
-    n = num_embeddings
+    n, d = num_embeddings, embedding_dim
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     if rotated:
-        entries.append(("rotation", "F32", (embedding_dim, embedding_dim)))
+        entries.append(("rotation", ROTATION_CODES[dtype], (d, d)))
+        if dtype in QUANTIZED:
+            entries.append(("rotation_scale", "F16", (d,)))
     if row_length is None:
         entries.append(("lengths", lengths_code(embedding_dim), (n,)))
+    if dtype == "int8":
+        entries.append(("bias", "F16", (n,)))
     if dtype in QUANTIZED:
-        entries += [("bias", "F16", (n,)), ("scale", "F16", (n,))]
+        entries.append(("scale", "F16", (n,)))
     values_code = CODE_OF[PACKED_DTYPES[dtype]]
     entries.append(("values", values_code, (stored_count(num_values, dtype),)))
     # sorted() is stable: equal item sizes keep the order above.
@@ -244,13 +256,14 @@ def table_bytes(
         values=sizes.get("values", 0),
         index=sizes.get("lengths", 0) + sizes.get("offsets", 0),
         row_metadata=sizes.get("scale", 0) + sizes.get("bias", 0),
-        rotation=sizes.get("rotation", 0),
+        rotation=sizes.get("rotation", 0) + sizes.get("rotation_scale", 0),
         dense=num_embeddings * embedding_dim * 4,
     )
 
 
 def uniform_length(lengths: torch.Tensor) -> int | None:
-    """The ``row_length`` of a version 3 table: L when N >= 1 and every L_i == L, else None."""
+    """The ``row_length`` of a version 3 or 4 table: L when N >= 1 and every L_i == L, else
+    None."""
     if lengths.numel() == 0:
         return None
     first = int(lengths[0])
@@ -268,10 +281,11 @@ def table_header(
     rotated: bool = False,
     row_length: int | None = None,
 ) -> tuple[bytes, dict[str, int]]:
-    """The header bytes of a version 3 packed table and each tensor's absolute file offset.
+    """The header bytes of a version 4 packed table and each tensor's absolute file offset.
 
-    The layout is :func:`table_layout`'s; ``rotated`` adds a (D, D) ``rotation``, ``row_length``
-    drops ``lengths`` (every row has that length).
+    The layout is :func:`table_layout`'s; ``rotated`` adds a (D, D) ``rotation`` (and its
+    ``rotation_scale`` for int8/int4), ``row_length`` drops ``lengths`` (every row has that
+    length).
     """
     entries = table_layout(
         num_embeddings, embedding_dim, num_values, dtype, rotated, row_length
@@ -329,13 +343,16 @@ def write_packed_table(
     bias: torch.Tensor | None = None,
     rotation: torch.Tensor | None = None,
 ) -> TableBytes:
-    """Write an in-memory packed table to ``path`` atomically, as format version 3 (``pack``
+    """Write an in-memory packed table to ``path`` atomically, as format version 4 (``pack``
     streams instead).
 
-    Takes the in-memory form :func:`read_packed_table` returns, so a table read back writes the
-    same bytes: the writer stores ``offsets`` as the row ``lengths`` (uint8 when D <= 255, uint16
-    when D <= 65535, else uint32) or, when every row has one length, as ``row_length`` metadata,
-    and ``scale``/``bias`` as float16.
+    Takes the in-memory form :func:`read_packed_table` returns, so a version 4 table read back
+    writes the same bytes: the writer stores ``offsets`` as the row ``lengths`` (uint8 when
+    D <= 255, uint16 when D <= 65535, else uint32) or, when every row has one length, as
+    ``row_length`` metadata; ``scale``/``bias`` as float16 (int4: ``scale`` only, ``bias`` must
+    be ``-8 * scale``); and ``rotation`` at the values' precision (``quantize.rotation_encode``:
+    lossy except for float32, and the same bytes again for a rotation read from a version 4
+    file).
 
     Args:
         path: output ``.safetensors`` file.
@@ -347,7 +364,8 @@ def write_packed_table(
         source_sha256: hex SHA-256 of the source table (:func:`source_digest`).
         source_dtype: dtype name of the source table.
         scale, bias: (N,) float16 (or float32 holding float16 values exactly), required for
-            int8/int4 and forbidden otherwise.
+            int8/int4 (int4: ``bias`` may be None, else it must be ``-8 * scale``, as
+            ``int4_encode`` gives it) and forbidden otherwise.
         rotation: (D, D) float32 applied after re-padding.
 
     Returns:
@@ -385,13 +403,27 @@ def write_packed_table(
     for name, param in (("scale", scale), ("bias", bias)):
         if param is None:
             continue
+        if dtype == "int4" and name == "bias":
+            # Version 4 int4 codes are symmetric: the bias is -8 * scale and is not stored.
+            if scale is None or param.shape != scale.shape or not torch.equal(
+                param.to(torch.float32), scale.to(torch.float32) * -8
+            ):
+                raise fail("int4 `bias` is not -8 * `scale`; version 4 stores symmetric int4 "
+                           "codes (encode with `quantize.int4_encode`)")
+            continue
         half = param.to(torch.float16)
         if param.dtype != torch.float16 and not torch.equal(half.to(param.dtype), param):
-            raise fail(f"`{name}` holds values that are not float16; version 3 stores it in "
+            raise fail(f"`{name}` holds values that are not float16; version 4 stores it in "
                        "float16 (encode with `quantize.int8_encode` / `int4_encode`)")
         tensors[name] = half
     if rotation is not None:
-        tensors["rotation"] = rotation
+        if rotation.dtype != torch.float32 or tuple(rotation.shape) != (embedding_dim,) * 2:
+            raise fail(f"`rotation` is {rotation.dtype}{list(rotation.shape)}, expected "
+                       f"float32 [{embedding_dim}, {embedding_dim}]")
+        stored, rotation_scale = rotation_encode(rotation, dtype)
+        tensors["rotation"] = stored
+        if rotation_scale is not None:
+            tensors["rotation_scale"] = rotation_scale
     metadata = _metadata(
         max(n, 0), embedding_dim, dtype, field, source_dtype, source_sha256, length
     )

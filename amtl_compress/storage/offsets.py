@@ -17,7 +17,7 @@ and the kernel accept it, and a user may build a ``PackedEmbedding`` with such r
 the default. A packed file is stricter because it stores ``L_i = k_i + 1`` values per row, never
 zero: its reader passes ``min_length=FILE_MIN_LENGTH`` (docs/format.md, "Reader validation").
 
-A version 3 file stores the lengths L_i instead of the offsets (``offsets`` is their cumulative
+A version 3 or 4 file stores the lengths L_i instead of the offsets (``offsets`` is their cumulative
 sum, so the first and last conditions hold by construction): :func:`lengths_problem` is the
 middle condition on them.
 """

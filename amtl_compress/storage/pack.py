@@ -49,7 +49,7 @@ def pack(
     """Pack every AMTL table of a run directory into ``out_dir`` (docs/format.md).
 
     Tables are the keys of ``run_dir/lengths.safetensors``; their ``<path>.weight`` tensors in
-    ``model.safetensors`` become ``<path>.safetensors`` files of format version 3 (with
+    ``model.safetensors`` become ``<path>.safetensors`` files of format version 4 (with
     ``<path>.rotation``, if the run used dimension ordering, as the file's ``rotation``); every
     other tensor goes to ``rest.safetensors``; ``manifest.json`` (with each table's bytes by
     part) is written last. The directory is

@@ -3,9 +3,15 @@
 
 int8 and int4 are per-row affine codes over the row's kept prefix only (the zeroed tail past L_i,
 Eq. 1, is never stored, so it must not widen the row's range): ``value = float32(q) * scale +
-bias``. Format version 3 stores ``scale`` and ``bias`` in float16 and int4 codes two a byte
-(value j in byte ``j // 2``, low nibble for even j); version 1 and 2 files hold float32
-parameters (``int8_encode(..., float16_params=False)``, kept for comparisons and tests).
+bias``. Format version 4 stores int8 ``scale`` and ``bias`` in float16, and int4 as symmetric
+codes with a float16 ``scale`` only (``bias = -8 * scale``), two codes a byte (value j in byte
+``j // 2``, low nibble for even j). Older encoders are kept for comparisons and tests: version 3's
+int4 with float16 ``scale`` and ``bias`` (``int4_encode(..., symmetric=False)``), versions 1 and
+2's float32 int8 parameters (``int8_encode(..., float16_params=False)``).
+
+A rotation (docs/format.md, "Rotation") is stored at the values' precision
+(:func:`rotation_encode`): float16/bfloat16 as such, int8/int4 as symmetric int8 codes with a
+float16 scale per row of R.
 
 Symbols: r rows in a chunk, L_i kept lengths, S = sum(L_i) kept values. The encoders work on the
 kept values back to back (S,), the layout of ``values``. They run in numpy: its segmented
@@ -39,7 +45,7 @@ def int8_encode(
 
     With ``lo``/``hi`` the min/max of a row's L_i kept values, in float32 arithmetic:
 
-    - ``float16_params`` (format version 3): ``b = f16(lo + 128 * ((hi - lo) / 255))``,
+    - ``float16_params`` (format versions 3 and 4): ``b = f16(lo + 128 * ((hi - lo) / 255))``,
       ``scale = f16up(max((b - lo) / 128, (hi - b) / 127))``, so [lo, hi] stays inside the codes'
       range whatever the rounding of ``b`` and every decoded value is within ``scale / 2``;
     - else (versions 1 and 2): ``scale = (hi - lo) / 255``, ``b = lo + 128 * scale``;
@@ -78,33 +84,95 @@ def int8_encode(
 
 
 def int4_encode(
-    kept: torch.Tensor, lengths: torch.Tensor
+    kept: torch.Tensor, lengths: torch.Tensor, *, symmetric: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row affine 4-bit code of kept values, float16 parameters (format version 3).
+    """Per-row 4-bit code of kept values (docs/format.md, "Value encoding").
 
-    In float32 arithmetic: ``b = f16down(lo)``, ``scale = f16up((hi - b) / 15)``,
-    ``q = clamp(round_half_even((x - b) / scale), 0, 15)`` (``q = 0`` where ``scale == 0``),
-    ``bias = b``; decoding is ``float32(q) * scale + bias``, within ``scale / 2`` of ``x``.
+    With ``lo``/``hi`` the min/max of a row's L_i kept values, in float32 arithmetic:
+
+    - ``symmetric`` (format version 4): ``scale = f16up(max(-lo / 8, hi / 7, 0))``,
+      ``q = clamp(round_half_even(x / scale), -8, 7) + 8``, ``bias = -8 * scale`` (not stored:
+      the file holds ``scale`` only);
+    - else (version 3): ``b = f16down(lo)``, ``scale = f16up((hi - b) / 15)``,
+      ``q = clamp(round_half_even((x - b) / scale), 0, 15)``, ``bias = b``;
+
+    where ``scale == 0`` the codes are 8 (symmetric: every kept value is 0) or 0 (version 3:
+    every kept value is ``b``). Decoding is ``float32(q) * scale + bias``, within ``scale / 2``
+    of ``x``.
 
     Args:
         kept: (S,) float32, finite, rows' kept prefixes back to back.
         lengths: (r,) int64 L_i >= 1, summing to S.
+        symmetric: version 4's code (else version 3's).
 
     Returns:
         ``(q, scale, bias)``: (S,) uint8 codes 0..15, one a byte (:func:`pack_nibbles` packs
-        them two a byte), (r,) float16, (r,) float16 (inf where they overflow float16).
+        them two a byte), (r,) float16 ``scale`` (inf where it overflows float16) and (r,)
+        ``bias``: float16 (version 3, -inf where it overflows), or float32 ``-8 * scale``
+        (``symmetric``, exact; the file does not store it).
     """
     x, counts, lo, hi = _row_ranges(kept, lengths)
     if counts.size == 0:
         empty = torch.zeros(0, dtype=torch.float16)
         return torch.zeros(0, dtype=torch.uint8), empty, empty.clone()
     with np.errstate(over="ignore", invalid="ignore"):
-        b16 = _f16_down(lo)
-        b = b16.astype(np.float32)
-        scale16 = _f16_up((hi - b) / np.float32(15))
+        if symmetric:
+            scale16 = _f16_up(
+                np.maximum(np.maximum(-lo / np.float32(8), hi / np.float32(7)), np.float32(0))
+            )
+            scale = scale16.astype(np.float32)
+            b16 = scale * np.float32(-8)  # float32, exact; the in-memory bias, never stored
+            # Code x / scale (not (x - b) / scale, whose float32 rounding could differ), then
+            # shift [-8, 7] to the stored [0, 15].
+            q = _codes(x, counts, scale, np.zeros_like(scale), -8, 7) + np.float32(8)
+        else:
+            b16 = _f16_down(lo)
+            b = b16.astype(np.float32)
+            scale16 = _f16_up((hi - b) / np.float32(15))
+            scale = scale16.astype(np.float32)
+            q = _codes(x, counts, scale, b, 0, 15)
+    return torch.from_numpy(q.astype(np.uint8)), torch.from_numpy(scale16), torch.from_numpy(b16)
+
+
+def rotation_encode(
+    rotation: torch.Tensor, dtype: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float32 (D, D) rotation as format version 4 stores it beside values of ``dtype``.
+
+    ``float32``: as is. ``float16`` / ``bfloat16``: rounded to nearest even (``Tensor.to``;
+    float16 overflow gives inf, which the writer rejects). ``int8`` / ``int4``: per row i of R,
+    in float32 arithmetic, ``s_i = f16up(max_j |R[i, j]| / 127)`` and
+    ``q[i, j] = clamp(round_half_even(R[i, j] / s_i), -127, 127)`` (0 where ``s_i == 0``), so
+    ``float32(q) * s_i`` is within ``s_i / 2`` of R[i, j]. Encoding a decoded rotation again
+    gives the same bytes.
+
+    Args:
+        rotation: (D, D) float32.
+        dtype: the table's packed dtype name.
+
+    Returns:
+        ``(stored, scale)``: (D, D) float32/float16/bfloat16 and None, or (D, D) int8 codes and
+        (D,) float16 ``rotation_scale`` (inf where it overflows float16).
+    """
+    if dtype not in QUANTIZED:
+        return rotation.to(PACKED_DTYPES[dtype]), None
+    r = rotation.detach().cpu().to(torch.float32).numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale16 = _f16_up(np.abs(r).max(axis=1, initial=np.float32(0)) / np.float32(127))
         scale = scale16.astype(np.float32)
-    q = _codes(x, counts, scale, b, 0, 15).astype(np.uint8)
-    return torch.from_numpy(q), torch.from_numpy(scale16), torch.from_numpy(b16)
+        step = np.where((scale > 0) & np.isfinite(scale), scale, np.float32(1))
+        q = np.rint(r / step[:, None])
+    np.clip(q, -127, 127, out=q)
+    q[~((scale > 0) & np.isfinite(scale))] = 0
+    return torch.from_numpy(q.astype(np.int8)), torch.from_numpy(scale16)
+
+
+def rotation_decode(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`rotation_encode`: (D, D) float32 (exact widening, or
+    ``float32(q) * float32(scale[row])``, exact: 8 + 11 significant bits)."""
+    if scale is None:
+        return stored.to(torch.float32)
+    return stored.to(torch.float32) * scale.to(torch.float32).unsqueeze(1)
 
 
 def params_overflow(scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

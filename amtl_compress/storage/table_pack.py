@@ -6,8 +6,9 @@ resident memory stays bounded however large the table), row i is cut to its firs
 was computed up front from the lengths (storage/format.py). Peak memory is a few chunks
 (``chunk_bytes`` each) plus O(N) for lengths and int8/int4 scale/bias. One helper
 thread reads and hashes the source ahead of the encoder (``_ChunkReader``). The file is format
-version 3: the row lengths as its index (uint8 when D <= 255; none when every row has one
-length), float16 int8/int4 parameters, int4 codes two a byte.
+version 4: the row lengths as its index (uint8 when D <= 255; none when every row has one
+length), float16 int8 scale and bias, symmetric int4 codes two a byte with a float16 scale, and
+the rotation (if any) at the values' precision.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from amtl_compress.storage.quantize import (
     int8_encode,
     pack_nibbles,
     params_overflow,
+    rotation_encode,
 )
 from amtl_compress.storage.report import TableReport
 from amtl_compress.storage.source import RUN_FIX, check_lengths
@@ -86,7 +88,9 @@ def pack_table(
             ``DEFAULT_CHUNK_BYTES``.
         progress: tqdm bar on stderr counting rows.
         rotation: float32 (D, D) the lookups apply after re-padding (dimension ordering); the
-            file stores it as ``rotation`` and its size grows by D * D * 4 bytes.
+            file stores it as ``rotation`` at the values' precision (``rotation_encode``: D * D
+            * 4 bytes for float32, * 2 for float16/bfloat16, D * D int8 codes + D float16
+            scales for int8/int4).
 
     Raises:
         RunDirError: the source tensor is missing, not a 2-D float table, does not match
@@ -119,6 +123,14 @@ def pack_table(
             f"rotation of `{field}` is {rotation.dtype}{list(rotation.shape)}, expected finite "
             f"float32[{d}, {d}]; {RUN_FIX}"
         )
+    stored_rotation = rotation_encode(rotation, dtype) if rotation is not None else None
+    if stored_rotation is not None and not all(
+        np.isfinite(t.to(torch.float32).numpy()).all() for t in stored_rotation if t is not None
+    ):
+        raise RunDirError(
+            f"rotation of `{field}` holds values beyond {dtype}'s range; pack with "
+            "`dtype=float32` or `dtype=bfloat16`"
+        )
     prefix, starts = table_header(
         n, d, num_values, dtype, field, source_dtype, "0" * 64, rotated, row_length
     )
@@ -127,11 +139,12 @@ def pack_table(
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     chunk_rows = max(1, chunk_bytes // max(1, d * np_src.itemsize))
     digest = hashlib.sha256()
-    # int8/int4 scale/bias (N,) are filled in place: a list of chunks joined by torch.cat would
-    # hold them twice at the end, and torch's small ops stall on a busy core.
+    # int8/int4 scale and int8 bias (N,) are filled in place: a list of chunks joined by
+    # torch.cat would hold them twice at the end, and torch's small ops stall on a busy core.
+    # int4's bias (-8 * scale) is not stored.
     quantized = dtype in QUANTIZED
     scales = np.empty(n if quantized else 0, dtype=np.float16)
-    biases = np.empty_like(scales)
+    biases = np.empty(n if dtype == "int8" else 0, dtype=np.float16)
     nibbles = _NibbleWriter() if dtype == "int4" else None
     bar = tqdm(
         total=n, desc=field, unit="row", unit_scale=True, file=sys.stderr,
@@ -144,9 +157,11 @@ def pack_table(
         _ChunkReader(source_path, entry.offset, n, d, np_src, chunk_rows, digest) as chunks,
     ):
         out.write(prefix)
-        if rotation is not None:
-            out.seek(starts["rotation"])
-            out.write(_as_bytes(rotation.contiguous()))
+        if stored_rotation is not None:
+            for name, tensor in zip(("rotation", "rotation_scale"), stored_rotation, strict=True):
+                if tensor is not None:
+                    out.seek(starts[name])
+                    out.write(_as_bytes(tensor))
         # The values are appended in order; the tensors around them are written once they are
         # done (the lengths may lie after them), so the file grows with the rows encoded.
         out.seek(starts["values"])
@@ -154,8 +169,9 @@ def pack_table(
             stop = start + view.size // d
             rows = torch.from_numpy(view).view(torch_src).reshape(stop - start, d)
             encoded, scale, bias = _encode(rows, lengths[start:stop], dtype, start, field)
-            if scale is not None and bias is not None:
+            if scale is not None:
                 scales[start:stop] = scale.numpy()
+            if biases.size and bias is not None:
                 biases[start:stop] = bias.numpy()
             out.write(nibbles.add(encoded) if nibbles is not None else _as_bytes(encoded))
             bar.update(stop - start)
@@ -164,9 +180,10 @@ def pack_table(
         if row_length is None:
             out.seek(starts["lengths"])
             out.write(_as_bytes(lengths.to(DTYPES[lengths_code(d)][0])))
-        if quantized:
+        if biases.size:
             out.seek(starts["bias"])
             out.write(biases)
+        if quantized:
             out.seek(starts["scale"])
             out.write(scales)
         source_sha256 = digest.hexdigest()  # complete: the reader hashed every chunk it gave
@@ -272,7 +289,8 @@ def _encode(
     rows: torch.Tensor, lengths: torch.Tensor, dtype: str, start: int, field: str
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One chunk: (r, D) source rows -> (encoded kept values, scale, bias); int4 gives one code
-    a byte (``_NibbleWriter`` packs them), int8/int4 float16 scale and bias."""
+    a byte (``_NibbleWriter`` packs them), int8/int4 float16 scale, int8 float16 bias (int4:
+    float32 ``-8 * scale``, not stored)."""
     kept = kept_values(rows.to(torch.float32), lengths)
     _check_finite(kept, lengths, start, field)
     if dtype in QUANTIZED:

@@ -21,15 +21,30 @@ from amtl_compress.storage.offsets import FILE_MIN_LENGTH, lengths_problem, offs
 from amtl_compress.storage.quantize import PACKED_DTYPES, QUANTIZED
 
 FORMAT_NAME = "amtl-packed-table"
-#: The version writers write (docs/format.md): a row index of lengths in the smallest unsigned
-#: dtype that holds D (or none), float16 int8/int4 parameters, int4, an optional rotation.
-FORMAT_VERSION = "3"
+#: The version writers write (docs/format.md): version 3 with the rotation stored at the values'
+#: precision (``ROTATION_CODES``) and int4 rows with a float16 ``scale`` only (symmetric codes).
+FORMAT_VERSION = "4"
 #: Version 1: int64 offsets, float32 int8 parameters, no rotation (read, never written).
 LEGACY_FORMAT_VERSION = "1"
 #: Version 2: version 1 plus a ``rotation`` (read, never written).
 ROTATED_FORMAT_VERSION = "2"
+#: Version 3: a row index of lengths in the smallest unsigned dtype that holds D (or none),
+#: float16 int8/int4 ``scale`` and ``bias``, int4, an optional float32 rotation (read, never
+#: written).
+LENGTHS_FORMAT_VERSION = "3"
 #: Versions this reader accepts.
-FORMAT_VERSIONS = (LEGACY_FORMAT_VERSION, ROTATED_FORMAT_VERSION, FORMAT_VERSION)
+FORMAT_VERSIONS = (
+    LEGACY_FORMAT_VERSION, ROTATED_FORMAT_VERSION, LENGTHS_FORMAT_VERSION, FORMAT_VERSION
+)
+#: Versions whose row index is ``lengths`` (or ``row_length``) rather than int64 ``offsets``.
+LENGTHS_VERSIONS = (LENGTHS_FORMAT_VERSION, FORMAT_VERSION)
+#: Version 4's ``rotation`` dtype for each packed dtype: the values' precision. int8 and int4
+#: store it as symmetric int8 codes with a float16 ``rotation_scale`` per row of R.
+ROTATION_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8",
+                  "int4": "I8"}
+#: Version 4's int4 code of zero: a stored code u decodes to ``(u - 8) * scale``, so the
+#: in-memory ``bias`` is ``-8 * scale``.
+INT4_ZERO_CODE = 8
 #: Metadata keys every packed table carries (all values are strings).
 REQUIRED_METADATA = (
     "format",
@@ -63,14 +78,15 @@ FIX = "re-create it with `pack`"
 
 
 def lengths_code(embedding_dim: int) -> str:
-    """The dtype code of a version 3 ``lengths`` for width D: U8 up to 255, U16 up to 65535,
+    """The dtype code of a version 3 or 4 ``lengths`` for width D: U8 up to 255, U16 up to 65535,
     else U32."""
     return next((code for limit, code in LENGTH_CODES if embedding_dim <= limit), "U32")
 
 
 def row_length(meta: dict[str, str]) -> int | None:
-    """A version 3 table's ``row_length`` (validated metadata), or None when it has an index."""
-    if meta["format_version"] != FORMAT_VERSION or ROW_LENGTH_KEY not in meta:
+    """A version 3 or 4 table's ``row_length`` (validated metadata), or None when it has an
+    index."""
+    if meta["format_version"] not in LENGTHS_VERSIONS or ROW_LENGTH_KEY not in meta:
         return None
     return int(meta[ROW_LENGTH_KEY])
 
@@ -84,18 +100,22 @@ def expected_tensors(meta: dict[str, str], present: Collection[str] = ()) -> set
     """Names of the tensors a table with metadata ``meta`` must hold.
 
     ``present`` (the names the file or the writer has) decides only the optional ``rotation`` of
-    version 3.
+    versions 3 and 4 (and with it version 4's ``rotation_scale`` of int8/int4).
     """
-    version = meta["format_version"]
+    version, dtype = meta["format_version"], meta["dtype"]
     expected = {"values"}
-    if version != FORMAT_VERSION:
+    if version not in LENGTHS_VERSIONS:
         expected.add("offsets")
     elif row_length(meta) is None:
         expected.add("lengths")
-    if meta["dtype"] in QUANTIZED:
-        expected |= {"scale", "bias"}
-    if version == ROTATED_FORMAT_VERSION or (version == FORMAT_VERSION and "rotation" in present):
+    if dtype in QUANTIZED:
+        expected.add("scale")
+        if not (dtype == "int4" and version == FORMAT_VERSION):  # v4 int4: scale only
+            expected.add("bias")
+    if version == ROTATED_FORMAT_VERSION or (version in LENGTHS_VERSIONS and "rotation" in present):
         expected.add("rotation")
+        if version == FORMAT_VERSION and ROTATION_CODES[dtype] == "I8":
+            expected.add("rotation_scale")
     return expected
 
 
@@ -142,7 +162,7 @@ def validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatEr
         raise fail(
             f"metadata `dtype` is `{meta['dtype']}`, expected one of {sorted(PACKED_DTYPES)}"
         )
-    if meta["dtype"] == "int4" and version != FORMAT_VERSION:
+    if meta["dtype"] == "int4" and version not in LENGTHS_VERSIONS:
         raise fail(f"metadata `dtype` is `int4`, which format_version `{version}` does not have")
     if meta["source_dtype"] not in SOURCE_DTYPES:
         raise fail(
@@ -153,7 +173,7 @@ def validate_metadata(meta: dict[str, str], fail: Callable[[str], PackedFormatEr
         raise fail("metadata `field` is empty")
     if not _SHA256.fullmatch(meta["source_sha256"]):
         raise fail("metadata `source_sha256` is not 64 lowercase hex digits")
-    if version == FORMAT_VERSION and ROW_LENGTH_KEY in meta:
+    if version in LENGTHS_VERSIONS and ROW_LENGTH_KEY in meta:
         raw = meta[ROW_LENGTH_KEY]
         if not _DECIMAL.fullmatch(raw) or not 1 <= int(raw) <= d:
             raise fail(
@@ -177,27 +197,28 @@ def validate_layout(
     if len(shapes["values"]) != 1:
         raise fail(f"tensor `values` has shape {list(shapes['values'])}, must be 1-D")
     d = int(meta["embedding_dim"])
-    legacy = meta["format_version"] != FORMAT_VERSION
-    param = "F32" if legacy else "F16"
-    want: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-        "offsets": (("I64",), (n + 1,)),
-        "lengths": ((lengths_code(d),), (n,)),
-        "scale": ((param,), (n,)),
-        "bias": ((param,), (n,)),
-        "rotation": (("F32",), (d, d)),
+    version = meta["format_version"]
+    param = "F16" if version in LENGTHS_VERSIONS else "F32"
+    # Version 4 stores the rotation at the values' precision; earlier versions in float32.
+    rotation = ROTATION_CODES[dtype] if version == FORMAT_VERSION else "F32"
+    want: dict[str, tuple[str, tuple[int, ...], str]] = {
+        "offsets": ("I64", (n + 1,), ""),
+        "lengths": (lengths_code(d), (n,), f" for embedding_dim {d}"),
+        "scale": (param, (n,), ""),
+        "bias": (param, (n,), ""),
+        "rotation": (rotation, (d, d), f" for dtype {dtype}" if version == FORMAT_VERSION else ""),
+        "rotation_scale": ("F16", (d,), ""),
     }
-    for name, (allowed, shape) in want.items():
+    for name, (code, shape, why) in want.items():
         if name not in shapes:
             continue
-        if codes[name] not in allowed:
-            why = f" for embedding_dim {d}" if name == "lengths" else ""
-            raise fail(
-                f"tensor `{name}` has dtype {codes[name]}, expected {' or '.join(allowed)}{why}"
-            )
+        if codes[name] != code:
+            raise fail(f"tensor `{name}` has dtype {codes[name]}, expected {code}{why}")
         if shapes[name] != shape:
+            per = f"embedding_dim {d}" if name.startswith("rotation") else f"num_embeddings {n}"
             raise fail(
                 f"tensor `{name}` has shape {list(shapes[name])}, expected {list(shape)} "
-                f"for num_embeddings {n}"
+                f"for {per}"
             )
     length = row_length(meta)
     if length is not None:
@@ -217,17 +238,19 @@ def validate_data(
 ) -> dict[str, torch.Tensor]:
     """The O(N) content checks, on the tensors as stored; returns them in the in-memory form.
 
-    Checks version 3's ``lengths`` (every L_i in [1, D], their sum S against ``values``: S
-    entries, or ``ceil(S / 2)`` bytes for int4) or versions 1 and 2's ``offsets`` (the offsets
-    rule of storage/offsets.py with lengths in [1, D]), finite affine parameters with
-    ``scale >= 0`` and a finite rotation. ``values`` itself is never scanned (it may be larger
-    than RAM).
+    Checks versions 3 and 4's ``lengths`` (every L_i in [1, D], their sum S against
+    ``values``: S entries, or ``ceil(S / 2)`` bytes for int4) or versions 1 and 2's ``offsets``
+    (the offsets rule of storage/offsets.py with lengths in [1, D]), finite affine parameters
+    with ``scale >= 0``, and a finite rotation (version 4 int8/int4: codes in [-127, 127], a
+    finite ``rotation_scale`` >= 0). ``values`` itself is never scanned (it may be larger than
+    RAM).
 
     Returns:
-        A new dict: ``offsets`` int64 (N + 1,) (the cumulative sum of ``lengths``, or
-        ``arange(N + 1) * row_length``, or versions 1 and 2's as stored) in place of
-        ``lengths``, ``scale``/``bias`` float32 (widened from float16, exact), the other tensors
-        as given.
+        A new dict in the in-memory form: ``offsets`` int64 (N + 1,) (the cumulative sum of
+        ``lengths``, or ``arange(N + 1) * row_length``, or versions 1 and 2's as stored) in
+        place of ``lengths``; ``scale``/``bias`` float32 (widened from float16, exact; version 4
+        int4: ``bias = -8 * scale``, exact); ``rotation`` float32 (D, D) (decoded, in place of
+        ``rotation``/``rotation_scale``); ``values`` as given.
     """
     out = dict(tensors)
     n, d = int(meta["num_embeddings"]), int(meta["embedding_dim"])
@@ -259,12 +282,46 @@ def validate_data(
         if problem is not None:
             raise fail(problem)
     if "scale" in tensors:
-        scale, bias = tensors["scale"], tensors["bias"]
-        if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
-            raise fail("tensor `scale` or `bias` holds a non-finite value")
+        scale = tensors["scale"]
+        bias = tensors.get("bias")
+        if not (torch.isfinite(scale).all() and (bias is None or torch.isfinite(bias).all())):
+            raise fail(f"tensor `scale`{'' if bias is None else ' or `bias`'} holds a non-finite "
+                       "value")
         if (scale < 0).any():
             raise fail("tensor `scale` holds a negative value")
-        out["scale"], out["bias"] = scale.to(torch.float32), bias.to(torch.float32)
-    if "rotation" in tensors and not torch.isfinite(tensors["rotation"]).all():
-        raise fail("tensor `rotation` holds a non-finite value")
+        out["scale"] = scale.to(torch.float32)
+        # Version 4 int4 codes are symmetric: u decodes to (u - 8) * scale = u * scale + bias
+        # with bias = -8 * scale, exact in float32 (a float16 times a power of two).
+        out["bias"] = (
+            out["scale"] * -INT4_ZERO_CODE if bias is None else bias.to(torch.float32)
+        )
+    if "rotation" in tensors:
+        out.pop("rotation_scale", None)
+        out["rotation"] = _rotation(tensors["rotation"], tensors.get("rotation_scale"), fail)
     return out
+
+
+def _rotation(
+    stored: torch.Tensor,
+    scale: torch.Tensor | None,
+    fail: Callable[[str], PackedFormatError],
+) -> torch.Tensor:
+    """A stored rotation, checked, as float32 (D, D) (docs/format.md, "Rotation").
+
+    float32/float16/bfloat16: finite, widened (exact). int8 (``scale`` (D,) float16): codes in
+    [-127, 127] and a finite ``scale`` >= 0; decoded ``float32(q) * float32(scale[row])``.
+    """
+    if scale is None:
+        if not torch.isfinite(stored).all():
+            raise fail("tensor `rotation` holds a non-finite value")
+        return stored.to(torch.float32)
+    if not torch.isfinite(scale).all():
+        raise fail("tensor `rotation_scale` holds a non-finite value")
+    if (scale < 0).any():
+        raise fail("tensor `rotation_scale` holds a negative value")
+    bad = (stored == -128).nonzero()
+    if bad.numel():
+        row, col = (int(v) for v in bad[0])
+        raise fail(f"tensor `rotation` holds code -128 at [{row}, {col}], outside [-127, 127]")
+    # An int8 code times a float16 is exact in float32 (8 + 11 significant bits).
+    return stored.to(torch.float32) * scale.to(torch.float32).unsqueeze(1)
