@@ -364,7 +364,7 @@ def finetune(
                 epoch = next(e for e in result.metrics["epochs"] if e["epoch"] == best)
                 warning = BudgetWarning(
                     result.metrics["budget_missed"], best,
-                    epoch["step"] < result.metrics["budget_warmup_steps"],
+                    best > 0 and epoch["step"] < result.metrics["budget_warmup_steps"],
                 )
                 typer.echo(f"Warning: {cli_message(str(warning), _option_names())}", err=True)
             _print_finetune_metrics(result.metrics)

@@ -271,8 +271,8 @@ def test_no_epoch_met_the_budget_warns_and_records_it(
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics == result.metrics
     assert metrics["budget_met"] is False
-    assert metrics["best_epoch"] in (1, 2)  # the run is still written, from the best epoch
-    kept = metrics["epochs"][metrics["best_epoch"] - 1]["ratios"]
+    assert metrics["best_epoch"] in (0, 1, 2)  # the run is still written, from the best epoch
+    (kept,) = [e["ratios"] for e in metrics["epochs"] if e["epoch"] == metrics["best_epoch"]]
     assert metrics["budget_missed"] == {
         p: {"target": 0.4, "realized": kept[p]} for p in PATHS
     }
@@ -283,10 +283,14 @@ def test_an_epoch_inside_the_warmup_does_not_meet_the_budget(
 ) -> None:
     result = finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "run",
                       _config(epochs=2, budget_warmup=1.0), progress=False)
-    first, second = result.metrics["epochs"]
+    start, first, second = result.metrics["epochs"]
     assert result.metrics["budget_warmup_steps"] == second["step"]
     assert first["meets_budget"] is False  # ends inside the warmup, whatever its ratios
-    assert second["meets_budget"] is True and result.metrics["best_epoch"] == 2
+    # Epoch 0, the model cut to R before any step, is scored at R, so it can meet the budget.
+    assert start["epoch"] == 0 and start["meets_budget"] is True
+    assert second["meets_budget"] is True
+    best = max((start, second), key=lambda e: e["auc"])
+    assert result.metrics["best_epoch"] == best["epoch"]
     warning = BudgetWarning({}, 1, during_warmup=True)
     assert str(warning) == (
         "no epoch met the memory budget; kept epoch 1: the budget was still warming up at its "
@@ -345,3 +349,21 @@ def test_the_hook_refuses_a_model_without_amtl(baseline) -> None:
     with pytest.raises(ConfigError, match=r"^the model has no AMTL layers; call `attach_amtl_` "
                        r"before creating the budget$"):
         AMTLBudget(model, 0.4)
+
+
+def test_the_cut_model_is_kept_when_no_fine_tuned_epoch_beats_it(
+    synthetic, baseline, tmp_path
+) -> None:
+    # lr 0.5 wrecks every fine-tuned epoch: the run falls back on epoch 0, the trained model
+    # cut to the budget by the starting lengths, which meets the budget.
+    result = finetune(baseline, synthetic.train, synthetic.valid, tmp_path / "run",
+                      _config(epochs=2, lr=0.5), progress=False)
+    start, *trained = result.metrics["epochs"]
+    assert (start["epoch"], start["step"], start["meets_budget"]) == (0, 0, True)
+    assert all(e["auc"] < start["auc"] for e in trained)
+    assert result.metrics["best_epoch"] == 0 and result.metrics["budget_met"] is True
+    assert result.metrics["after"]["auc"] == pytest.approx(start["auc"], abs=1e-6)
+    assert result.metrics["budget_summary"].startswith(
+        "budget met by the kept epoch 0 (the trained model cut to the budget before any step")
+    for path, table in result.metrics["tables"].items():
+        assert table["memory_ratio"] == pytest.approx(start["ratios"][path])

@@ -46,7 +46,12 @@ def test_run_directory_contents(synthetic, baseline, tmp_path):
         cols = torch.arange(weight.shape[1])
         assert torch.all(weight[cols[None, :] >= lens[:, None]] == 0)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["before"]) == {"auc", "logloss"} and len(metrics["epochs"]) == 2
+    assert set(metrics["before"]) == {"auc", "logloss"}
+    # Epoch 0 is the model cut to the budget before any step: a candidate like the others.
+    assert [(e["epoch"], e["step"]) for e in metrics["epochs"]] == [(0, 0), (1, 10), (2, 20)]
+    assert metrics["epochs"][0]["meets_budget"] is True
+    best = max(metrics["epochs"], key=lambda e: e["auc"])
+    assert metrics["best_epoch"] == best["epoch"]
     table = metrics["tables"]["embeddings.user_id"]
     expected = float(lengths["embeddings.user_id"].double().mean())
     assert table["avg_kept_dim"] == pytest.approx(expected)

@@ -2,12 +2,14 @@
 
 ``finetune`` loads every trained weight, attaches AMTL to the chosen embedding tables, trains the
 model and the AMTL layers together (task loss + optional memory-budget penalty), keeps the best
-validation epoch, and writes the run directory (run_dir.py). Under torchrun the same function
+validation epoch (with a budget, epoch 0 is a candidate too: the trained model cut to the budget
+before any step), and writes the run directory (run_dir.py). Under torchrun the same function
 runs data-parallel, one rank per process (training/distributed.py, docs/scaling.md).
 
 The pieces, in order: :func:`~amtl_compress.training.request.prepare` (load and check the
 :class:`FinetuneRequest`, count frequencies), :func:`_start` (attach AMTL, optimiser, resume:
-training/resume.py), :func:`_train` (the step loop, with :func:`_step` and :func:`_end_epoch`),
+training/resume.py), :func:`_score_start` (epoch 0), :func:`_train` (the step loop, with
+:func:`_step` and :func:`_end_epoch`),
 :func:`_finish` (best epoch, detach, write the run directory).
 """
 
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.core.amtl import AMTL
+from amtl_compress.core.budget import apply_budget_
 from amtl_compress.data import CTRData
 from amtl_compress.errors import TrainingError
 from amtl_compress.models.adapters.call import ModelCall
@@ -176,6 +179,8 @@ def finetune(
 def _finetune(request: FinetuneRequest, world: World) -> FinetuneResult:
     inputs = prepare(request, world)
     run = _start(request, inputs, world)
+    if run.budget is not None and run.progress["step"] == 0 and not run.progress["history"]:
+        _score_start(run)
     _train(run, request.progress)
     return _finish(request, run, inputs)
 
@@ -314,19 +319,40 @@ def _step(
     return loss, ratios
 
 
+def _score_start(run: _Run) -> None:
+    """Epoch 0: the trained weights cut to the budget by the starting lengths, scored and kept
+    as a candidate like every epoch.
+
+    Fine-tuning is then judged against its own starting point: where training does not pay
+    (a model already at its optimum, steps too large for it), the cut model is kept, with the
+    lengths AMTL's layer gives each row's frequency before any step.
+    """
+    budget = run.budget
+    assert budget is not None  # only called with a budget
+    apply_budget_(budget.layers, budget.targets)  # R itself, not the warmup's first ratio
+    _record_epoch(run, 0, 0, warming_up=False)
+    budget.realized = apply_budget_(budget.layers, budget.ratios())  # back to the schedule
+
+
 def _end_epoch(run: _Run, step: int) -> None:
     """Validate, record the epoch, and save its weights if it is the best so far."""
+    # During the warmup the scheduled ratio is still above R: such an epoch misses the budget.
+    warming_up = run.budget is not None and run.budget.warming_up
+    _record_epoch(run, step // run.steps_per_epoch, step, warming_up)
+
+
+def _record_epoch(run: _Run, epoch: int, step: int, warming_up: bool) -> None:
+    """Validate the model as it is, append the epoch's record, and save its weights if it is
+    the best so far."""
     config, progress_state = run.config, run.progress
-    epoch = len(progress_state["history"]) + 1
     scores = evaluate(run.model, run.valid_data.batches(config.batch_size), run.world,
                       run.call)
     for path, layer in run.layers.items():
         # Identical weights give identical lengths; a cheap proof that the ranks agree.
         run.world.check_same(f"row lengths of `{path}`", layer.lengths())
     ratios = {path: layer.realized_ratio() for path, layer in run.layers.items()}
-    # During the warmup the scheduled ratio is still above R: such an epoch misses the budget.
     meets_budget = run.budget is None or (
-        not run.budget.warming_up and not _missed(run.budget.targets, ratios)
+        not warming_up and not _missed(run.budget.targets, ratios)
     )
     record = {
         "epoch": epoch, "step": step, **scores, "ratios": ratios, "meets_budget": meets_budget
@@ -381,12 +407,16 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
     budget_summary = None
     if budget_met is False:
         missed = _missed(targets or {}, best["ratios"])
-        during_warmup = run.budget is not None and best["step"] < run.budget.warmup_steps
+        during_warmup = (run.budget is not None and best["epoch"] > 0
+                         and best["step"] < run.budget.warmup_steps)
         warning = BudgetWarning(missed, best["epoch"], during_warmup)
         warnings.warn(warning, stacklevel=3)
         budget_summary = "budget NOT met: " + str(warning)
     elif budget_met:
         budget_summary = f"budget met by the kept epoch {best['epoch']}"
+        if best["epoch"] == 0:
+            budget_summary += (" (the trained model cut to the budget before any step: no "
+                               "fine-tuned epoch scored higher on validation)")
     metrics = {
         "before": run.before,
         "after": after,
