@@ -113,6 +113,21 @@ def test_bag_matches_dense_and_reference(dtype: torch.dtype, mode: str, weighted
                                                                *args))
 
 
+@pytest.mark.parametrize("sms", [1, 3, 10**6], ids=["large tiles", "mid", "one bag a tile"])
+def test_tile_sizes_give_the_same_bits(sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tiles shrink with the SM count (two programs per SM at least): a tile of several
+    # ragged bags steps them together, masked past each one's end; one bag a tile does not.
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: sms)
+    values, offsets, scale, bias, dense = _table(20, 5, torch.uint8, seed=11)
+    ids, bag_offsets = _bags(20, seed=11)
+    for mode in ("sum", "max"):
+        out = bag_triton(values, offsets, scale, bias, ids, bag_offsets, None, mode, 5, None,
+                         False)
+        assert_bitwise(out, F.embedding_bag(ids, dense, bag_offsets, mode=mode))
+    rows = torch.randint(0, 20, (37,), generator=torch.Generator().manual_seed(11))
+    assert_bitwise(emb_triton(values, offsets, scale, bias, rows, 5), F.embedding(rows, dense))
+
+
 def test_weighted_sum_mirrors_both_torch_roundings() -> None:
     # -1 * 1 + (1 + 2^-23) * (1 - 2^-24): a fused multiply-add keeps the residue 2^-24 - 2^-47,
     # a separate multiply rounds the product to 1.0 first and the sum is 0. torch fuses without

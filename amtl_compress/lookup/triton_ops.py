@@ -91,7 +91,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 8  # the interpreter: any small number (tiles only change the speed)
+        return 1  # the interpreter: large tiles, so its tests cover tiles of several bags
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -219,12 +219,27 @@ def launch_embedding(values: Tensor, offsets: Tensor, scale: Tensor | None, bias
         return out
     v, o, s, b = _table_args(values, offsets, scale, bias)
     block_d = _block_d(embedding_dim)
-    block_m = max(1, 2048 // block_d)
+    block_m = _tile_rows(2048 // block_d, num_ids, _cdiv(embedding_dim, block_d), values.device)
     grid = (_cdiv(num_ids, block_m), _cdiv(embedding_dim, block_d))
     _launch(_kernels(interpret)[0], grid, interpret,
             v, o, s, b, ids, out, num_ids, embedding_dim,
-            KIND=_KIND.get(values.dtype, 0), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+            KIND=_KIND.get(values.dtype, 0), BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=_warps(block_m * block_d))
     return out
+
+
+def _tile_rows(most: int, rows: int, d_blocks: int, device: torch.device) -> int:
+    """Ids (or bags) per program: ``most`` (a power of two), halved while the grid would give
+    fewer than two programs per SM, so that a small batch still spreads over the GPU."""
+    block = max(1, most)
+    while block > 1 and _cdiv(rows, block) * d_blocks < 2 * _sm_count(device):
+        block //= 2
+    return block
+
+
+def _warps(elements: int) -> int:
+    """Warps for a tile of ``elements`` values: one per 256 (8 a thread), 1 to 4."""
+    return max(1, min(4, elements // 256))
 
 
 def packed_embedding_bag_triton(values: Tensor, offsets: Tensor, scale: Tensor | None,
@@ -310,15 +325,12 @@ def launch_embedding_bag(values: Tensor, offsets: Tensor, scale: Tensor | None,
     if ids.numel() == 0:
         ids = o  # never read: every bag is empty
     block_d = _block_d(embedding_dim)
-    block_b = max(1, min(32, 512 // block_d))
     d_blocks = _cdiv(embedding_dim, block_d)
-    # Smaller tiles for few bags, so that every SM gets work.
-    while block_b > 1 and _cdiv(num_bags, block_b) * d_blocks < 2 * _sm_count(values.device):
-        block_b //= 2
+    block_b = _tile_rows(min(32, 512 // block_d), num_bags, d_blocks, values.device)
     grid = (_cdiv(num_bags, block_b), d_blocks)
     _launch(_kernels(interpret)[1], grid, interpret,
             v, o, s, b, ids, bounds, weights, out, num_bags, embedding_dim,
             -1 if padding_idx is None else padding_idx,
             KIND=_KIND.get(values.dtype, 0), MODE=_MODE[mode], WEIGHTS=weighting,
-            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=max(1, min(4, block_b * block_d // 128)))
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_warps(2 * block_b * block_d))
     return out
