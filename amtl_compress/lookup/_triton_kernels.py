@@ -87,7 +87,10 @@ def embedding_bag_kernel(values, offsets, scale, bias, ids, bounds, weights, out
         size = (tl.load(bounds + one + 1, mask=one < num_bags, other=0)
                 - tl.load(bounds + one, mask=one < num_bags, other=0))
         steps = tl.maximum(steps, size)
-    for k in range(0, steps):
+    # A while loop, not range(steps): older interpreters load a scalar as a 1-element array,
+    # which range() refuses and a comparison takes.
+    k = 0
+    while k < steps:
         j = lo + k
         live = j < hi
         row = tl.load(ids + j, mask=live, other=0).to(tl.int64)
@@ -117,6 +120,7 @@ def embedding_bag_kernel(values, offsets, scale, bias, ids, bounds, weights, out
             new = acc + x
         acc = tl.where(live[:, None], new, acc)
         count += live.to(tl.int32)
+        k += 1
     if MODE == 1:
         # Shapes spelled out: the interpreter broadcasts, the compiled div_rn would not.
         n = tl.broadcast_to(tl.maximum(count, 1).to(tl.float32)[:, None], acc.shape)
