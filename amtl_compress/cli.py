@@ -488,6 +488,10 @@ def eval_(
     adapter: AdapterOpt = "auto",
     output: OutputOpt = "auto",
     label: LabelOpt = "label",
+    device: Annotated[
+        str, typer.Option(help="Where the models run: `cpu`, `cuda` or `cuda:N` (packed tables "
+                          "on CUDA use the Triton lookup kernels).")
+    ] = "cpu",
 ) -> None:
     """AUC and logloss on a test file of the checkpoint, the fine-tuned run and the packed model,
     side by side with the bytes of each on disk.
@@ -501,7 +505,7 @@ def eval_(
         raise AmtlError("nothing to evaluate; pass --checkpoint, --run and/or --packed")
     rows = [["model", "AUC", "logloss", "bytes", "path"]]
     for r in compare(test, checkpoint, run, packed, factory=model, label=label,
-                     adapter=adapter, output=output):
+                     adapter=adapter, output=output, device=device):
         rows.append([r.name, f"{r.auc:.4f}", f"{r.logloss:.4f}", str(r.bytes), str(r.path)])
     _echo_table(rows)
 

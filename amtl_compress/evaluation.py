@@ -11,7 +11,7 @@ from torch import nn
 
 from amtl_compress.checkpoint import CALL_KEYS, load_model
 from amtl_compress.data.dataset import TabularData
-from amtl_compress.lookup.load import load_packed_model
+from amtl_compress.lookup.load import load_packed_model, resolve_device
 from amtl_compress.models.adapters.call import (
     adapter_list_padding,
     check_model_call,
@@ -51,6 +51,7 @@ def compare(
     batch_size: int = 4096,
     adapter: str | None = None,
     output: str | None = None,
+    device: str = "cpu",
 ) -> list[EvalRow]:
     """AUC and logloss on ``test`` of each model given, in the order checkpoint, run, packed.
 
@@ -62,7 +63,13 @@ def compare(
         factory: ``package.module:function`` for models whose files carry no spec.
         adapter, output: how to call the models and what they return, as in ``finetune``; None
             or ``"auto"``: what each file's model spec records, else detected.
+        device: where the models run, e.g. ``"cuda"`` (packed tables then use the Triton
+            lookup kernels); checked before anything is read.
+
+    Raises:
+        ConfigError: ``device`` is not one this process can use (e.g. no CUDA).
     """
+    target = resolve_device(device)
     rows: list[EvalRow] = []
     opened: dict[int, TabularData] = {}  # list padding -> the test data opened with it
 
@@ -71,12 +78,15 @@ def compare(
         if factory is not None:  # as load_model: the factory builds, the spec says how to call
             spec = {"kind": "factory", "factory": factory,
                     **{k: spec[k] for k in CALL_KEYS if isinstance(spec, dict) and k in spec}}
-        return load_packed_model(p, factory), spec
+        return load_packed_model(p, factory, device=target), spec
+
+    def dense(p: Path) -> tuple[nn.Module, dict[str, Any]]:
+        model, spec = load_model(p, factory)
+        return model.to(target), spec
 
     sources = [
-        ("checkpoint", checkpoint, lambda p: load_model(p, factory)),
-        ("fine-tuned", None if run_dir is None else RunDir(run_dir).model_file,
-         lambda p: load_model(p, factory)),
+        ("checkpoint", checkpoint, dense),
+        ("fine-tuned", None if run_dir is None else RunDir(run_dir).model_file, dense),
         ("packed", packed_dir, packed),
     ]
     for name, path, build in sources:
@@ -89,7 +99,8 @@ def compare(
         if padding not in opened:
             opened[padding] = TabularData.open(test, label=label, list_padding=padding)
         data = opened[padding]
-        batch = first_batch(data.batches(min(batch_size, 1024)))
+        batch = {k: v.to(target)
+                 for k, v in first_batch(data.batches(min(batch_size, 1024))).items()}
         given = recorded_output(output, spec if isinstance(spec, dict) else None)
         call, _ = check_model_call(model, chosen, batch, given)
         scores = evaluate(model, data.batches(batch_size), call=call)

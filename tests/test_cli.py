@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from amtl_compress.cli import app
@@ -80,3 +82,15 @@ def test_pack_and_eval_commands(synthetic, baseline, tmp_path):
     assert [line.split()[0] for line in lines[2:]] == ["checkpoint", "fine-tuned", "packed"]
     # fp32 packing is exact, so the fine-tuned and packed rows agree on AUC and logloss.
     assert lines[3].split()[1:3] == lines[4].split()[1:3]
+    again = runner.invoke(app, [
+        "eval", str(synthetic.test), "--packed", str(tmp_path / "p"), "--device", "cpu",
+    ])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines()[2].split() == lines[4].split()  # the default path
+    if torch.cuda.is_available():  # the packed model on the GPU: the same metrics
+        on_gpu = runner.invoke(app, [
+            "eval", str(synthetic.test), "--packed", str(tmp_path / "p"), "--device", "cuda",
+        ])
+        assert on_gpu.exit_code == 0, on_gpu.output
+        got = [float(x) for x in on_gpu.stdout.splitlines()[2].split()[1:3]]
+        assert got == pytest.approx([float(x) for x in lines[4].split()[1:3]], abs=2e-4)

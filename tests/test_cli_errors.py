@@ -94,3 +94,13 @@ def test_cli_and_launch_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="checks the error printed without CUDA")
+def test_eval_device_cuda_without_cuda_is_one_line(tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path / "test.parquet"), "--checkpoint",
+                                 str(tmp_path / "base.safetensors"), "--device", "cuda"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: --device cuda but CUDA is not available (")
+    assert result.stderr.endswith("); pass --device cpu\n") and result.stderr.count("\n") == 1

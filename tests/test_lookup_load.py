@@ -346,3 +346,52 @@ def test_load_packed_model_builds_on_meta_and_falls_back_for_non_persistent_buff
         meta_model = build_with_scratch()
     with pytest.raises(CheckpointError, match="`scratch` is on the meta device"):
         load_packed(meta_model, tmp_path / "out")
+
+
+# --- device= ----------------------------------------------------------------------------------
+
+
+def test_device_cpu_is_the_default_path(tmp_path: Path, toy, tuned) -> None:
+    from amtl_compress.lookup.load import load_packed_model
+
+    pack(tmp_path / "run", tmp_path / "out", dtype="int8", progress=False)
+    default = load_packed(toy.build(), tmp_path / "out").eval()
+    on_cpu = load_packed(toy.build(), tmp_path / "out", device="cpu").eval()
+    model = load_packed_model(tmp_path / "out", device=torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(on_cpu(*batch()), default(*batch()))
+        assert torch.equal(model(*batch()), default(*batch()))
+    assert {t.device.type for t in model.state_dict().values()} == {"cpu"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_device_cuda_without_cuda_is_one_error_before_anything_is_read(
+    tmp_path: Path, toy
+) -> None:
+    from amtl_compress.errors import ConfigError
+    from amtl_compress.lookup.load import load_packed_model
+
+    model = toy.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: load_packed(model, tmp_path / "missing", device="cuda"),
+                 lambda: load_packed_model(tmp_path / "missing", device="cuda:0")):
+        with pytest.raises(ConfigError, match=r"^`device='cuda(:0)?'` but CUDA is not available "
+                                              r"\(.*\); pass `device='cpu'`$"):
+            call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="`device='gpu'` is not a device torch knows"):
+        load_packed(model, tmp_path / "missing", device="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_cuda_serves_the_model_on_the_gpu(tmp_path: Path, toy, tuned,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from amtl_compress.lookup.load import load_packed_model
+
+    monkeypatch.delenv("AMTL_COMPRESS_KERNEL")  # CUDA tables: the Triton kernels
+    pack(tmp_path / "run", tmp_path / "out", dtype="float32", progress=False)
+    model = load_packed_model(tmp_path / "out", device="cuda")
+    assert {t.device.type for t in model.state_dict().values()} == {"cuda"}
+    with torch.no_grad():
+        out = model(*(t.cuda() for t in batch())).cpu()
+    assert torch.allclose(out, tuned(*batch()), rtol=1e-5, atol=1e-5)  # the MLP: cuBLAS

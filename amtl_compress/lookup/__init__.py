@@ -2,7 +2,8 @@
 ``load_packed`` / ``load_packed_model``, which serve a packed directory through them.
 
 ``values`` + ``offsets`` (torchrec-style jagged rows) hold each row's kept prefix; the modules
-re-pad (or pool) on the fly. See docs/lookup.md for the kernel, its cache and the benchmarks.
+re-pad (or pool) on the fly, with the compiled kernel on the CPU and Triton kernels on CUDA
+(imported on first use). See docs/lookup.md for the kernels, the cache and the benchmarks.
 """
 
 from amtl_compress.lookup.load import load_packed, load_packed_model

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from amtl_compress.core.rotation import with_rotation
-from amtl_compress.errors import CheckpointError, PackedFormatError
+from amtl_compress.errors import CheckpointError, ConfigError, PackedFormatError
 from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
 from amtl_compress.models.factory import build_model
 from amtl_compress.storage.format import PackedTable, read_packed_table
@@ -28,11 +28,37 @@ from amtl_compress.storage.manifest import Manifest, ManifestTable, file_sha256,
 _FIX = "re-create the directory by running `pack` again"
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, checked to exist here (CUDA built in, the GPU visible).
+
+    Raises:
+        ConfigError: not a device name torch knows, or a CUDA device this process cannot use.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"`device={str(device)!r}` is not a device torch knows; pass "
+                          "`device='cpu'` or `device='cuda'`") from None
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        raise ConfigError(f"`device={str(device)!r}` but CUDA is not available ({why}, torch "
+                          f"{torch.__version__}); pass `device='cpu'`")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ConfigError(f"`device={str(device)!r}` but this machine has {count} CUDA "
+                          f"device(s), cuda:0 to cuda:{count - 1}; pass one of them")
+    return resolved
+
+
 def load_packed(
     model: nn.Module,
     packed_dir: str | os.PathLike[str],
     mmap: bool = True,
     verify: bool = False,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Swap packed lookups into ``model`` and load the remaining weights (modified in place).
 
@@ -51,6 +77,12 @@ def load_packed(
         mmap: memory-map each table's ``values`` (tables larger than RAM stay on disk).
         verify: also check every file's SHA-256 against the manifest (reads every byte; slow for
             large tables). Header and offsets validation always runs.
+        device: where to serve the model, e.g. ``"cuda"``: the packed tables are copied there
+            (lookups on CUDA run the Triton kernels, docs/lookup.md), then the whole model is
+            moved with ``model.to(device)``. None (default) leaves the tables on the CPU
+            (memory-mapped with ``mmap``) and the model where it is. Checked first
+            (:func:`resolve_device`); a failure while moving (out of GPU memory) can leave the
+            model partly moved.
 
     Returns:
         ``model``, whose packed tables now return float32 (.., D) rows zero-padded past L_i
@@ -62,9 +94,11 @@ def load_packed(
             checksum differs.
         CheckpointError: the model does not fit the directory (missing or wrong module, N/D or
             kind mismatch, missing/unexpected/misshapen weights).
+        ConfigError: ``device`` is not a device this process can use.
     """
     packed_dir = Path(packed_dir)
-    return _apply(model, packed_dir, *_read_snapshot(packed_dir, mmap, verify))
+    target = None if device is None else resolve_device(device)
+    return _apply(model, packed_dir, *_read_snapshot(packed_dir, mmap, verify), device=target)
 
 
 def _apply(
@@ -73,8 +107,10 @@ def _apply(
     manifest: Manifest,
     tables: dict[str, PackedTable],
     rest: dict[str, torch.Tensor],
+    device: torch.device | None = None,
 ) -> nn.Module:
-    """Check that one read version of a packed directory fits ``model``, then put it in."""
+    """Check that one read version of a packed directory fits ``model``, then put it in (and
+    move the model to ``device`` unless None)."""
     replacements: dict[str, nn.Module] = {}
     for path, table in tables.items():
         old = _module_at(model, path)
@@ -82,18 +118,21 @@ def _apply(
         _check_fits(old, path, kind, table)
         common = {"scale": table.scale, "bias": table.bias, "name": path}
         if isinstance(old, nn.EmbeddingBag):
-            replacements[path] = PackedEmbeddingBag(
+            replacement: nn.Module = PackedEmbeddingBag(
                 table.values, table.offsets, table.embedding_dim, mode=old.mode,
                 padding_idx=old.padding_idx, include_last_offset=old.include_last_offset,
                 **common,
             )
         else:
-            replacements[path] = PackedEmbedding(
+            replacement = PackedEmbedding(
                 table.values, table.offsets, table.embedding_dim, **common
             )
         if table.rotation is not None:
             # Version 2 (docs/format.md): the padded rows are rotated back, as in fine-tuning.
-            replacements[path] = with_rotation(replacements[path], table.rotation)
+            replacement = with_rotation(replacement, table.rotation)
+        # Each table goes to the device before the model changes: running out of GPU memory
+        # here leaves the model as it was.
+        replacements[path] = replacement if device is None else replacement.to(device)
 
     _check_rest(model, rest, set(tables), packed_dir / manifest.rest_file)
     # A model built on the meta device (no memory behind its dense tables) takes the loaded
@@ -108,6 +147,8 @@ def _apply(
     for path, module in replacements.items():
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+    if device is not None:
+        model.to(device)  # the packed tables are there already: only the rest moves
     return model
 
 
@@ -270,13 +311,15 @@ def _some(names: list[str], limit: int = 5) -> str:
 
 
 def load_packed_model(
-    packed_dir: str | os.PathLike[str], factory: str | None = None, mmap: bool = True
+    packed_dir: str | os.PathLike[str], factory: str | None = None, mmap: bool = True,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Build the model named by the manifest's spec (or ``factory``) and :func:`load_packed` it.
 
     Args:
         packed_dir: directory written by :func:`amtl_compress.storage.pack.pack`.
         factory: ``package.module:function`` overriding the manifest's model spec.
+        device: where to serve it (``"cuda"``), as in :func:`load_packed`; None: the CPU.
 
     The model is built on the meta device, so its dense tables never take memory (a table larger
     than RAM stays on disk, memory-mapped); a model that keeps tensors outside its state_dict
@@ -286,6 +329,7 @@ def load_packed_model(
         The model in eval mode, with its packed tables swapped in.
     """
     packed_dir = Path(packed_dir)
+    target = None if device is None else resolve_device(device)
     # One read serves both the spec and the weights, so a concurrent replace cannot pair the
     # old version's model with the new version's tables.
     snapshot = _read_snapshot(packed_dir, mmap, verify=False)
@@ -294,4 +338,4 @@ def load_packed_model(
     in_state = set(model.state_dict())
     if any(name not in in_state for name, _ in model.named_buffers()):
         model = build_model(spec)
-    return _apply(model, packed_dir, *snapshot).eval()
+    return _apply(model, packed_dir, *snapshot, device=target).eval()

@@ -6,8 +6,9 @@ int4, ``scale`` / ``bias`` (N,) float32. See :mod:`amtl_compress.lookup.referenc
 layout. ``values`` is only ever read, so it may
 be a read-only memory map (``torch.from_numpy(np.memmap(..., mode="r"))``).
 
-On CPU they call the compiled kernel (:mod:`amtl_compress.lookup.ops`); on other devices, or with
-``AMTL_COMPRESS_KERNEL=reference``, the pure-torch reference. Both give the same bits.
+On CPU they call the compiled kernel (:mod:`amtl_compress.lookup.ops`); on CUDA the Triton kernels
+(:mod:`amtl_compress.lookup.triton_ops`, where Triton imports); on other devices, or with
+``AMTL_COMPRESS_KERNEL=reference``, the pure-torch reference. All give the same bits.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from amtl_compress.errors import PackedFormatError
-from amtl_compress.lookup import ops
+from amtl_compress.lookup import ops, triton_ops
 from amtl_compress.lookup.reference import (
     BAG_MODES,
     QUANTIZED_DTYPES,
@@ -142,7 +143,8 @@ class _PackedLookup(nn.Module):
         return self.offsets[1:] - self.offsets[:-1]
 
     def _kernel_offsets(self, offsets: Tensor, values: Tensor) -> tuple[Tensor, bool]:
-        """``offsets`` as the compiled kernel reads it, and whether it may skip per-row checks.
+        """``offsets`` as the kernels (compiled, or Triton on CUDA) read it, and whether they may
+        skip per-row checks.
 
         An int32 copy when len(values) < 2^31: half the bytes of the (N + 1,) index each lookup
         goes through, so more of it stays in cache. Derived in memory only (state_dict keeps the
@@ -262,7 +264,12 @@ class PackedEmbedding(_PackedLookup):
         b = self._buffers
         values = b["values"]
         try:
-            if ops.use_reference(values):
+            if ops.use_reference(values):  # not on CPU, or the reference forced
+                if triton_ops.use_triton(values):
+                    offsets, unchecked = self._kernel_offsets(b["offsets"], values)
+                    return triton_ops.packed_embedding_triton(
+                        values, offsets, b["scale"], b["bias"], input, self.embedding_dim,
+                        checked=not unchecked)
                 return packed_embedding_reference(values, b["offsets"], b["scale"], b["bias"],
                                                   input, self.embedding_dim)
             offsets, unchecked = self._kernel_offsets(b["offsets"], values)
@@ -349,7 +356,13 @@ class PackedEmbeddingBag(_PackedLookup):
         b = self._buffers
         values = b["values"]
         try:
-            if ops.use_reference(values):
+            if ops.use_reference(values):  # not on CPU, or the reference forced
+                if triton_ops.use_triton(values):
+                    kernel_offsets, unchecked = self._kernel_offsets(b["offsets"], values)
+                    return triton_ops.packed_embedding_bag_triton(
+                        values, kernel_offsets, b["scale"], b["bias"], input, offsets,
+                        per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,
+                        include_last_offset, checked=not unchecked)
                 return packed_embedding_bag_reference(
                     values, b["offsets"], b["scale"], b["bias"], input, offsets,
                     per_sample_weights, self.mode, self.embedding_dim, self.padding_idx,

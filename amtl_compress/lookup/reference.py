@@ -69,19 +69,22 @@ def value_capacity(values: Tensor) -> int:
 
 
 def _check_table(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Tensor | None,
-                 embedding_dim: int) -> int:
+                 embedding_dim: int, offsets_dtypes: tuple[torch.dtype, ...] = (torch.int64,)
+                 ) -> int:
     """Check the arguments' dtypes and shapes, O(1), as the kernel's operators do; return N.
 
     These functions take raw tensors, so they check what they read: the arguments here, and the
     offsets of every looked-up row in :func:`_padded_rows` (the checked operators' behaviour).
     The whole-table offsets rule (:func:`~amtl_compress.storage.offsets.offsets_problem`) is
-    checked once where a table enters: the lookup modules and the file reader.
+    checked once where a table enters: the lookup modules and the file reader. The Triton
+    functions also take the modules' int32 copy of ``offsets`` (``offsets_dtypes``).
     """
     if values.dim() != 1 or values.dtype not in VALUE_DTYPES:
         raise TypeError(f"`values` must be 1-D float32/float16/bfloat16/int8/uint8 (int4), got "
                         f"{values.dim()}-D {values.dtype}")
-    if offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 1:
-        raise TypeError("`offsets` must be a non-empty 1-D int64 tensor (N + 1,)")
+    if offsets.dim() != 1 or offsets.dtype not in offsets_dtypes or offsets.numel() < 1:
+        kinds = "/".join(str(t).removeprefix("torch.") for t in offsets_dtypes)
+        raise TypeError(f"`offsets` must be a non-empty 1-D {kinds} tensor (N + 1,)")
     if embedding_dim < 1:
         raise ValueError(f"`embedding_dim` must be >= 1, got {embedding_dim}")
     n = offsets.numel() - 1
@@ -100,8 +103,26 @@ def _check_ids(ids: Tensor, n: int) -> None:
     if ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-        bad = ids[(ids < 0) | (ids >= n)]
-        raise IndexError(f"id {int(bad[0])} is outside [0, {n})")
+        raise ids_error(ids, n)
+
+
+def ids_error(ids: Tensor, n: int) -> IndexError:
+    """The IndexError for ``ids`` of which at least one lies outside [0, N)."""
+    bad = ids[(ids < 0) | (ids >= n)]
+    return IndexError(f"id {int(bad[0])} is outside [0, {n})")
+
+
+def corrupt_rows(starts: Tensor, lengths: Tensor, capacity: int, embedding_dim: int) -> Tensor:
+    """Bool mask of looked-up rows whose (start, length) do not lie in ``values`` or exceed D."""
+    return (starts < 0) | (lengths < 0) | (lengths > embedding_dim) | (
+        starts + lengths > capacity)
+
+
+def corrupt_row_error(offsets: Tensor, row: int, capacity: int, embedding_dim: int) -> ValueError:
+    """The ValueError for looked-up row ``row`` whose offsets :func:`corrupt_rows` flags."""
+    return ValueError(f"corrupt offsets for row {row}: [{int(offsets[row])}, "
+                      f"{int(offsets[row + 1])}) is not within [0, {capacity}] or is "
+                      f"longer than {embedding_dim}")
 
 
 def _padded_rows(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Tensor | None,
@@ -110,13 +131,9 @@ def _padded_rows(values: Tensor, offsets: Tensor, scale: Tensor | None, bias: Te
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
     capacity = value_capacity(values)
-    bad = (starts < 0) | (lengths < 0) | (lengths > embedding_dim) | (
-        starts + lengths > capacity)
+    bad = corrupt_rows(starts, lengths, capacity, embedding_dim)
     if bool(bad.any()):
-        row = int(rows[bad][0])
-        raise ValueError(f"corrupt offsets for row {row}: [{int(offsets[row])}, "
-                         f"{int(offsets[row + 1])}) is not within [0, {capacity}] or is "
-                         f"longer than {embedding_dim}")
+        raise corrupt_row_error(offsets, int(rows[bad][0]), capacity, embedding_dim)
     col = torch.arange(embedding_dim, device=values.device)
     keep = col < lengths[:, None]
     out = torch.zeros(rows.numel(), embedding_dim, dtype=torch.float32, device=values.device)
@@ -165,22 +182,52 @@ def check_bag_offsets(bag_offsets: Tensor, nnz: int, include_last_offset: bool) 
     Rules (the kernel enforces the same): offsets[0] == 0, non-decreasing, last <= nnz, and with
     ``include_last_offset`` the last offset must equal nnz (it closes the last bag).
     """
+    k = check_bag_offsets_shape(bag_offsets, include_last_offset)
+    if k == 0:
+        return 0
+    decreasing = k > 1 and bool((bag_offsets[1:] < bag_offsets[:-1]).any())
+    problem = bag_offsets_problem(int(bag_offsets[0]), decreasing, int(bag_offsets[-1]), nnz,
+                                  include_last_offset)
+    if problem is not None:
+        raise problem
+    return k - 1 if include_last_offset else k
+
+
+def check_bag_offsets_shape(bag_offsets: Tensor, include_last_offset: bool) -> int:
+    """The O(1) part of :func:`check_bag_offsets`; returns ``len(bag_offsets)``."""
     if bag_offsets.dim() != 1 or bag_offsets.dtype not in INDEX_DTYPES:
         raise TypeError("bag `offsets` must be a 1-D int32/int64 tensor")
     k = bag_offsets.numel()
     if include_last_offset and k < 1:
         raise ValueError("with include_last_offset=True, `offsets` needs at least 1 element")
-    if k == 0:
-        return 0
-    if int(bag_offsets[0]) != 0:
-        raise ValueError(f"offsets[0] must be 0, got {int(bag_offsets[0])}")
-    if k > 1 and bool((bag_offsets[1:] < bag_offsets[:-1]).any()):
-        raise ValueError("bag `offsets` must be non-decreasing")
-    last = int(bag_offsets[-1])
+    return k
+
+
+def bag_offsets_problem(first: int, decreasing: bool, last: int, nnz: int,
+                        include_last_offset: bool) -> ValueError | None:
+    """The ValueError for non-empty bag offsets with first / last element ``first`` / ``last``
+    (``decreasing``: some element is below its predecessor), or None when they are valid."""
+    if first != 0:
+        return ValueError(f"offsets[0] must be 0, got {first}")
+    if decreasing:
+        return ValueError("bag `offsets` must be non-decreasing")
     if last > nnz or (include_last_offset and last != nnz):
         want = "equal" if include_last_offset else "be <="
-        raise ValueError(f"the last bag offset must {want} len(input) = {nnz}, got {last}")
-    return k - 1 if include_last_offset else k
+        return ValueError(f"the last bag offset must {want} len(input) = {nnz}, got {last}")
+    return None
+
+
+def check_bag_arguments(input: Tensor, per_sample_weights: Tensor | None, mode: str,
+                        padding_idx: int | None, n: int) -> None:
+    """O(1) checks of a bag call's ``per_sample_weights`` and ``padding_idx`` for N = ``n``."""
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise NotImplementedError(f"per_sample_weights is only supported for mode='sum' "
+                                      f"(got mode='{mode}')")
+        if per_sample_weights.dtype != torch.float32 or per_sample_weights.shape != input.shape:
+            raise TypeError(f"per_sample_weights must be float32 of shape {tuple(input.shape)}")
+    if padding_idx is not None and not 0 <= padding_idx < n:
+        raise ValueError(f"padding_idx must be in [0, {n}), got {padding_idx}")
 
 
 def packed_embedding_bag_reference(values: Tensor, offsets: Tensor, scale: Tensor | None,
@@ -210,14 +257,7 @@ def packed_embedding_bag_reference(values: Tensor, offsets: Tensor, scale: Tenso
         raise ValueError(f"input must be 1-D, got {input.dim()}-D")
     _check_ids(input, n)
     check_bag_offsets(bag_offsets, input.numel(), include_last_offset)
-    if per_sample_weights is not None:
-        if mode != "sum":
-            raise NotImplementedError(f"per_sample_weights is only supported for mode='sum' "
-                                      f"(got mode='{mode}')")
-        if per_sample_weights.dtype != torch.float32 or per_sample_weights.shape != input.shape:
-            raise TypeError(f"per_sample_weights must be float32 of shape {tuple(input.shape)}")
-    if padding_idx is not None and not 0 <= padding_idx < n:
-        raise ValueError(f"padding_idx must be in [0, {n}), got {padding_idx}")
+    check_bag_arguments(input, per_sample_weights, mode, padding_idx, n)
 
     # Gather only the rows used, plus one zero row at the end that stands in for `padding_idx`
     # when it does not occur: passing a padding_idx keeps torch on the same arithmetic path
