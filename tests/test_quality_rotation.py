@@ -149,7 +149,7 @@ def test_pca_attach_keeps_outputs_and_detach_keeps_them_bitwise():
     model.eval()
     assert torch.allclose(model(*inputs()), before, atol=1e-5)
     assert all(is_float16_exact(m.rotation) for m in (model.user, model.tags))
-    # The stored table is now W Q: its energy sits in the leading dims.
+    # The stored table is now W R^-1 (about W Q): its energy sits in the leading dims.
     energy = model.user.weight.detach().pow(2).sum(0)
     assert energy[:3].sum() / energy.sum() > 0.99
     layers = amtl_layers(model)
