@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from amtl_compress._io import atomic_write_text
 from amtl_compress._svg import HLine, line_chart
 from amtl_compress.checkpoint import load_model
-from amtl_compress.core.rotation import principal_axes, unrotated, with_rotation
+from amtl_compress.core.rotation import onto_principal_axes, unrotated, with_rotation
 from amtl_compress.data import CTRData, open_data
 from amtl_compress.errors import ConfigError, DataError
 from amtl_compress.models.adapters.call import (
@@ -146,15 +146,13 @@ def _with_weight(table: nn.Module, weight: Tensor) -> nn.Module:
 
 class _Truncator:
     """One table rotated onto its principal axes as ``attach_amtl_(ordering="pca")`` does:
-    W' = W Q (N, D), R = Q^T, composed with the rotation of a table rotated by an earlier run."""
+    W' = W R^{-1} (N, D), R the axes rounded to float16 values, composed with the rotation of a
+    table rotated by an earlier run (``core.rotation.onto_principal_axes``)."""
 
     def __init__(self, table: nn.Module) -> None:
         plain, rotation = unrotated(table)
-        weight = plain.weight.detach()
-        axes = principal_axes(weight).to(weight.device)
         self.plain = plain
-        self.rotated = weight @ axes.T.to(weight.dtype)  # W' = W Q
-        self.rotation = axes if rotation is None else axes @ rotation.to(axes.device)
+        self.rotated, self.rotation = onto_principal_axes(plain.weight, rotation)
 
     def cut(self, k: int) -> nn.Module:
         """The table with every rotated row cut to its first ``k`` dims (the rest exact 0),

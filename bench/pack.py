@@ -8,11 +8,14 @@ source does not count towards the measured peak. Prints MB/s of source and the c
 
 ``--two-table``: the byte accounting of docs/format.md on a real model. Trains a DLRM with D = 64
 on MovieLens-100k (the demo's data and split, seed 0), fine-tunes AMTL on user_id and item_id at
-``target_ratio`` 0.4 with the library defaults (dimension ordering "pca": a float32 rotation
-per table), packs the run in every dtype and prints each one's bytes by part with its ratio to
-the dense float32 tables and the test AUC of the fine-tuned model with its tables and rotations
-replaced by the decoded packed ones; the rotation as stored (format version 4: at the values'
-precision) against the float32 one; int8 with float16 scale/bias against version 1's float32
+``target_ratio`` 0.4 with the library defaults (dimension ordering "pca": a rotation of float16
+values per table), packs the run in every dtype and prints each one's bytes by part with its
+ratio to the dense float32 tables and the test AUC of the fine-tuned model with its tables and
+rotations replaced by the decoded packed ones, and whether the float32 packed model's test
+predictions equal the fine-tuned model's bitwise; the warm start's error (the trained tables
+rotated and rotated back, with R rounded to float16 values as attach does, against the
+orthogonal float32 Q of before); the rotation as stored (format version 4: at the values'
+precision) against the fine-tuned one; int8 with float16 scale/bias against version 1's float32
 ones, and int4 with version 4's symmetric float16 scale against version 3's scale + bias and a
 scale + zero point (decode error over every kept value, AUC). Then the same for a second
 fine-tune with ``AMTLConfig(ordering="none")`` (no rotation stored); the AUC-vs-bytes points of
@@ -143,14 +146,16 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
     from amtl_compress.core.amtl import AMTLConfig
     from amtl_compress.data.dataset import TabularData
     from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
+    from amtl_compress.lookup.load import load_packed_model
     from amtl_compress.models.dlrm import dlrm_config_for
     from amtl_compress.run_dir import RunDir
     from amtl_compress.storage.format import prefix_mask, read_packed_table
+    from amtl_compress.storage.header import read_header
     from amtl_compress.storage.pack import pack
     from amtl_compress.storage.quantize import dequantize_values
     from amtl_compress.training.config import FinetuneConfig, TrainConfig
     from amtl_compress.training.finetune import finetune
-    from amtl_compress.training.loop import evaluate
+    from amtl_compress.training.loop import evaluate, predict
     from amtl_compress.training.train import train_dlrm
 
     start = time.perf_counter()
@@ -159,6 +164,7 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
     train_dlrm(ctr.train, ctr.valid, base, TrainConfig(seed=seed),
                dlrm_config=dlrm_config_for(ctr, embedding_dim=64), progress=False)
     test = TabularData.open(ctr.test)
+    _warm_start(base)
 
     def padded(table, decoded: torch.Tensor) -> torch.Tensor:
         rows = torch.zeros(table.num_embeddings, table.embedding_dim)
@@ -202,7 +208,7 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
         print(f"fine-tuned model, test AUC {finetuned_auc:.4f}\n")
         summary = [("dtype", "values", "index", "row meta", "rotation", "total", "ratio",
                     "w/o rotation", "test AUC")]
-        rotation_rows = [("dtype", "rotation stored", "bytes", "max |err|", "AUC float32 R",
+        rotation_rows = [("dtype", "rotation stored", "bytes", "max |err|", "AUC fine-tuned R",
                           "AUC stored R")]
         quantized_tables: dict[str, dict] = {}
         measured[ordering] = {}
@@ -224,19 +230,27 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
                     exact_rotations[entry.field] = load_model(model_file)[0].get_submodule(
                         entry.field
                     ).rotation.detach().clone()
+            codes = sorted({read_header(e.file).tensors["rotation"].dtype
+                            for e in report.tables if e.stored.rotation})
+            if dtype == "float32":
+                finetuned = predict(load_model(model_file)[0], test.batches(4096))[0]
+                packed = predict(load_packed_model(work / f"packed-{ordering}-{dtype}"),
+                                 test.batches(4096))[0]
+                print(f"float32 packed model (rotation stored as {', '.join(codes) or 'none'}): "
+                      f"test predictions bitwise equal to the fine-tuned model's: "
+                      f"{torch.equal(finetuned, packed)}\n")
             b = report.stored
             auc = auc_with(decoded, rotations)
             measured[ordering][dtype] = (b.ratio, auc)
             summary.append((dtype, f"{b.values:,}", f"{b.index:,}", f"{b.row_metadata:,}",
                             f"{b.rotation:,}", f"{b.total:,}", f"{b.ratio:.3f}",
                             f"{(b.total - b.rotation) / b.dense:.3f}", f"{auc:.4f}"))
-            # The same values with the fine-tuned float32 rotation: what version 3 stored.
+            # The same values with the fine-tuned rotation (float32 in version 3).
             auc_f32_rotation = auc_with(decoded, exact_rotations) if rotations else auc
             if rotations:
                 err = max((rotations[p] - exact_rotations[p]).abs().max().item()
                           for p in rotations)
-                code = {"float16": "F16", "bfloat16": "BF16", "int8": "I8 + F16 row scale",
-                        "int4": "I8 + F16 row scale"}.get(dtype, "F32")
+                code = " + ".join(codes) + (" + F16 row scale" if "I8" in codes else "")
                 rotation_rows.append((dtype, code, f"{b.rotation:,}", f"{err:.2e}",
                                       f"{auc_f32_rotation:.4f}", f"{auc:.4f}"))
             versions.append(_version_row(ordering, dtype, report, auc, auc_f32_rotation))
@@ -245,7 +259,7 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
               "the fine-tuned model")
         print(_columns(summary) + "\n")
         if len(rotation_rows) > 1:
-            print("the rotation as stored (format version 4) against the fine-tuned float32 one: "
+            print("the rotation as stored (format version 4) against the fine-tuned one: "
                   "largest entry error, and test AUC with the packed rows and either rotation")
             print(_columns(rotation_rows) + "\n")
         if "int8" in quantized_tables:
@@ -256,6 +270,32 @@ def two_table(work: Path, dtypes: list[str], orderings: list[str], seed: int = 0
                          ordering)
     _versions(versions)
     _targets(measured)
+
+
+def _warm_start(base: Path) -> None:
+    """The warm start's error on the trained tables: max |W' R - W| with R rounded to float16
+    values and W' = W R^{-1} (``onto_principal_axes``, what attach does) against the orthogonal
+    float32 R = Q^T and W' = W Q (before), both products in float32 as the model computes them."""
+    import torch
+
+    from amtl_compress.checkpoint import load_model
+    from amtl_compress.core.rotation import onto_principal_axes, principal_axes, rotate_rows
+
+    model = load_model(base)[0]
+    rows = [("table", "N x D", "max |W|", "W Q, R = Q^T (f32)", "W R^-1, R in f16",
+             "max |R - Q^T|", "sigma(R) range")]
+    for field in TWO_TABLE_FIELDS:
+        w = model.embeddings[field].weight.detach()
+        q_t = principal_axes(w)
+        old = (rotate_rows(w @ q_t.T, q_t) - w).abs().max().item()
+        rotated, r = onto_principal_axes(w)
+        new = (rotate_rows(rotated, r) - w).abs().max().item()
+        sv = torch.linalg.svdvals(r.double())
+        rows.append((field, f"{w.shape[0]} x {w.shape[1]}", f"{w.abs().max().item():.3f}",
+                     f"{old:.2e}", f"{new:.2e}", f"{(r - q_t).abs().max().item():.2e}",
+                     f"[{sv.min().item():.5f}, {sv.max().item():.5f}]"))
+    print("warm start: max |W' R - W| on the trained tables (float32 products)")
+    print(_columns(rows) + "\n")
 
 
 def _version_row(ordering: str, dtype: str, report, auc: float, auc_f32_rotation: float):
@@ -336,7 +376,7 @@ def _int8_params(tables, model_file, auc_with, padded, versions, ordering) -> No
         steps[names[1]][path] = table.scale.float().repeat_interleave(table.lengths)
         if table.rotation is not None:
             rotations[path] = table.rotation
-    # Both with the float32 rotation (versions 1-3); version 4's int8 rotation is measured above.
+    # Both with the fine-tuned rotation; version 4's int8 rotation is measured above.
     aucs = {names[0]: auc_with(rows_v1)}
     aucs[names[1]] = auc_with({p: padded(t, decoded[names[1]][p]) for p, t in tables.items()})
     for r in versions:
@@ -345,7 +385,7 @@ def _int8_params(tables, model_file, auc_with, padded, versions, ordering) -> No
     rows = [("int8 scale/bias", "mean |err|", "max |err|", "max |err| / scale", "mean scale",
              "test AUC")] + _affine_error_rows(decoded, kept_of, steps, aucs)
     print(f"int8 decode error over all {sum(len(k) for k in kept_of.values())} kept values "
-          "(test AUC with the fine-tuned float32 rotation)")
+          "(test AUC with the fine-tuned rotation)")
     print(_columns(rows) + "\n")
 
 
@@ -392,7 +432,7 @@ def _int4_params(tables, model_file, auc_with, padded, versions, ordering) -> No
             table.values, table.offsets, table.scale, table.bias
         )
         steps[names[2]][path] = table.scale.repeat_interleave(table.lengths)
-    # All three with the fine-tuned float32 rotation, so only the row code differs.
+    # All three with the fine-tuned rotation, so only the row code differs.
     aucs = {
         n: auc_with({p: padded(t, decoded[n][p]) for p, t in tables.items()}) for n in names
     }
@@ -402,7 +442,7 @@ def _int4_params(tables, model_file, auc_with, padded, versions, ordering) -> No
     rows = [("int4 row params", "mean |err|", "max |err|", "max |err| / scale", "mean scale",
              "test AUC")] + _affine_error_rows(decoded, kept_of, steps, aucs)
     print(f"int4 decode error over all {sum(len(k) for k in kept_of.values())} kept values "
-          "(test AUC with the fine-tuned float32 rotation)")
+          "(test AUC with the fine-tuned rotation)")
     print(_columns(rows) + "\n")
 
 

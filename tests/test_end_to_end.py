@@ -9,6 +9,7 @@ from amtl_compress.data.dataset import TabularData
 from amtl_compress.evaluation import compare
 from amtl_compress.lookup.load import load_packed_model
 from amtl_compress.lookup.modules import PackedEmbedding, PackedEmbeddingBag
+from amtl_compress.storage.header import read_header
 from amtl_compress.storage.pack import pack
 from amtl_compress.training.config import FinetuneConfig
 from amtl_compress.training.finetune import finetune
@@ -27,10 +28,14 @@ def run_dir(synthetic, baseline, tmp_path_factory):
 
 
 def test_packed_fp32_is_bitwise_the_masked_finetuned_model(synthetic, run_dir, tmp_path):
-    pack(run_dir, tmp_path / "packed", dtype="float32", progress=False)
+    report = pack(run_dir, tmp_path / "packed", dtype="float32", progress=False)
     dense, _ = load_model(run_dir / "model.safetensors")
     packed = load_packed_model(tmp_path / "packed")
-    # finetune's default dimension ordering rotates every table (format version 2).
+    # finetune's default dimension ordering rotates every table, with a rotation of float16
+    # values, which the float32 files store as F16 (2 bytes an entry), losslessly.
+    for entry in report.tables:
+        assert read_header(entry.file).tensors["rotation"].dtype == "F16"
+        assert entry.stored.rotation == entry.embedding_dim**2 * 2
     assert isinstance(packed.embeddings["user_id"], RotatedLookup)
     assert isinstance(packed.embeddings["user_id"].table, PackedEmbedding)
     assert isinstance(packed.embeddings["tags"].table, PackedEmbeddingBag)

@@ -16,6 +16,8 @@ from amtl_compress.core.amtl import AMTLConfig
 from amtl_compress.core.rotation import (
     RotatedEmbedding,
     RotatedEmbeddingBag,
+    float16_exact,
+    onto_principal_axes,
     principal_axes,
     rotate_rows,
     unrotated,
@@ -55,6 +57,41 @@ def test_principal_axes_are_orthogonal_and_order_energy():
     # The first 3 rotated dims hold nearly all the energy; the raw first 3 dims do not.
     assert energy[:3].sum() / energy.sum() > 0.999
     assert w[:, :3].pow(2).sum() / w.pow(2).sum() < 0.9
+
+
+def is_float16_exact(rotation: torch.Tensor) -> bool:
+    return torch.equal(float16_exact(rotation), rotation)
+
+
+@pytest.mark.parametrize("d", [8, 64])
+def test_onto_principal_axes_rounds_r_to_float16_and_keeps_the_table(d: int):
+    w = correlated_table(n=500, d=d, seed=2)
+    q_t = principal_axes(w)
+    rotated, r = onto_principal_axes(w)
+    assert r.dtype == torch.float32 and rotated.dtype == w.dtype and rotated.shape == w.shape
+    assert is_float16_exact(r) and not torch.equal(r, q_t)  # a float32 pack stores it in F16
+    # R is Q^T to float16 rounding: nearly orthogonal, singular values within 2^-11 sqrt(D) of 1.
+    assert (r - q_t).abs().max().item() <= 2**-12
+    sv = torch.linalg.svdvals(r.double())
+    assert (sv - 1).abs().max().item() <= 2**-11 * d**0.5
+    # W' R gives W back as closely as the old W Q Q^T did (float32 rounding).
+    old = rotate_rows(w @ q_t.T, q_t)
+    new = rotate_rows(rotated, r)
+    assert (new - w).abs().max().item() <= max(2 * (old - w).abs().max().item(), 1e-6)
+    # The principal axes keep their order: the column energies of W' still decrease.
+    energy = rotated.pow(2).sum(0)
+    assert torch.all(energy[:-1] >= energy[1:] - 1e-4)
+    assert energy[:3].sum() / energy.sum() > 0.999
+
+
+def test_onto_principal_axes_composes_an_earlier_rotation_float16_exactly():
+    w = correlated_table(n=300, d=8, seed=4)
+    first, r0 = onto_principal_axes(w)
+    second, r = onto_principal_axes(first, r0)
+    assert is_float16_exact(r)
+    assert (rotate_rows(second, r) - w).abs().max().item() < 1e-6
+    # The composition is the axes of the effective table W' R0 = W: R again, to R0's rounding.
+    assert (r - r0).abs().max().item() < 1e-3
 
 
 def test_rotated_modules_share_weights_and_round_trip():
@@ -111,7 +148,8 @@ def test_pca_attach_keeps_outputs_and_detach_keeps_them_bitwise():
     attach_amtl_(model, {"user": counts(30), "tags": counts(20)}, AMTLConfig(ordering="pca"))
     model.eval()
     assert torch.allclose(model(*inputs()), before, atol=1e-5)
-    # The stored table is now W Q: its energy sits in the leading dims.
+    assert all(is_float16_exact(m.rotation) for m in (model.user, model.tags))
+    # The stored table is now W R^-1 (about W Q): its energy sits in the leading dims.
     energy = model.user.weight.detach().pow(2).sum(0)
     assert energy[:3].sum() / energy.sum() > 0.99
     layers = amtl_layers(model)
@@ -142,7 +180,7 @@ def test_reattaching_a_rotated_table_composes_the_rotations():
     attach_amtl_(model, {"user": counts(30)}, AMTLConfig(ordering="pca"))
     assert torch.allclose(model(*inputs()), before, atol=1e-5)
     model, _ = detach_amtl(model)
-    assert isinstance(model.user, RotatedEmbedding)
+    assert isinstance(model.user, RotatedEmbedding) and is_float16_exact(model.user.rotation)
     assert torch.allclose(model(*inputs()), before, atol=1e-5)
 
 

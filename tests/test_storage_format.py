@@ -206,6 +206,13 @@ def test_index_is_the_smallest_unsigned_dtype_that_holds_d() -> None:
     ]
     for dtype, code in (("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")):
         assert table_layout(3, 4, 6, dtype, rotated=True)[0] == ("rotation", code, (4, 4))
+    # float32 with a float16-exact rotation: F16, laid out after the F32 values.
+    assert [e[:2] for e in table_layout(3, 4, 6, "float32", rotated=True,
+                                        rotation_code="F16")] == [
+        ("values", "F32"), ("rotation", "F16"), ("lengths", "U8"),
+    ]
+    with pytest.raises(ValueError, match="rotation_code 'BF16'"):
+        table_layout(3, 4, 6, "float32", rotated=True, rotation_code="BF16")
     assert [e[0] for e in table_layout(3, 70000, 6, "float16")] == ["lengths", "values"]
 
 
@@ -763,8 +770,21 @@ V4_TAMPERS = [
      "tensor `rotation` has dtype F32, expected I8 for dtype int8"),
     ("int4 rotation F16", "int4", replace("rotation", "F16", F32_ROTATION.astype("<f2")),
      "tensor `rotation` has dtype F16, expected I8 for dtype int4"),
-    ("float32 rotation F16", "float32", replace("rotation", "F16", F32_ROTATION.astype("<f2")),
-     "tensor `rotation` has dtype F16, expected F32 for dtype float32"),
+    ("float32 rotation BF16", "float32",
+     replace("rotation", "BF16", F32_ROTATION.astype("<f2")),  # 2-byte entries
+     "tensor `rotation` has dtype BF16, expected F32 or F16 for dtype float32"),
+    ("float32 rotation I8", "float32", replace("rotation", "I8", np.zeros((4, 4), dtype="i1")),
+     "tensor `rotation` has dtype I8, expected F32 or F16 for dtype float32"),
+    ("float32 F16 rotation inf", "float32",
+     replace("rotation", "F16", np.where(F32_ROTATION == 1, np.inf, F32_ROTATION).astype("<f2")),
+     "tensor `rotation` holds a non-finite value"),
+    ("float32 F16 rotation nan", "float32",
+     replace("rotation", "F16", np.full((4, 4), np.nan, dtype="<f2")),
+     "tensor `rotation` holds a non-finite value"),
+    ("float32 F16 rotation_scale", "float32",
+     lambda h, d: add("rotation_scale", "F16", np.ones(4, dtype="<f2"))(
+         *replace("rotation", "F16", F32_ROTATION.astype("<f2"))(h, d)),
+     r"unexpected tensor\(s\) `rotation_scale`"),
     ("float16 rotation BF16", "float16", replace("rotation", "BF16", None),
      "tensor `rotation` has dtype BF16, expected F16 for dtype float16"),
     ("bfloat16 rotation F16", "bfloat16", replace("rotation", "F16", None),
@@ -849,6 +869,39 @@ def test_rotation_round_trips_at_the_values_precision(tmp_path: Path, dtype: str
         rotation=table.rotation,
     )
     assert again.read_bytes() == path.read_bytes()
+
+
+def test_float32_table_stores_a_float16_exact_rotation_as_f16(tmp_path: Path) -> None:
+    """The rotation of ``ordering="pca"`` holds float16 values: a float32 table stores it in
+    F16 (half the bytes), reads it back exactly and writes the same bytes again."""
+    weight = dense_rows()
+    values, offsets = packed(weight, LENGTHS)
+    exact = ROTATION.half().float()
+    assert not torch.equal(exact, ROTATION)  # 0.6 and 0.8 are not float16 values
+    path = tmp_path / "t.safetensors"
+    stored = write_packed_table(
+        path, values, offsets, embedding_dim=D, field="emb",
+        source_sha256=source_digest(weight), rotation=exact,
+    )
+    assert read_header(path).tensors["rotation"].dtype == "F16"
+    assert stored.rotation == D * D * 2
+    table = read_packed_table(path)
+    assert table.rotation is not None and table.rotation.dtype == torch.float32
+    assert torch.equal(table.rotation, exact)  # widened exactly: float32 lookups stay bitwise
+    assert table.stored is not None and table.stored.rotation == D * D * 2
+    again = tmp_path / "again.safetensors"
+    write_packed_table(
+        again, table.values, table.offsets, embedding_dim=D, field="emb",
+        source_sha256=table.metadata["source_sha256"], rotation=table.rotation,
+    )
+    assert again.read_bytes() == path.read_bytes()
+    # The F32 rotation of the other file, stored as F16 by another writer, decodes exactly too.
+    other = tmp_path / "other.safetensors"
+    write_table(other, "float32", rotated=True)
+    assert read_header(other).tensors["rotation"].dtype == "F32"
+    join(other, *replace("rotation", "F16", exact.numpy().astype("<f2"))(*split(other)))
+    rotation = read_packed_table(other).rotation
+    assert rotation is not None and torch.equal(rotation, exact)
 
 
 def test_writer_rejects_an_int4_bias_that_is_not_minus_8_scale(tmp_path: Path) -> None:

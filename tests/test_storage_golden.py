@@ -53,6 +53,7 @@ V4_CASES = {
     "table_v4_int4": ("int4", False, False),
     "table_v4_float32_equal": ("float32", False, True),
     "table_v4_float32_rotated": ("float32", True, False),
+    "table_v4_float32_rotated_f16": ("float32", True, False),
     "table_v4_float16_rotated": ("float16", True, False),
     "table_v4_bfloat16_rotated": ("bfloat16", True, False),
     "table_v4_int8_rotated": ("int8", True, False),
@@ -66,6 +67,9 @@ V4_SHA256 = {
     "table_v4_float32": "fa7f52f30d944cad9b54931e59bc33fc5d115dc524ee0c4c34f92f0d67a999fc",
     "table_v4_float32_equal": "9ba46bdae46eb7100859a7deded8f1f2902595b7437e8d2635acd5646e44ed4b",
     "table_v4_float32_rotated": "562965e63980599e92db15cc7a743a337dd7a141b16b7265c1d029555f2b890b",
+    "table_v4_float32_rotated_f16": (
+        "eadcb2df80f263ccb58d2b951347fa540c1618a40263ad876c1ba24d955c62c0"
+    ),
     "table_v4_int4": "444877836c29dcd7d4246f15a488b13c45e5e857516f0774ceee8b50cce12172",
     "table_v4_int4_rotated": "2a46cdf1f97e5b3dcd94b4a83e5a8e4fd0a4f1c87a751c4ecaa247a61e215217",
     "table_v4_int8": "1e1fc8231d3b72bcd28bf6181a43cc6e161725d6c8f8310d21a39484e4eb6309",
@@ -75,6 +79,9 @@ LENGTHS = torch.tensor([1, 4, 2, 3, 4])
 EQUAL_LENGTHS = torch.tensor([3, 3, 3, 3, 3])
 #: The rotation of the version 2 files and of the ``*_rotated`` files.
 ROTATION = torch.tensor([[0.6, 0.8, 0, 0], [-0.8, 0.6, 0, 0], [0, 0, 0, 1.0], [0, 0, 1.0, 0]])
+#: ``ROTATION`` rounded to float16 values, as ``ordering="pca"`` makes it: the ``*_f16`` file
+#: (float32 values) stores it as F16, exactly.
+ROTATION_F16 = ROTATION.half().float()
 TOLERANCE = {"float32": 0.0, "float16": 1e-3, "bfloat16": 8e-3, "int8": 6e-3, "int4": 0.2}
 #: How far version 4's stored rotation may be from ``ROTATION``, by dtype (float16 and bfloat16
 #: round to nearest; int8 codes are within half of a row's step 0.8 / 127).
@@ -98,7 +105,7 @@ def generate(name: str, folder: Path) -> Path:
     out = folder / f"{name}.safetensors"
     pack_table(
         source, "emb.weight", lengths, out, dtype, "emb", chunk_bytes=32,
-        rotation=ROTATION if rotated else None,
+        rotation=(ROTATION_F16 if name.endswith("_f16") else ROTATION) if rotated else None,
     )
     return out
 
@@ -142,10 +149,14 @@ def test_golden_files_still_read(name: str) -> None:
     if table.rotation is not None:
         # float32 in versions 2 and 3; version 4 stores it at the values' precision.
         tolerance = ROTATION_TOLERANCE[table.dtype] if version == 4 else 0.0
+        f16_exact = name.endswith("_f16")
         assert table.rotation.dtype == torch.float32
-        assert (table.rotation - ROTATION).abs().max().item() <= tolerance
+        expected_rotation = ROTATION_F16 if f16_exact else ROTATION
+        assert (table.rotation - expected_rotation).abs().max().item() <= tolerance
         stored = read_header(GOLDEN / f"{name}.safetensors").tensors["rotation"].dtype
         code = {"float16": "F16", "bfloat16": "BF16", "int8": "I8", "int4": "I8"}
+        if f16_exact:  # a float32 table's float16-exact rotation: F16, widened exactly
+            code["float32"] = "F16"
         assert stored == (code.get(table.dtype, "F32") if version == 4 else "F32")
     # int4 stores a float16 bias in version 3 and none in version 4 (bias = -8 * scale).
     if table.dtype == "int4" and table.scale is not None and table.bias is not None:

@@ -278,6 +278,21 @@ def test_rotation_is_stored_at_the_values_precision(dtype: str) -> None:
         assert torch.equal(again_scale, scale)
 
 
+def test_float32_rotation_of_float16_values_is_stored_as_float16() -> None:
+    q_mat, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    exact = q_mat.half().float()  # what `ordering="pca"` stores
+    stored, scale = rotation_encode(exact, "float32")
+    assert scale is None and stored.dtype == torch.float16
+    assert torch.equal(rotation_decode(stored, scale), exact)  # lossless
+    # One entry that is not a float16 value keeps the whole rotation float32.
+    exact[3, 5] += 2**-20
+    stored, _ = rotation_encode(exact, "float32")
+    assert stored.dtype == torch.float32 and torch.equal(stored, exact)
+    # A NaN stays float32 (the writer rejects it as non-finite).
+    exact[0, 0] = float("nan")
+    assert rotation_encode(exact, "float32")[0].dtype == torch.float32
+
+
 def test_rotation_of_zero_rows_codes_zero() -> None:
     rotation = torch.tensor([[0.0, 0.0], [0.6, -0.8]])
     stored, scale = rotation_encode(rotation, "int8")

@@ -6,14 +6,19 @@ importance order, so "keep the first k" cuts arbitrary information at attach tim
 table onto its principal axes (the eigenvectors of W^T W, largest eigenvalue first) and undoes the
 rotation after the lookup::
 
-    W' = W Q              (N, D) stored and masked; column j of W' is the j-th principal axis
+    R = f16(Q^T)          the (D, D) ``rotation``: float16 values, kept in float32
+    W' = W R^{-1}         (N, D) stored and masked (solved in float64); column j of W' is the
+                          j-th principal axis (up to R's rounding)
     e_i = m_i * W'[i]     Eq. 1 on the rotated row
-    out_i = e_i R         R = Q^T, the (D, D) float32 ``rotation``
+    out_i = e_i R
 
-At full length ``out_i = W[i] Q Q^T = W[i]`` up to float rounding, so the warm start keeps the
-model's outputs; a prefix of a rotated row keeps as much of the table's energy (sum of squares)
-as any k dims can. Pooling commutes with R for mode sum and mean bags (R is applied after
-pooling), not for max bags, which are rejected.
+At full length ``out_i = W[i] R^{-1} R = W[i]`` up to float32 rounding, so the warm start keeps
+the model's outputs; a prefix of a rotated row keeps (to R's rounding) as much of the table's
+energy (sum of squares) as any k dims can. R is rounded to float16 values so that a float32 pack
+stores it in 2 bytes an entry without loss (docs/format.md, "Rotation"); it is then not exactly
+orthogonal, which is why W' is W R^{-1} rather than W Q (:func:`onto_principal_axes`).
+Pooling commutes with R for mode sum and mean bags (R is applied after pooling), not for max
+bags, which are rejected.
 
 The modules here hold a plain (or packed) table plus R; their state_dict keys are the table's
 own plus ``<path>.rotation``, so a rotated model's checkpoint loads with
@@ -32,6 +37,8 @@ from amtl_compress.errors import SurgeryError
 ORDERINGS = ("none", "pca")
 #: Suffix of a rotation's state_dict key: ``<module path>.rotation``.
 ROTATION_KEY = "rotation"
+#: Rows of W multiplied at a time in float64 by :func:`onto_principal_axes` (bounds its memory).
+_CHUNK_ROWS = 65536
 
 
 @torch.no_grad()
@@ -49,13 +56,77 @@ def principal_axes(weight: Tensor) -> Tensor:
         float32 (D, D) orthogonal R (``R @ R.T`` = I up to float32 rounding).
     """
     w = weight.detach().to(device="cpu", dtype=torch.float64)
-    eigenvalues, eigenvectors = torch.linalg.eigh(w.T @ w)
+    return _axes_of(w.T @ w)
+
+
+def _axes_of(gram: Tensor) -> Tensor:
+    """R = Q^T (float32 (D, D)) from a float64 (D, D) second moment W^T W (see
+    :func:`principal_axes`)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     q = eigenvectors[:, eigenvalues.argsort(descending=True)]
     # eigh's signs are arbitrary; make each axis' largest component positive so R is
     # reproducible across LAPACK builds.
     sign = torch.sign(q.gather(0, q.abs().argmax(dim=0, keepdim=True)))
     q = q * torch.where(sign == 0, 1.0, sign)
     return q.T.contiguous().float()
+
+
+def float16_exact(rotation: Tensor) -> Tensor:
+    """``rotation`` rounded to the nearest float16 values (ties to even), kept in float32.
+
+    Entries of a rotation are in [-1, 1], so nothing overflows; each moves by at most 2^-11 of
+    itself (2^-25 absolute in float16's subnormal range).
+    """
+    return rotation.detach().to(torch.float16).to(torch.float32)
+
+
+@torch.no_grad()
+def onto_principal_axes(weight: Tensor, rotation: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A table rotated onto its principal axes with a float16-exact rotation: (W', R).
+
+    The model computes ``E = W`` (or ``E = W R0`` for a table already rotated by an earlier run,
+    ``rotation`` = R0). With Q the principal axes of E (:func:`principal_axes`), R =
+    :func:`float16_exact` (Q^T) and ``W' = E R^{-1}``, computed in float64 and rounded once to
+    ``weight``'s dtype, so ``W' R`` reproduces E to that rounding, as ``W Q Q^T`` did. R's
+    entries are float16 values (a float32 pack stores them as such, losslessly). R differs from
+    the orthogonal Q^T by at most 2^-11 of each entry, so every singular value of R is within
+    2^-11 sqrt(D) of 1 (1.004 at D = 64, 1.125 at D = 65536): R is always invertible and well
+    conditioned. For a composed table, R replaces R0 (R ~ Q^T R0 with Q the axes of W), so the
+    composition is float16-exact too.
+
+    Args:
+        weight: float (N, D), the table as stored (W, or W' of an earlier run).
+        rotation: float32 (D, D) R0 applied after the lookup, or None.
+
+    Returns:
+        (W' of ``weight``'s dtype and device (N, D), R float32 (D, D) on ``weight``'s device,
+        every entry a float16 value).
+    """
+    w = weight.detach()
+    gram = _gram(w)
+    carried = None if rotation is None else rotation.detach().to("cpu", torch.float64)
+    if carried is not None:
+        gram = carried.T @ gram @ carried  # second moment of E = W R0
+    axes = float16_exact(_axes_of(gram))
+    # W' = E R^{-1} = W (R0 R^{-1}): one (D, D) float64 factor, applied chunk by chunk.
+    inverse = torch.linalg.inv(axes.double())
+    factor = inverse if carried is None else carried @ inverse
+    factor = factor.to(w.device)
+    rotated = torch.empty_like(w)
+    for start in range(0, w.shape[0], _CHUNK_ROWS):
+        rows = w[start : start + _CHUNK_ROWS]
+        rotated[start : start + rows.shape[0]] = (rows.double() @ factor).to(w.dtype)
+    return rotated, axes.to(w.device)
+
+
+def _gram(weight: Tensor) -> Tensor:
+    """W^T W in float64 on the CPU, (D, D), summed over row chunks (no float64 copy of W)."""
+    d = weight.shape[1]
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    for start in range(0, weight.shape[0], _CHUNK_ROWS):
+        rows = weight[start : start + _CHUNK_ROWS].to("cpu", torch.float64)
+        gram += rows.T @ rows
+    return gram
 
 
 def rotate_rows(rows: Tensor, rotation: Tensor) -> Tensor:

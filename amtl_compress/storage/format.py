@@ -215,10 +215,12 @@ def table_layout(
     dtype: str,
     rotated: bool = False,
     row_length: int | None = None,
+    rotation_code: str | None = None,
 ) -> list[tuple[str, str, tuple[int, ...]]]:
     """The tensors of a version 4 table, ``(name, dtype code, shape)`` in data order.
 
-    The tensors are ``rotation`` (by dtype: F32, F16, BF16, or I8 for int8/int4) and its
+    The tensors are ``rotation`` (by dtype: F32 or F16 (``rotation_code``, the one
+    ``rotation_encode`` gives; default F32), F16, BF16, or I8 for int8/int4) and its
     ``rotation_scale`` (F16 (D,), int8/int4 only), ``lengths`` (U8/U16/U32 by D; none with
     ``row_length``), int8 ``bias`` and int8/int4 ``scale`` (F16) and ``values``, sorted by item
     size, largest first (ties in that order), so every tensor starts at a multiple of its item
@@ -227,7 +229,11 @@ def table_layout(
     n, d = num_embeddings, embedding_dim
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     if rotated:
-        entries.append(("rotation", ROTATION_CODES[dtype], (d, d)))
+        code = rotation_code or ROTATION_CODES[dtype][0]
+        if code not in ROTATION_CODES[dtype]:
+            raise ValueError(f"rotation_code {code!r} is not one of {ROTATION_CODES[dtype]} "
+                             f"for dtype {dtype}")
+        entries.append(("rotation", code, (d, d)))
         if dtype in QUANTIZED:
             entries.append(("rotation_scale", "F16", (d,)))
     if row_length is None:
@@ -280,15 +286,16 @@ def table_header(
     source_sha256: str,
     rotated: bool = False,
     row_length: int | None = None,
+    rotation_code: str | None = None,
 ) -> tuple[bytes, dict[str, int]]:
     """The header bytes of a version 4 packed table and each tensor's absolute file offset.
 
     The layout is :func:`table_layout`'s; ``rotated`` adds a (D, D) ``rotation`` (and its
-    ``rotation_scale`` for int8/int4), ``row_length`` drops ``lengths`` (every row has that
-    length).
+    ``rotation_scale`` for int8/int4; a float32 table's in ``rotation_code``, F32 or F16),
+    ``row_length`` drops ``lengths`` (every row has that length).
     """
     entries = table_layout(
-        num_embeddings, embedding_dim, num_values, dtype, rotated, row_length
+        num_embeddings, embedding_dim, num_values, dtype, rotated, row_length, rotation_code
     )
     metadata = _metadata(
         num_embeddings, embedding_dim, dtype, field, source_dtype, source_sha256, row_length
@@ -351,8 +358,8 @@ def write_packed_table(
     D <= 255, uint16 when D <= 65535, else uint32) or, when every row has one length, as
     ``row_length`` metadata; ``scale``/``bias`` as float16 (int4: ``scale`` only, ``bias`` must
     be ``-8 * scale``); and ``rotation`` at the values' precision (``quantize.rotation_encode``:
-    lossy except for float32, and the same bytes again for a rotation read from a version 4
-    file).
+    lossless for float32, as float16 when every entry is a float16 value; lossy for the other
+    dtypes; the same bytes again for a rotation read from a version 4 file).
 
     Args:
         path: output ``.safetensors`` file.
@@ -431,6 +438,7 @@ def write_packed_table(
     prefix, starts = table_header(
         n, embedding_dim, num_values, dtype, field, source_dtype, source_sha256,
         rotation is not None, length,
+        CODE_OF[tensors["rotation"].dtype] if rotation is not None else None,
     )
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(prefix)

@@ -10,8 +10,9 @@ int4 with float16 ``scale`` and ``bias`` (``int4_encode(..., symmetric=False)``)
 2's float32 int8 parameters (``int8_encode(..., float16_params=False)``).
 
 A rotation (docs/format.md, "Rotation") is stored at the values' precision
-(:func:`rotation_encode`): float16/bfloat16 as such, int8/int4 as symmetric int8 codes with a
-float16 scale per row of R.
+(:func:`rotation_encode`): float32 as float16 when that is exact (the float16-exact rotation of
+``ordering="pca"``), else as is; float16/bfloat16 as such; int8/int4 as symmetric int8 codes
+with a float16 scale per row of R.
 
 Symbols: r rows in a chunk, L_i kept lengths, S = sum(L_i) kept values. The encoders work on the
 kept values back to back (S,), the layout of ``values``. They run in numpy: its segmented
@@ -139,7 +140,8 @@ def rotation_encode(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A float32 (D, D) rotation as format version 4 stores it beside values of ``dtype``.
 
-    ``float32``: as is. ``float16`` / ``bfloat16``: rounded to nearest even (``Tensor.to``;
+    ``float32``: float16 if every entry is a float16 value (``R.half().float() == R``: no loss,
+    half the bytes), else as is. ``float16`` / ``bfloat16``: rounded to nearest even (``Tensor.to``;
     float16 overflow gives inf, which the writer rejects). ``int8`` / ``int4``: per row i of R,
     in float32 arithmetic, ``s_i = f16up(max_j |R[i, j]| / 127)`` and
     ``q[i, j] = clamp(round_half_even(R[i, j] / s_i), -127, 127)`` (0 where ``s_i == 0``), so
@@ -151,9 +153,15 @@ def rotation_encode(
         dtype: the table's packed dtype name.
 
     Returns:
-        ``(stored, scale)``: (D, D) float32/float16/bfloat16 and None, or (D, D) int8 codes and
+        ``(stored, scale)``: (D, D) float32/float16/bfloat16 and None (its dtype is the file's
+        ``rotation`` dtype), or (D, D) int8 codes and
         (D,) float16 ``rotation_scale`` (inf where it overflows float16).
     """
+    if dtype == "float32":
+        half = rotation.to(torch.float16)
+        # torch.equal is False for a NaN, which then stays float32 for the writer to reject.
+        exact = torch.equal(half.to(rotation.dtype), rotation)
+        return (half if exact else rotation.to(torch.float32)), None
     if dtype not in QUANTIZED:
         return rotation.to(PACKED_DTYPES[dtype]), None
     r = rotation.detach().cpu().to(torch.float32).numpy()

@@ -36,7 +36,7 @@ from amtl_compress.storage.format import (
     table_layout,
     uniform_length,
 )
-from amtl_compress.storage.header import DTYPES, read_header
+from amtl_compress.storage.header import CODE_OF, DTYPES, read_header
 from amtl_compress.storage.manifest import file_sha256
 from amtl_compress.storage.quantize import (
     FLOAT16_MAX,
@@ -89,8 +89,9 @@ def pack_table(
         progress: tqdm bar on stderr counting rows.
         rotation: float32 (D, D) the lookups apply after re-padding (dimension ordering); the
             file stores it as ``rotation`` at the values' precision (``rotation_encode``: D * D
-            * 4 bytes for float32, * 2 for float16/bfloat16, D * D int8 codes + D float16
-            scales for int8/int4).
+            * 4 bytes for float32, * 2 for float16/bfloat16 and for a float32 table whose R
+            holds float16 values only (as ``ordering="pca"`` makes it), D * D int8 codes + D
+            float16 scales for int8/int4).
 
     Raises:
         RunDirError: the source tensor is missing, not a 2-D float table, does not match
@@ -131,8 +132,10 @@ def pack_table(
             f"rotation of `{field}` holds values beyond {dtype}'s range; pack with "
             "`dtype=float32` or `dtype=bfloat16`"
         )
+    rotation_code = CODE_OF[stored_rotation[0].dtype] if stored_rotation is not None else None
     prefix, starts = table_header(
-        n, d, num_values, dtype, field, source_dtype, "0" * 64, rotated, row_length
+        n, d, num_values, dtype, field, source_dtype, "0" * 64, rotated, row_length,
+        rotation_code,
     )
 
     torch_src, np_src = DTYPES[entry.dtype]
@@ -188,7 +191,8 @@ def pack_table(
             out.write(scales)
         source_sha256 = digest.hexdigest()  # complete: the reader hashed every chunk it gave
         final_prefix, _ = table_header(
-            n, d, num_values, dtype, field, source_dtype, source_sha256, rotated, row_length
+            n, d, num_values, dtype, field, source_dtype, source_sha256, rotated, row_length,
+            rotation_code,
         )
         if len(final_prefix) != len(prefix):  # the digest has a fixed width; guard the invariant
             raise RuntimeError("packed header changed size after hashing")
@@ -201,7 +205,9 @@ def pack_table(
         rows=n,
         embedding_dim=d,
         avg_kept=num_values / n if n else 0.0,
-        stored=table_bytes(table_layout(n, d, num_values, dtype, rotated, row_length), n, d),
+        stored=table_bytes(
+            table_layout(n, d, num_values, dtype, rotated, row_length, rotation_code), n, d
+        ),
         dtype=dtype,
         file=out_path,
         sha256=file_sha256(out_path),

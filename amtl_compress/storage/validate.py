@@ -38,10 +38,14 @@ FORMAT_VERSIONS = (
 )
 #: Versions whose row index is ``lengths`` (or ``row_length``) rather than int64 ``offsets``.
 LENGTHS_VERSIONS = (LENGTHS_FORMAT_VERSION, FORMAT_VERSION)
-#: Version 4's ``rotation`` dtype for each packed dtype: the values' precision. int8 and int4
-#: store it as symmetric int8 codes with a float16 ``rotation_scale`` per row of R.
-ROTATION_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8",
-                  "int4": "I8"}
+#: Version 4's ``rotation`` dtype(s) for each packed dtype: the values' precision, the widest
+#: first. float32 stores R as F16 when every entry is a float16 value (the rotation of
+#: ``ordering="pca"`` is, so this is lossless), else F32; int8 and int4 store it as symmetric
+#: int8 codes with a float16 ``rotation_scale`` per row of R.
+ROTATION_CODES: dict[str, tuple[str, ...]] = {
+    "float32": ("F32", "F16"), "float16": ("F16",), "bfloat16": ("BF16",), "int8": ("I8",),
+    "int4": ("I8",),
+}
 #: Version 4's int4 code of zero: a stored code u decodes to ``(u - 8) * scale``, so the
 #: in-memory ``bias`` is ``-8 * scale``.
 INT4_ZERO_CODE = 8
@@ -114,7 +118,7 @@ def expected_tensors(meta: dict[str, str], present: Collection[str] = ()) -> set
             expected.add("bias")
     if version == ROTATED_FORMAT_VERSION or (version in LENGTHS_VERSIONS and "rotation" in present):
         expected.add("rotation")
-        if version == FORMAT_VERSION and ROTATION_CODES[dtype] == "I8":
+        if version == FORMAT_VERSION and ROTATION_CODES[dtype] == ("I8",):
             expected.add("rotation_scale")
     return expected
 
@@ -200,20 +204,22 @@ def validate_layout(
     version = meta["format_version"]
     param = "F16" if version in LENGTHS_VERSIONS else "F32"
     # Version 4 stores the rotation at the values' precision; earlier versions in float32.
-    rotation = ROTATION_CODES[dtype] if version == FORMAT_VERSION else "F32"
-    want: dict[str, tuple[str, tuple[int, ...], str]] = {
-        "offsets": ("I64", (n + 1,), ""),
-        "lengths": (lengths_code(d), (n,), f" for embedding_dim {d}"),
-        "scale": (param, (n,), ""),
-        "bias": (param, (n,), ""),
+    rotation = ROTATION_CODES[dtype] if version == FORMAT_VERSION else ("F32",)
+    want: dict[str, tuple[tuple[str, ...], tuple[int, ...], str]] = {
+        "offsets": (("I64",), (n + 1,), ""),
+        "lengths": ((lengths_code(d),), (n,), f" for embedding_dim {d}"),
+        "scale": ((param,), (n,), ""),
+        "bias": ((param,), (n,), ""),
         "rotation": (rotation, (d, d), f" for dtype {dtype}" if version == FORMAT_VERSION else ""),
-        "rotation_scale": ("F16", (d,), ""),
+        "rotation_scale": (("F16",), (d,), ""),
     }
-    for name, (code, shape, why) in want.items():
+    for name, (allowed, shape, why) in want.items():
         if name not in shapes:
             continue
-        if codes[name] != code:
-            raise fail(f"tensor `{name}` has dtype {codes[name]}, expected {code}{why}")
+        if codes[name] not in allowed:
+            raise fail(
+                f"tensor `{name}` has dtype {codes[name]}, expected {' or '.join(allowed)}{why}"
+            )
         if shapes[name] != shape:
             per = f"embedding_dim {d}" if name.startswith("rotation") else f"num_embeddings {n}"
             raise fail(
@@ -308,8 +314,9 @@ def _rotation(
 ) -> torch.Tensor:
     """A stored rotation, checked, as float32 (D, D) (docs/format.md, "Rotation").
 
-    float32/float16/bfloat16: finite, widened (exact). int8 (``scale`` (D,) float16): codes in
-    [-127, 127] and a finite ``scale`` >= 0; decoded ``float32(q) * float32(scale[row])``.
+    float32/float16/bfloat16 (float16 also in a float32 table): finite, widened (exact). int8
+    (``scale`` (D,) float16): codes in [-127, 127] and a finite ``scale`` >= 0; decoded
+    ``float32(q) * float32(scale[row])``.
     """
     if scale is None:
         if not torch.isfinite(stored).all():

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from amtl_compress.core.amtl import AMTL, AMTLConfig
-from amtl_compress.core.rotation import principal_axes, unrotated, with_rotation
+from amtl_compress.core.rotation import onto_principal_axes, unrotated, with_rotation
 from amtl_compress.errors import SurgeryError
 from amtl_compress.surgery.masked import MaskedEmbedding, MaskedEmbeddingBag
 from amtl_compress.surgery.rotate import check_rotatable
@@ -142,10 +142,12 @@ def attach_amtl_(
         table, rotation = unrotated(table)
         weight = table.weight
         if config.ordering == "pca":
+            # W' = W R^{-1} with R the principal axes rounded to float16 values (composed with
+            # an earlier run's rotation): a float32 pack stores R losslessly in float16.
+            rotated, rotation = onto_principal_axes(weight, rotation)
             with torch.no_grad():
-                axes = principal_axes(weight).to(weight.device)
-                weight.copy_(weight @ axes.T.to(weight.dtype))  # W' = W Q, Q = R^T
-            rotation = axes if rotation is None else axes @ rotation.to(axes.device)
+                weight.copy_(rotated)
+            del rotated
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         amtl = AMTL(table_counts.detach().cpu(), table.embedding_dim, config)
         amtl = amtl.to(device=weight.device, dtype=dtype)
