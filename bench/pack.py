@@ -382,9 +382,14 @@ def _int8_params(tables, model_file, auc_with, padded, versions, ordering) -> No
     for r in versions:
         if r["ordering"] == ordering and r["dtype"] == "int8":
             r[2] = (r[2][0], aucs[names[0]])
-    rows = [("int8 scale/bias", "mean |err|", "max |err|", "max |err| / scale", "mean scale",
+    _print_decode_errors("int8", "int8 scale/bias", decoded, kept_of, steps, aucs)
+
+
+def _print_decode_errors(dtype, first_column, decoded, kept_of, steps, aucs) -> None:
+    """The decode-error table of one dtype's candidate encodings (rows of _affine_error_rows)."""
+    rows = [(first_column, "mean |err|", "max |err|", "max |err| / scale", "mean scale",
              "test AUC")] + _affine_error_rows(decoded, kept_of, steps, aucs)
-    print(f"int8 decode error over all {sum(len(k) for k in kept_of.values())} kept values "
+    print(f"{dtype} decode error over all {sum(len(k) for k in kept_of.values())} kept values "
           "(test AUC with the fine-tuned rotation)")
     print(_columns(rows) + "\n")
 
@@ -439,11 +444,7 @@ def _int4_params(tables, model_file, auc_with, padded, versions, ordering) -> No
     for r in versions:
         if r["ordering"] == ordering and r["dtype"] == "int4":
             r[3] = (r[3][0], aucs[names[0]])
-    rows = [("int4 row params", "mean |err|", "max |err|", "max |err| / scale", "mean scale",
-             "test AUC")] + _affine_error_rows(decoded, kept_of, steps, aucs)
-    print(f"int4 decode error over all {sum(len(k) for k in kept_of.values())} kept values "
-          "(test AUC with the fine-tuned rotation)")
-    print(_columns(rows) + "\n")
+    _print_decode_errors("int4", "int4 row params", decoded, kept_of, steps, aucs)
 
 
 def _targets(measured: dict[str, dict[str, tuple[float, float]]]) -> None:

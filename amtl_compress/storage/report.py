@@ -9,8 +9,29 @@ from amtl_compress._text import format_table
 from amtl_compress.storage.format import TableBytes
 
 
+class _Totals:
+    """``bytes_before`` / ``bytes_after`` / ``ratio`` of a report, read from its ``stored``."""
+
+    stored: TableBytes
+
+    @property
+    def bytes_before(self) -> int:
+        """The dense float32 bytes, N * D * 4 (summed over the tables of a pack)."""
+        return self.stored.dense
+
+    @property
+    def bytes_after(self) -> int:
+        """The packed bytes: values + index + per-row metadata + rotation."""
+        return self.stored.total
+
+    @property
+    def ratio(self) -> float:
+        """bytes_after / bytes_before (1.0 for an empty table)."""
+        return self.stored.ratio
+
+
 @dataclass(frozen=True)
-class TableReport:
+class TableReport(_Totals):
     """What packing one table produced.
 
     Attributes:
@@ -37,24 +58,9 @@ class TableReport:
     sha256: str
     source_sha256: str
 
-    @property
-    def bytes_before(self) -> int:
-        """N * D * 4, the dense float32 table."""
-        return self.stored.dense
-
-    @property
-    def bytes_after(self) -> int:
-        """The packed table's bytes: values + index + per-row metadata + rotation."""
-        return self.stored.total
-
-    @property
-    def ratio(self) -> float:
-        """bytes_after / bytes_before (1.0 for an empty table)."""
-        return self.stored.ratio
-
 
 @dataclass(frozen=True)
-class PackReport:
+class PackReport(_Totals):
     """What :func:`pack` produced: one :class:`TableReport` per table plus totals."""
 
     out_dir: Path
@@ -65,21 +71,6 @@ class PackReport:
     def stored(self) -> TableBytes:
         """The tables' bytes by part, summed."""
         return sum((t.stored for t in self.tables), TableBytes(0, 0, 0, 0, 0))
-
-    @property
-    def bytes_before(self) -> int:
-        """Sum of the tables' dense float32 bytes."""
-        return self.stored.dense
-
-    @property
-    def bytes_after(self) -> int:
-        """Sum of the tables' packed bytes."""
-        return self.stored.total
-
-    @property
-    def ratio(self) -> float:
-        """bytes_after / bytes_before over all tables."""
-        return self.stored.ratio
 
     def format_table(self) -> str:
         """A plain-text table (one row per table, then the total) for printing; "index" is the

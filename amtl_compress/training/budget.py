@@ -151,7 +151,7 @@ class AMTLBudget:
         self.warmup_steps = warmup_steps(warmup, total_steps)
         self.weight = weight
         self.steps_done = step
-        self.realized = self._solve()
+        self.realized = self.solve()
 
     def ratios(self, step: int | None = None) -> dict[str, float]:
         """Module path -> the scheduled ratio after ``step`` steps (default: now)."""
@@ -183,8 +183,11 @@ class AMTLBudget:
             module path -> realized ratio (kept values / (N * D)) after the update.
         """
         self.steps_done += 1
-        self.realized = self._solve()
+        self.realized = self.solve()
         return self.realized
 
-    def _solve(self) -> dict[str, float]:
-        return apply_budget_(self.layers, self.ratios())
+    def solve(self, ratios: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Set every price for ``ratios`` (module path -> R; default: the schedule's ratios
+        now) and return the realized ratios. ``finetune`` scores the model at the targets
+        themselves before the first step this way, then calls it again without ``ratios``."""
+        return apply_budget_(self.layers, self.ratios() if ratios is None else ratios)

@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from amtl_compress._io import atomic_save_safetensors
 from amtl_compress.core.amtl import AMTL
-from amtl_compress.core.budget import apply_budget_
 from amtl_compress.data import CTRData
 from amtl_compress.errors import TrainingError
 from amtl_compress.models.adapters.call import ModelCall
@@ -329,9 +328,9 @@ def _score_start(run: _Run) -> None:
     """
     budget = run.budget
     assert budget is not None  # only called with a budget
-    apply_budget_(budget.layers, budget.targets)  # R itself, not the warmup's first ratio
+    budget.solve(budget.targets)  # R itself, not the warmup's first ratio
     _record_epoch(run, 0, 0, warming_up=False)
-    budget.realized = apply_budget_(budget.layers, budget.ratios())  # back to the schedule
+    budget.solve()  # back to the schedule (no step taken: the same prices as before)
 
 
 def _end_epoch(run: _Run, step: int) -> None:
@@ -373,11 +372,8 @@ def _record_epoch(run: _Run, epoch: int, step: int, warming_up: bool) -> None:
 
 def _warn_unseen_rows(counts: dict[str, torch.Tensor]) -> None:
     """Warn (:class:`UnseenRowsWarning`) about tables where most rows have count 0."""
-    unseen = {
-        path: (int((count == 0).sum()), count.numel())
-        for path, count in counts.items()
-        if count.numel() and int((count == 0).sum()) > UNSEEN_SHARE * count.numel()
-    }
+    zeros = {path: (int((count == 0).sum()), count.numel()) for path, count in counts.items()}
+    unseen = {path: z for path, z in zeros.items() if z[0] > UNSEEN_SHARE * z[1]}
     if unseen:
         warnings.warn(UnseenRowsWarning(unseen), stacklevel=5)  # at finetune's caller
 
