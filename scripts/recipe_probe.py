@@ -102,6 +102,8 @@ def main() -> None:
             best = result.metrics["best_epoch"]
             auc = next(e["auc"] for e in result.metrics["epochs"] if e["epoch"] == best)
             rows.append((f"AMTL @{budget:g}", f"{lr:g}", auc))
+            epochs = " ".join(f"{e['epoch']}: {e['auc']:.4f}" for e in result.metrics["epochs"])
+            print(f"    epochs (valid AUC) {epochs}; kept {best}", file=sys.stderr)
             for table, report in result.metrics["tables"].items():
                 groups = " ".join(f"{x:.1f}" for x in report["kept_dim_by_frequency_group"])
                 print(f"    {table}: G0..G6 {groups}", file=sys.stderr)

@@ -189,7 +189,8 @@ def test_frequency_prior_keeps_the_warm_start_and_orders_lengths_under_a_price(
     counts = torch.cat([torch.zeros(30, dtype=torch.long), (1000 / torch.arange(1, 300)).long()])
     # The prior is divided by the price scale m = exp(gamma (1 - 2 percentile)); prior / m falls
     # with the count only while gamma <= 0.5, so the prior is tested at that scale.
-    layer = AMTL(counts, dim, AMTLConfig(frequency_prior=prior, price_scale=0.5))
+    config = AMTLConfig(frequency_prior=prior, price_scale=0.5, price_rule="rank")
+    layer = AMTL(counts, dim, config)
     assert torch.equal(layer.lengths(), torch.full((counts.numel(),), dim))  # exact warm start
     # prior = B (1 - 2 percentile) / m: decreasing in the count, m * prior within (-B, B).
     order = torch.argsort(layer.distinct_counts)
@@ -335,6 +336,7 @@ def test_bad_counts_raise_data_error(counts: torch.Tensor, culprit: str) -> None
         AMTLConfig(),
         AMTLConfig(hidden_dims=(), twins=False, straight_through=False, temperature=0.3),
         AMTLConfig(hidden_dims=(64, 16, 8), init_margin=0.5),
+        AMTLConfig(price_rule="rank", price_scale=4.0),
     ],
 )
 def test_config_json_round_trip(config: AMTLConfig) -> None:
@@ -352,8 +354,10 @@ def test_config_json_round_trip(config: AMTLConfig) -> None:
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
         ({"init_margin": -1.0}, "init_margin"),
-        ({"version": 3}, "version"),
+        ({"version": 4}, "version"),
         ({"version": 1}, "version"),  # version 1 had no head: only head="plain" is version 1
+        ({"version": 2}, "version"),  # version 2 had no price_rule: only "rank" is version 2
+        ({"price_rule": "count"}, "price_rule"),
         ({"head": "norm"}, "head"),
         ({"frequency_prior": 1.0}, "frequency_prior"),
         ({"frequency_prior": -0.1}, "frequency_prior"),
@@ -365,11 +369,21 @@ def test_config_validation(kwargs: dict, culprit: str) -> None:
 
 
 def test_version_1_config_keeps_its_meaning() -> None:
-    old = {k: v for k, v in AMTLConfig().to_dict().items() if k != "head"} | {"version": 1}
-    config = AMTLConfig.from_dict(old)
-    assert config.head == "plain" and config.version == 1
+    old = {k: v for k, v in AMTLConfig().to_dict().items() if k not in ("head", "price_rule")}
+    config = AMTLConfig.from_dict(old | {"version": 1})
+    assert (config.head, config.price_rule, config.version) == ("plain", "rank", 1)
     assert AMTLConfig.from_dict(config.to_dict()) == config
-    assert AMTLConfig().version == 2 and AMTLConfig().head == "price"
+    assert AMTLConfig().version == 3 and AMTLConfig().head == "price"
+
+
+def test_version_2_config_keeps_its_meaning() -> None:
+    old = {k: v for k, v in AMTLConfig().to_dict().items() if k not in ("price_rule", "price_scale")}
+    config = AMTLConfig.from_dict(old | {"version": 2})
+    assert (config.price_rule, config.price_scale, config.version) == ("rank", 2.0, 2)
+    assert AMTLConfig.from_dict(config.to_dict()) == config
+    # a version 2 dict that named its gamma keeps it
+    assert AMTLConfig.from_dict(old | {"version": 2, "price_scale": 0.5}).price_scale == 0.5
+    assert (AMTLConfig().price_rule, AMTLConfig().price_scale) == ("log_count", 2.0)
 
 
 def test_config_from_dict_rejects_unknown_keys() -> None:
@@ -394,23 +408,55 @@ def test_state_dict_round_trip_restores_params_and_buffers() -> None:
 # ---- price scale ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rule", ["rank", "log_count"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0])
 @pytest.mark.parametrize("prior", [0.0, 0.9])
-def test_price_scale_keeps_the_warm_start(gamma: float, prior: float) -> None:
+def test_price_scale_keeps_the_warm_start(rule: str, gamma: float, prior: float) -> None:
     counts = torch.cat([torch.zeros(30, dtype=torch.long), (1000 / torch.arange(1, 300)).long()])
-    layer = AMTL(counts, 64, AMTLConfig(price_scale=gamma, frequency_prior=prior))
+    config = AMTLConfig(price_scale=gamma, frequency_prior=prior, price_rule=rule)
+    layer = AMTL(counts, 64, config)
     assert torch.equal(layer.lengths(), torch.full((counts.numel(),), 64))
-    # m_i = exp(gamma (1 - 2 percentile)): rare rows pay more than frequent ones
+    # rare rows pay more than frequent ones
     order = torch.argsort(layer.distinct_counts)
     m = layer.price_scale[order].squeeze(1)
     assert torch.all(m.diff() < 0) if gamma else torch.all(m == 1)
+
+
+def test_log_count_rule_makes_lengths_grow_like_log_count() -> None:
+    counts = torch.cat([torch.zeros(100), torch.full((100,), 2), torch.full((100,), 30),
+                        torch.full((100,), 1022)]).long()
+    layer = AMTL(counts, 64, AMTLConfig(price_rule="log_count", price_scale=1.0))
+    log_count = torch.log2(2.0 + layer.distinct_counts.double())  # 1, 2, 5, 10
+    m = layer.price_scale.squeeze(1).double()
+    # m_i * log2(2 + q_i) is one constant: G, the rows' geometric mean of log2(2 + q)
+    geo_mean = torch.exp(torch.log(log_count).mean())
+    torch.testing.assert_close(m * log_count, torch.full_like(m, float(geo_mean)))
+    realized = apply_budget_({"t": layer}, 0.2)["t"]
+    assert abs(realized - 0.2) <= 0.02
+    lengths = layer.lengths().double()
+    per_count = torch.stack([lengths[counts == q].mean() for q in (0, 2, 30, 1022)])
+    # L ~ 1 / price: lengths in the ratio of log2(2 + q) (up to rounding to whole dims)
+    torch.testing.assert_close(per_count / per_count[0], log_count, atol=0.0, rtol=0.25)
+
+
+def test_log_count_rule_keeps_similar_counts_at_similar_lengths() -> None:
+    # every count in 200..400: log2(2 + q) spans 1.1x, so lengths hardly spread, where the rank
+    # rule spreads them e^(2 gamma)-fold whatever the counts are
+    counts = torch.arange(200, 401).long()
+    spread = {}
+    for rule, gamma in (("log_count", 1.0), ("rank", 1.0)):
+        layer = AMTL(counts, 64, AMTLConfig(price_rule=rule, price_scale=gamma))
+        apply_budget_({"t": layer}, 0.25)
+        spread[rule] = int(layer.lengths().max() - layer.lengths().min())
+    assert spread["log_count"] <= 2 < spread["rank"]
 
 
 def test_price_scale_spreads_lengths_by_frequency_under_a_budget() -> None:
     counts = torch.cat([torch.zeros(30, dtype=torch.long), (1000 / torch.arange(1, 300)).long()])
     spread = {}
     for gamma in (0.0, 0.5, 1.0):
-        layer = AMTL(counts, 64, AMTLConfig(price_scale=gamma, frequency_prior=0.0))
+        layer = AMTL(counts, 64, AMTLConfig(price_scale=gamma, frequency_prior=0.0,
+                                            price_rule="rank"))
         realized = apply_budget_({"t": layer}, 0.25)["t"]
         assert abs(realized - 0.25) <= 0.02
         by_count = layer.lengths()[torch.argsort(counts, stable=True)]

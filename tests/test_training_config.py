@@ -24,8 +24,9 @@ CONFIGS = [
 ]
 
 
-#: Current version of each config; 1 unless listed (AMTLConfig 2: `head`, `frequency_prior`).
-LATEST = {AMTLConfig: 2}
+#: Current version of each config; 1 unless listed (AMTLConfig 2: `head`, `frequency_prior`;
+#: 3: `price_rule`).
+LATEST = {AMTLConfig: 3}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)

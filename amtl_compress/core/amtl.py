@@ -10,17 +10,23 @@ import torch
 from torch import Tensor, nn
 
 from amtl_compress._config import check_version, known_keys
-from amtl_compress.core.frequency import frequency_features
+from amtl_compress.core.frequency import FrequencyTable, frequency_features
 from amtl_compress.core.heads import branch, priced_length, run_branch, warm_start_
 from amtl_compress.core.rotation import ORDERINGS as _ORDERINGS
 from amtl_compress.errors import ConfigError
 
-#: Config versions this code reads. Version 1 predates ``head``: it always meant ``"plain"``.
-_CONFIG_VERSIONS = (1, 2)
+#: Config versions this code reads. Version 1 predates ``head``: it always meant ``"plain"``;
+#: version 2 predates ``price_rule``: it always meant ``"rank"``.
+_CONFIG_VERSIONS = (1, 2, 3)
 #: The last layer of each branch (see :class:`AMTLConfig` ``head``).
 HEADS = ("price", "price_plain", "unit", "plain")
-#: ``AMTLConfig.price_scale``'s default (docs/amtl.md, "Allocation follows frequency").
+#: How a row's price factor m_i follows its frequency (see :class:`AMTLConfig` ``price_rule``).
+PRICE_RULES = ("rank", "log_count")
+#: ``AMTLConfig.price_scale``'s default (docs/amtl.md, "Choosing the default recipe").
 PRICE_SCALE = 2.0
+#: ``price_scale`` of version 1-2 configs that do not name one (the default they were written
+#: under, with ``price_rule="rank"``).
+_RANK_PRICE_SCALE = 2.0
 
 
 @dataclass(frozen=True)
@@ -70,17 +76,29 @@ class AMTLConfig:
             at which the full length still wins at price 0. So at attach every row keeps its
             full length (the warm start stays exact), and under a memory budget frequent rows
             start longer than rare ones; ``slope`` is learned from there. 0 = no prior. The
-            prior is divided by the price scale below, and prior / scale falls monotonically
-            with frequency only for ``price_scale`` <= 0.5.
-        price_scale: gamma >= 0: the budget's price on a row's length is scaled by
-            ``exp(gamma * (1 - 2 * percentile))``, so rare rows pay up to ``e^gamma`` times the
-            price and the most frequent ``e^-gamma`` times it. Unlike the prior it has no
-            bound: at price 0 (no budget, or the start of a gradual budget) it scales nothing,
-            so the warm start stays exact whatever gamma is. Kept lengths then spread about
-            ``e^(2 gamma)``-fold from the rarest to the most frequent rows (L ~ 1 / price on
-            the concave ramp). 0 = one price for every row.
+            prior is divided by the price factor below (so it never breaks the warm start),
+            and with ``price_rule="rank"`` prior / factor falls monotonically with frequency
+            only for ``price_scale`` <= 0.5.
+        price_scale: gamma in [0, 10]: the strength of ``price_rule``. 0 = one price for
+            every row.
+        price_rule: how the budget's price on a row's length (the learned row price and the
+            budget's mu alike) is scaled by the row's training count q, so that rare rows pay
+            more than frequent ones (kept length L ~ 1 / price on the concave ramp):
+
+            * ``"log_count"`` (the default): by ``(G / log2(2 + q))^gamma``, G the geometric
+              mean of ``log2(2 + q)`` over the rows, so lengths grow like
+              ``log2(2 + q)^gamma``: about 1.6x from a row seen once to one seen 10 times,
+              whatever the table's size. A table whose counts are all similar keeps similar
+              lengths.
+            * ``"rank"``: by ``exp(gamma * (1 - 2 * percentile))``, so lengths spread about
+              ``e^(2 gamma)``-fold from the rarest to the most frequent rows, however similar
+              their counts are (version 1-2 configs mean this, with gamma 2 by default).
+
+            Unlike the prior neither has a bound: at price 0 (no budget, or the start of a
+            gradual budget) they scale nothing, so the warm start stays exact.
         version: format version of this config, for reading old run directories. Version 1
-            (written before ``head`` existed) reads as ``head="plain"``.
+            (written before ``head`` existed) reads as ``head="plain"``, version 1-2 (before
+            ``price_rule``) as ``price_rule="rank"``.
 
     Raises:
         ConfigError: (a ValueError) a field has the wrong type or range.
@@ -95,7 +113,8 @@ class AMTLConfig:
     head: str = "price"
     frequency_prior: float = 0.0
     price_scale: float = PRICE_SCALE
-    version: int = 2
+    price_rule: str = "log_count"
+    version: int = 3
 
     def __post_init__(self) -> None:
         dims = self.hidden_dims
@@ -149,11 +168,21 @@ class AMTLConfig:
                 "e.g. 1.0, or 0 for one price for every row"
             )
         object.__setattr__(self, "price_scale", float(gamma))
+        if self.price_rule not in PRICE_RULES:
+            raise ConfigError(
+                f"AMTLConfig `price_rule` must be one of {list(PRICE_RULES)}, got "
+                f"{self.price_rule!r}"
+            )
         check_version(AMTLConfig, self.version, _CONFIG_VERSIONS)
         if self.version == 1 and self.head != "plain":
             raise ConfigError(
                 f"AMTLConfig `version` 1 has no `head` (it always meant \"plain\"), got "
-                f"head={self.head!r}; use `version=2` for other heads"
+                f"head={self.head!r}; use `version=3` for other heads"
+            )
+        if self.version < 3 and self.price_rule != "rank":
+            raise ConfigError(
+                f"AMTLConfig `version` {self.version} has no `price_rule` (it always meant "
+                f"\"rank\"), got price_rule={self.price_rule!r}; use `version=3` for other rules"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,12 +196,16 @@ class AMTLConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ConfigError, missing ones get defaults.
 
         A version 1 dict (written before ``head`` existed) keeps its meaning: ``head="plain"``
-        (and ``frequency_prior=0.0``, which that head ignores).
+        (and ``frequency_prior=0.0``, which that head ignores); a version 1-2 dict (before
+        ``price_rule``) reads as ``price_rule="rank"`` with that rule's default gamma.
         """
         data = known_keys(cls, d)
         if data.get("version") == 1:
             data.setdefault("head", "plain")
             data.setdefault("frequency_prior", 0.0)
+        if data.get("version") in (1, 2):
+            data.setdefault("price_rule", "rank")
+            data.setdefault("price_scale", _RANK_PRICE_SCALE)
         return cls(**data)
 
 
@@ -244,7 +277,7 @@ class AMTL(nn.Module):
         last_step = float(ramp[-1] - ramp[-2]) if embedding_dim > 1 else 0.0
         # m_i of AMTLConfig.price_scale, (U, 1): row i's price on length, learned (the price
         # head's rho_i) and the budget's (mu) alike, is multiplied by m_i.
-        scale = torch.exp(config.price_scale * (1 - 2 * table.percentile.double()))
+        scale = price_factors(table, config.price_rule, config.price_scale)
         # The prior is divided by m_i so that m_i * slope * prior_i stays under B: the warm
         # start holds for any price_scale.
         prior = embedding_dim * last_step * (1 - 2 * table.percentile.double()) / scale
@@ -394,6 +427,21 @@ class AMTL(nn.Module):
             f"price={float(self.price):.4g}, "
             f"straight_through={self.config.straight_through}, temperature={self.temperature}"
         )
+
+
+def price_factors(table: FrequencyTable, rule: str, gamma: float) -> Tensor:
+    """m_i of every distinct count, float64 (U,): the factor on a row's price for length.
+
+    ``"rank"``: ``exp(gamma * (1 - 2 * percentile))``. ``"log_count"``:
+    ``(G / log2(2 + q))^gamma`` with G the geometric mean of ``log2(2 + q)`` over the N rows, so
+    that on the concave ramp (L ~ 1 / price) kept lengths grow like ``log2(2 + q)^gamma``.
+    """
+    if rule == "rank":
+        return torch.exp(gamma * (1 - 2 * table.percentile))
+    log_count = torch.log2(2.0 + table.counts.double())
+    weight = table.rows_per_freq.double() / float(table.rows_per_freq.sum())
+    geo_mean = torch.exp((weight * torch.log(log_count)).sum())
+    return (geo_mean / log_count) ** gamma
 
 
 def _reverse_cumsum(t: Tensor) -> Tensor:
