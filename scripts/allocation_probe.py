@@ -12,7 +12,8 @@ MovieLens: the demo's data split and trained DLRM for each seed (``amtl-compress
 same), cached under ``--work``; then ``finetune`` at budget 0.4 with the demo's defaults plus
 the overrides given. Synthetic: the tests' fixture (tests/conftest.py: make_synthetic_ctr with
 6000 rows, 400 users, 200 items, data seed 0; the DLRM trained 2 epochs at D = 8); only the
-fine-tune's seed changes.
+fine-tune's seed changes. dlrm_net: the DLRM_Net-interface task of docs/dlrm.md
+(tests/dlrm_net.py, what ``bench/dlrm.py --seed S`` trains), fine-tuned through the dlrm adapter.
 """
 
 from __future__ import annotations
@@ -40,7 +41,21 @@ from amtl_compress.training.train import train_dlrm
 
 
 def prepare(task: str, seed: int, work: Path):
-    """(splits, base checkpoint, dlrm_config or None) of one seed, trained once and cached."""
+    """(splits, base checkpoint) of one seed, trained once and cached."""
+    if task == "dlrm_net":
+        from types import SimpleNamespace
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from dlrm_net import build_dlrm_net, make_dlrm_data, save_like_dlrm, train_like_dlrm
+
+        root = work / f"dlrm_net-{seed}"
+        base = root / "dlrm.pt"
+        if not base.exists():  # what bench/dlrm.py --seed S trains
+            make_dlrm_data(root, num_rows=20_000, seed=seed)
+            torch.manual_seed(seed)
+            model = build_dlrm_net()
+            save_like_dlrm(model, train_like_dlrm(model, root / "train.parquet", seed=seed), base)
+        return SimpleNamespace(train=root / "train.parquet", valid=root / "valid.parquet"), base
     if task == "movielens":
         from amtl_compress.data.movielens import build_ctr_dataset, fetch_movielens_100k
         from amtl_compress.models.dlrm import dlrm_config_for
@@ -91,7 +106,8 @@ def prior_reach(dim: int, ratios: tuple[float, ...] = (0.5, 0.3, 0.15)) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=("movielens", "synthetic"), default="movielens")
+    parser.add_argument("--task", choices=("movielens", "synthetic", "dlrm_net"),
+                        default="movielens")
     parser.add_argument("--prior-reach", type=int, metavar="D", default=None,
                         help="only print how far the frequency prior moves a row of width D")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -108,6 +124,10 @@ def main() -> None:
     torch.set_num_threads(1)
     amtl = AMTLConfig(**json.loads(args.amtl))
     fields = ("user_id", "item_id")
+    extra_args = {}
+    if args.task == "dlrm_net":  # docs/dlrm.md's model, through its adapter
+        fields = tuple(f"cat_{i}" for i in range(4))
+        extra_args = {"model_factory": "dlrm_net:build_dlrm_net", "adapter": "dlrm"}
     rows = []
     for seed in args.seeds:
         ctr, base = prepare(args.task, seed, args.work)
@@ -119,10 +139,12 @@ def main() -> None:
         elif args.task == "synthetic":
             extra.update(epochs=2, batch_size=256)
         extra.update(json.loads(args.finetune))
-        config = FinetuneConfig(fields={f: f for f in fields}, target_ratio=args.target_ratio,
+        targets = ({f"emb_l.{i}": f for i, f in enumerate(fields)} if args.task == "dlrm_net"
+                   else {f: f for f in fields})
+        config = FinetuneConfig(fields=targets, target_ratio=args.target_ratio,
                                 seed=seed, amtl=amtl, **extra)
         result = finetune(base, ctr.train, ctr.valid, args.work / "run", config,
-                          resume=False, overwrite=True, progress=False)
+                          resume=False, overwrite=True, progress=False, **extra_args)
         best = result.metrics["best_epoch"]
         auc = next(e["auc"] for e in result.metrics["epochs"] if e["epoch"] == best)
         line = {"seed": seed, "valid_auc": auc}
