@@ -377,7 +377,8 @@ def test_version_1_config_keeps_its_meaning() -> None:
 
 
 def test_version_2_config_keeps_its_meaning() -> None:
-    old = {k: v for k, v in AMTLConfig().to_dict().items() if k not in ("price_rule", "price_scale")}
+    new_keys = ("price_rule", "price_scale")
+    old = {k: v for k, v in AMTLConfig().to_dict().items() if k not in new_keys}
     config = AMTLConfig.from_dict(old | {"version": 2})
     assert (config.price_rule, config.price_scale, config.version) == ("rank", 2.0, 2)
     assert AMTLConfig.from_dict(config.to_dict()) == config
