@@ -283,6 +283,18 @@ def finetune(
             "not use); 0 = price on the selection only."
         ),
     ] = 1.0,
+    price_rule: Annotated[
+        str,
+        typer.Option(
+            help="How a row's price on length follows its training count q: `log_count` keeps "
+            "lengths ~ log2(2 + q)^gamma; `rank` spreads them e^(2 gamma)-fold by frequency "
+            "rank (docs/amtl.md, \"Allocation follows frequency\")."
+        ),
+    ] = "log_count",
+    price_scale: Annotated[
+        float,
+        typer.Option(help="gamma of --price-rule in [0, 10]; 0 = one price for every row."),
+    ] = 2.0,
     single_branch: Annotated[
         bool, typer.Option("--single-branch", help="Ablation AML: one branch, no twins.")
     ] = False,
@@ -340,7 +352,8 @@ def finetune(
                 budget_warmup=budget_warmup, seed=seed, label=label, save_every=save_every,
                 budget_weight=budget_weight, amtl=AMTLConfig(
                     twins=not single_branch, straight_through=not no_ste,
-                    temperature=temperature, ordering=ordering,
+                    temperature=temperature, ordering=ordering, price_rule=price_rule,
+                    price_scale=price_scale,
                 ),
             )
         with warnings.catch_warnings():

@@ -94,3 +94,35 @@ def test_pack_and_eval_commands(synthetic, baseline, tmp_path):
         assert on_gpu.exit_code == 0, on_gpu.output
         got = [float(x) for x in on_gpu.stdout.splitlines()[2].split()[1:3]]
         assert got == pytest.approx([float(x) for x in lines[4].split()[1:3]], abs=2e-4)
+
+
+def test_finetune_defaults_are_the_configs_defaults():
+    import inspect
+
+    from amtl_compress.cli import finetune
+    from amtl_compress.core.amtl import AMTLConfig
+
+    params = inspect.signature(finetune).parameters
+    default = AMTLConfig()
+    for name in ("ordering", "price_rule", "price_scale"):
+        assert params[name].default == getattr(default, name), name
+
+
+def test_finetune_price_rule_options(synthetic, baseline, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "finetune", str(baseline), "--data", str(synthetic.train), "--valid", str(synthetic.valid),
+        "--field", "user_id", "--out", str(out), "--target-ratio", "0.5", "--epochs", "1",
+        "--batch-size", "512", "--price-rule", "rank", "--price-scale", "0.5", "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    amtl = json.loads((out / "config.json").read_text())["finetune"]["amtl"]
+    assert (amtl["price_rule"], amtl["price_scale"], amtl["version"]) == ("rank", 0.5, 3)
+
+    result = runner.invoke(app, [
+        "finetune", str(baseline), "--data", str(synthetic.train), "--valid", str(synthetic.valid),
+        "--field", "user_id", "--out", str(tmp_path / "bad"), "--price-rule", "count", "-q",
+    ])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "--price-rule" in result.stderr and "log_count" in result.stderr
+    assert not (tmp_path / "bad").exists()
