@@ -124,9 +124,11 @@ def main() -> None:
     torch.set_num_threads(1)
     amtl = AMTLConfig(**json.loads(args.amtl))
     fields = ("user_id", "item_id")
+    targets = {f: f for f in fields}
     extra_args = {}
     if args.task == "dlrm_net":  # docs/dlrm.md's model, through its adapter
         fields = tuple(f"cat_{i}" for i in range(4))
+        targets = {f"emb_l.{i}": f for i, f in enumerate(fields)}
         extra_args = {"model_factory": "dlrm_net:build_dlrm_net", "adapter": "dlrm"}
     rows = []
     for seed in args.seeds:
@@ -139,8 +141,6 @@ def main() -> None:
         elif args.task == "synthetic":
             extra.update(epochs=2, batch_size=256)
         extra.update(json.loads(args.finetune))
-        targets = ({f"emb_l.{i}": f for i, f in enumerate(fields)} if args.task == "dlrm_net"
-                   else {f: f for f in fields})
         config = FinetuneConfig(fields=targets, target_ratio=args.target_ratio,
                                 seed=seed, amtl=amtl, **extra)
         result = finetune(base, ctr.train, ctr.valid, args.work / "run", config,

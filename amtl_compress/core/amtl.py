@@ -275,11 +275,11 @@ class AMTL(nn.Module):
         # still wins at price 0 (the ramp is concave, so its last step is its smallest). With
         # |slope| < 1 every row starts at full length: the warm start stays exact.
         last_step = float(ramp[-1] - ramp[-2]) if embedding_dim > 1 else 0.0
-        # m_i of AMTLConfig.price_scale, (U, 1): row i's price on length, learned (the price
-        # head's rho_i) and the budget's (mu) alike, is multiplied by m_i.
+        # m_i of AMTLConfig.price_rule / price_scale, (U, 1): row i's price on length, learned
+        # (the price head's rho_i) and the budget's (mu) alike, is multiplied by m_i.
         scale = price_factors(table, config.price_rule, config.price_scale)
         # The prior is divided by m_i so that m_i * slope * prior_i stays under B: the warm
-        # start holds for any price_scale.
+        # start holds for any price rule and scale.
         prior = embedding_dim * last_step * (1 - 2 * table.percentile.double()) / scale
         self.register_buffer("prior", prior.to(table.features.dtype).unsqueeze(1), persistent=False)
         self.register_buffer(
