@@ -13,7 +13,7 @@ from typing import Any
 
 from amtl_compress._io import atomic_write_text
 from amtl_compress.errors import PackedFormatError
-from amtl_compress.storage.format import TableBytes
+from amtl_compress.storage.layout import TableBytes
 from amtl_compress.storage.quantize import PACKED_DTYPES
 
 MANIFEST_NAME = "manifest.json"

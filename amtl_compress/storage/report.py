@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amtl_compress._text import format_table
-from amtl_compress.storage.format import TableBytes
+from amtl_compress.storage.layout import TableBytes
 
 
 class _Totals:

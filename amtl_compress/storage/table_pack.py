@@ -28,15 +28,9 @@ from tqdm.auto import tqdm
 
 from amtl_compress._io import atomic_path
 from amtl_compress.errors import PackedFormatError, RunDirError
-from amtl_compress.storage.format import (
-    SOURCE_DTYPES,
-    kept_values,
-    table_bytes,
-    table_header,
-    table_layout,
-    uniform_length,
-)
+from amtl_compress.storage.format import SOURCE_DTYPES, table_header
 from amtl_compress.storage.header import CODE_OF, DTYPES, read_header
+from amtl_compress.storage.layout import kept_values, table_bytes, table_layout, uniform_length
 from amtl_compress.storage.manifest import file_sha256
 from amtl_compress.storage.quantize import (
     FLOAT16_MAX,
