@@ -260,7 +260,16 @@ def finetune(
     batch_size: Annotated[
         int, typer.Option(help="Rows per step and process (torchrun: a step sees W x this).")
     ] = 1024,
-    lr: Annotated[float, typer.Option(help="Learning rate of the model's weights.")] = 1e-2,
+    lr: Annotated[
+        float, typer.Option(help="Learning rate of the embedding tables.")
+    ] = 1e-2,
+    dense_lr: Annotated[
+        float,
+        typer.Option(
+            help="Learning rate of the model's other weights (MLPs); 0 keeps them as trained "
+            "and fine-tunes the tables only."
+        ),
+    ] = 0.0,
     amtl_lr: Annotated[
         float, typer.Option(help="Initial learning rate of the AMTL layers (decays to 0).")
     ] = 3e-3,
@@ -347,7 +356,8 @@ def finetune(
         with world.errors_agreed():
             config = FinetuneConfig(
                 fields=dict(parse_field(f) for f in field or []), epochs=epochs,
-                batch_size=batch_size, lr=lr, amtl_lr=amtl_lr, final_temperature=final_temperature,
+                batch_size=batch_size, lr=lr, dense_lr=dense_lr, amtl_lr=amtl_lr,
+                final_temperature=final_temperature,
                 target_ratio=parse_target_ratio(target_ratio or []), max_auc_drop=max_auc_drop,
                 budget_warmup=budget_warmup, seed=seed, label=label, save_every=save_every,
                 budget_weight=budget_weight, amtl=AMTLConfig(

@@ -2,7 +2,8 @@
 
 Per seed: a seeded random 80/10/10 split of the ratings, the reference DLRM trained once (FBE,
 D = 16), then every method below warm-started from that checkpoint and fine-tuned for the SAME
-steps (3 epochs, Adam at finetune's default lr, the epoch with the best validation AUC kept),
+steps (3 epochs, Adam at finetune's default lr on the tables, the dense layers kept as trained
+like finetune's default, the epoch with the best validation AUC kept),
 so extra training is never credited to a compression method. "FBE fine-tuned lr 3e-3" adds the
 baseline at the rate its training used; targets are checked against the better of the two.
 Only the user_id and item_id tables are compressed; the other tables stay dense and are not
@@ -108,6 +109,7 @@ FIELDS = ("user_id", "item_id")
 BUDGETS = (0.6, 0.4, 0.25, 0.15)
 EPOCHS = 3
 LR = FinetuneConfig().lr  # every method gets the library's fine-tuning recipe
+DENSE_LR = FinetuneConfig().dense_lr
 BATCH = 1024
 GROUPS = NUM_FREQUENCY_GROUPS
 MDE_BLOCKS = 4
@@ -158,16 +160,29 @@ class FixedPrefix(nn.Module):
         return rows if self.rotation is None else rotate_rows(rows, self.rotation)
 
 
-def fit_same_steps(model: nn.Module, data: dict, seed: int, lr: float | None = None
-                   ) -> nn.Module:
+def fit_same_steps(model: nn.Module, data: dict, seed: int, lr: float | None = None,
+                   dense_lr: float | None = None) -> nn.Module:
     """The task's epochs (EPOCHS for MovieLens) of Adam(lr) on BCE at its batch size, with
-    finetune's batch order; keep the best validation epoch. ``lr``: the task's fine-tuning lr
-    (``data["lr"]``, else finetune's default)."""
+    finetune's batch order and parameter groups (the embedding modules at ``lr``, the dense
+    layers at ``dense_lr``, finetune's default unless given); keep the best validation epoch.
+    ``lr``: the task's fine-tuning lr (``data["lr"]``, else finetune's default)."""
     lr = lr if lr is not None else data.get("lr", LR)
+    dense_lr = data.get("dense_lr", DENSE_LR) if dense_lr is None else dense_lr
     torch.manual_seed(seed)
     train, valid = data.get("ft_train", data["train"]), data["valid"]
     epochs, batch = data.get("epochs", EPOCHS), data.get("batch", BATCH)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    # finetune's groups: the embedding modules (tables, MDE's projections) at lr, the rest of
+    # the model at dense_lr, frozen at 0 (the library's default).
+    tables = [p for p in model.embeddings.parameters() if p.requires_grad]
+    table_ids = {id(p) for p in tables}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
+    groups = [{"params": tables, "lr": lr}]
+    if dense_lr > 0:
+        groups.append({"params": dense, "lr": dense_lr})
+    else:
+        for p in dense:
+            p.requires_grad_(False)
+    optimizer = torch.optim.Adam(groups)
     best_auc, best_state = -math.inf, None
     for epoch in range(epochs):
         model.train()
@@ -514,14 +529,17 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool, recipe: dict | None = 
                        ) -> tuple[list[dict], dict]:
     """Every method on one seed of the planted task; returns (rows, AMTL length groups).
 
-    ``recipe``: ``{"lr": float | None, "amtl": JSON str of AMTLConfig overrides}``, the fine-tuning
-    lr of every fine-tuned method (None: finetune's default) and AMTL's config."""
+    ``recipe``: ``{"lr": float | None, "dense_lr": float | None, "amtl": JSON str of AMTLConfig
+    overrides}``, the fine-tuning lr of the tables and of the dense layers of every fine-tuned
+    method (None: finetune's defaults) and AMTL's config."""
     import planted
 
     data = prepare_synthetic(seed, work, tiny)
     recipe = recipe or {}
     if recipe.get("lr") is not None:
         data["lr"] = recipe["lr"]
+    if recipe.get("dense_lr") is not None:
+        data["dense_lr"] = recipe["dense_lr"]
     data["amtl"] = AMTLConfig(**json.loads(recipe.get("amtl") or "{}"))
     d, rows, counts = data["dim"], data["rows"], data["counts"]
     dense_values = sum(rows[f] * d for f in FIELDS)
@@ -565,6 +583,7 @@ def run_synthetic_seed(seed: int, work: Path, tiny: bool, recipe: dict | None = 
                        FinetuneConfig(fields={f: f for f in FIELDS}, target_ratio=budget,
                                       seed=seed, epochs=data["epochs"], batch_size=data["batch"],
                                       save_every=10**9, lr=data.get("lr", LR),
+                                      dense_lr=data.get("dense_lr", DENSE_LR),
                                       amtl=data.get("amtl", AMTLConfig())),
                        resume=False, overwrite=True, progress=False).run_dir
         for dtype in ("float32", "int8"):
@@ -765,6 +784,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="synthetic: fine-tuning lr of AMTL, MDE and FBE fine-tuned "
                              "(default: finetune's)")
+    parser.add_argument("--dense-lr", type=float, default=None,
+                        help="synthetic: fine-tuning lr of the dense layers of AMTL, MDE and FBE "
+                             "fine-tuned (default: finetune's, 0 = frozen)")
     parser.add_argument("--amtl", default="{}",
                         help='synthetic: JSON overrides of AMTLConfig, e.g. \'{"price_scale": 4}\'')
     parser.add_argument("--quick", action="store_true",
@@ -808,7 +830,8 @@ def main_synthetic(args: argparse.Namespace) -> None:
     for seed in range(args.seeds):
         start = time.time()
         rows, g = run_synthetic_seed(seed, out / f"seed{seed}", args.quick,
-                                     recipe={"lr": args.lr, "amtl": args.amtl})
+                                     recipe={"lr": args.lr, "dense_lr": args.dense_lr,
+                                             "amtl": args.amtl})
         per_seed.append(rows)
         groups.append(g)
         print(f"seed {seed}: {len(rows)} methods in {time.time() - start:.0f} s", file=sys.stderr)

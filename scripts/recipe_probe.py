@@ -5,7 +5,9 @@ builds them, cached under ``--work``), it fine-tunes with the bench's recipe (1 
 first 25 % of the training split, batch 65,536) at each learning rate given, and scores the
 VALIDATION split (the bench reports the test split; choices are made here, never there):
 
-- ``FBE fine-tuned``: the trained model, no AMTL, same steps (what the recipe costs by itself);
+- ``FBE fine-tuned``: the trained model, no AMTL, same steps and parameter groups (the tables
+  at each lr, the rest at ``--finetune``'s ``dense_lr`` or finetune's default): what the
+  recipe costs by itself;
 - ``AMTL @R``: ``finetune`` at each ``--budgets`` ratio, with ``--amtl`` overrides; its
   frequencies counted on the fine-tuning share (what ``finetune`` does by default), or with
   ``--counts train`` on the whole training split (``counts_file``), as the tiers count them;
@@ -86,7 +88,8 @@ def main() -> None:
     for lr in args.lrs:
         if not args.skip_fbe:
             start = time.time()
-            tuned = quality.fit_same_steps(load_model(data["base"])[0], data, args.seed, lr=lr)
+            tuned = quality.fit_same_steps(load_model(data["base"])[0], data, args.seed, lr=lr,
+                                           dense_lr=json.loads(args.finetune).get("dense_lr"))
             rows.append(("FBE fine-tuned", f"{lr:g}", valid_auc(tuned, data)))
             print(f"  FBE lr {lr:g}: {rows[-1][2]:.4f} ({time.time() - start:.0f} s)",
                   file=sys.stderr)

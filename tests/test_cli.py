@@ -101,11 +101,15 @@ def test_finetune_defaults_are_the_configs_defaults():
 
     from amtl_compress.cli import finetune
     from amtl_compress.core.amtl import AMTLConfig
+    from amtl_compress.training.config import FinetuneConfig
 
     params = inspect.signature(finetune).parameters
     default = AMTLConfig()
     for name in ("ordering", "price_rule", "price_scale"):
         assert params[name].default == getattr(default, name), name
+    config = FinetuneConfig()
+    for name in ("epochs", "batch_size", "lr", "dense_lr", "amtl_lr", "budget_warmup"):
+        assert params[name].default == getattr(config, name), name
 
 
 def test_finetune_price_rule_options(synthetic, baseline, tmp_path):

@@ -25,8 +25,8 @@ CONFIGS = [
 
 
 #: Current version of each config; 1 unless listed (AMTLConfig 2: `head`, `frequency_prior`;
-#: 3: `price_rule`).
-LATEST = {AMTLConfig: 3}
+#: 3: `price_rule`; FinetuneConfig 2: `dense_lr`).
+LATEST = {AMTLConfig: 3, FinetuneConfig: 2}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
@@ -88,3 +88,14 @@ def test_finetune_config_errors_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown AMTLConfig keys"):
         FinetuneConfig.from_dict({"amtl": {"tau": 1}})
     assert FinetuneConfig.from_dict({}) == FinetuneConfig()  # missing keys get their defaults
+
+
+def test_finetune_config_dense_lr() -> None:
+    assert FinetuneConfig().dense_lr == 0.0  # the tables only, by default
+    with pytest.raises(ConfigError, match=r"^`dense_lr` must be a number >= 0, got -0.1; 0"):
+        FinetuneConfig(dense_lr=-0.1)
+    # A version 1 config (written before `dense_lr`) trained every parameter at `lr`.
+    old = {k: v for k, v in FinetuneConfig(lr=3e-3).to_dict().items() if k != "dense_lr"}
+    read = FinetuneConfig.from_dict({**old, "version": 1})
+    assert (read.lr, read.dense_lr, read.version) == (3e-3, 3e-3, 1)
+    assert FinetuneConfig.from_dict({"version": 1}).dense_lr == FinetuneConfig().lr

@@ -60,6 +60,23 @@ def test_run_directory_contents(synthetic, baseline, tmp_path):
     assert result.metrics == metrics
 
 
+def test_dense_parameters_stay_as_trained_unless_given_an_lr(synthetic, baseline, tmp_path):
+    trained, _ = load_model(baseline)
+    dense = {n: p for n, p in trained.named_parameters() if not n.startswith("embeddings.")}
+    assert dense  # the fixture's DLRM has MLPs
+    for dense_lr, same in ((0.0, True), (1e-2, False)):
+        out = tmp_path / f"run-{dense_lr}"
+        result = finetune(baseline, synthetic.train, synthetic.valid, out,
+                          _config(dense_lr=dense_lr, epochs=1, target_ratio=None),
+                          progress=False)
+        assert result.metrics["best_epoch"] == 1  # without a budget there is no epoch 0
+        tuned = dict(load_model(out / "model.safetensors")[0].named_parameters())
+        assert all(torch.equal(tuned[n], p) for n, p in dense.items()) is same
+        # The tables are fine-tuned either way.
+        assert not torch.equal(tuned["embeddings.item_id.weight"],
+                               trained.embeddings.item_id.weight)
+
+
 def test_budget_is_met_on_the_kept_epoch(synthetic, baseline, tmp_path):
     result = finetune(
         baseline, synthetic.train, synthetic.valid, tmp_path / "run",

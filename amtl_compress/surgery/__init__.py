@@ -5,8 +5,10 @@ from amtl_compress.surgery.attach import (
     amtl_layers,
     amtl_parameters,
     attach_amtl_,
+    dense_parameters,
     detach_amtl,
     model_parameters,
+    table_parameters,
 )
 from amtl_compress.surgery.masked import MaskedEmbedding, MaskedEmbeddingBag
 from amtl_compress.surgery.targets import find_embedding_modules
@@ -18,7 +20,9 @@ __all__ = [
     "amtl_layers",
     "amtl_parameters",
     "attach_amtl_",
+    "dense_parameters",
     "detach_amtl",
     "find_embedding_modules",
     "model_parameters",
+    "table_parameters",
 ]

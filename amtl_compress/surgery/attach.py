@@ -179,6 +179,23 @@ def model_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in amtl_ids]
 
 
+def table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weight (N, D) of every ``nn.Embedding`` / ``nn.EmbeddingBag`` of ``model``, wrapped
+    or not, each once: the embedding tables (torchrec's "sparse" parameters)."""
+    tables: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            tables.setdefault(id(module.weight), module.weight)
+    return list(tables.values())
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` that is neither a table (:func:`table_parameters`) nor in
+    an AMTL layer: MLPs, interaction and output layers (torchrec's "dense" parameters)."""
+    table_ids = {id(p) for p in table_parameters(model)}
+    return [p for p in model_parameters(model) if id(p) not in table_ids]
+
+
 @torch.no_grad()
 def detach_amtl(model: nn.Module, merge: bool = True) -> tuple[nn.Module, dict[str, Tensor]]:
     """Put every wrapped table back in place of its wrapper, in place.

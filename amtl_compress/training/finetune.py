@@ -41,8 +41,9 @@ from amtl_compress.surgery.attach import (
     amtl_layers,
     amtl_parameters,
     attach_amtl_,
+    dense_parameters,
     detach_amtl,
-    model_parameters,
+    table_parameters,
 )
 from amtl_compress.training.budget import AMTLBudget
 from amtl_compress.training.config import FinetuneConfig
@@ -199,12 +200,7 @@ def _start(request: FinetuneRequest, inputs: Inputs, world: World) -> _Run:
         dense_gradients_(model)
         attach_amtl_(model, inputs.counts, config.amtl)
         layers = amtl_layers(model)
-        optimizer = torch.optim.Adam(
-            [
-                {"params": model_parameters(model), "lr": config.lr},
-                {"params": amtl_parameters(model), "lr": config.amtl_lr},
-            ]
-        )
+        optimizer = torch.optim.Adam(_param_groups(model, config))
     state_dir = resume_dir(request.out)
     # How the model is called is part of the run: resuming with another adapter or output
     # reading would continue on a different loss.
@@ -451,6 +447,24 @@ def _finish(request: FinetuneRequest, run: _Run, inputs: Inputs) -> FinetuneResu
                           amtl_state, run_config, metrics)
             shutil.rmtree(run.state_dir, ignore_errors=True)
     return FinetuneResult(run_dir=request.out, metrics=metrics, lengths=lengths)
+
+
+def _param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict]:
+    """Adam's groups: 0 = the tables at ``lr``, 1 = the AMTL layers at ``amtl_lr`` (its lr
+    decays, _step), 2 = the dense parameters at ``dense_lr``; with ``dense_lr == 0`` they are
+    frozen instead (``requires_grad=False``, so backward skips their weight gradients; the
+    gradients still flow through them to the tables)."""
+    groups = [
+        {"params": table_parameters(model), "lr": config.lr},
+        {"params": amtl_parameters(model), "lr": config.amtl_lr},
+    ]
+    dense = dense_parameters(model)
+    if config.dense_lr > 0:
+        groups.append({"params": dense, "lr": config.dense_lr})
+    else:
+        for p in dense:
+            p.requires_grad_(False)
+    return groups
 
 
 def dense_gradients_(model: nn.Module) -> list[str]:
