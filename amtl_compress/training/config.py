@@ -47,9 +47,10 @@ class FinetuneConfig:
             0.4: 0.7697 at 1e-3, 0.7754 at 3e-3, 0.7767 at 1e-2; docs/amtl.md).
         dense_lr: Adam learning rate of every other parameter of the model (MLPs, interaction
             and output layers), >= 0. 0 (the default) freezes them: fine-tuning changes the
-            tables only, which scored higher on validation on all three tasks of docs/amtl.md
-            ("Fine-tuning the tables only") than training the whole model at ``lr``. Version 1
-            configs (written before this field) read as ``dense_lr = lr``.
+            tables only, the recipe with the smallest worst-case validation loss over the three
+            tasks of docs/amtl.md ("Fine-tuning the tables only"; MovieLens-100k 0.7789 against
+            0.7755 with every parameter at ``lr``). Version 1 configs (written before this
+            field) read as ``dense_lr = lr``.
         amtl_lr: initial Adam learning rate of the AMTL layers; it decays linearly to 0.
         final_temperature: if set, T is annealed geometrically from ``amtl.temperature`` to this
             value over the run.
