@@ -5,7 +5,7 @@ D = 16), then every method below warm-started from that checkpoint and fine-tune
 steps (3 epochs, Adam at finetune's default lr on the tables, the dense layers kept as trained
 like finetune's default, the epoch with the best validation AUC kept),
 so extra training is never credited to a compression method. "FBE fine-tuned lr 3e-3" adds the
-baseline at the rate its training used; targets are checked against the better of the two.
+baseline at the rate its training used; docs/benchmarks.md reports the targets against both.
 Only the user_id and item_id tables are compressed; the other tables stay dense and are not
 counted.
 
