@@ -81,6 +81,7 @@ def main() -> None:
             model = planted.pca_truncated(load_model(data["base"])[0], lengths)
             rows.append((f"{name} @{budget:g}", "-", valid_auc(model, data)))
     amtl = AMTLConfig(**json.loads(args.amtl))
+    overrides = json.loads(args.finetune)  # FinetuneConfig fields; dense_lr applies to FBE too
     counts_file = None
     if args.counts == "train":
         counts_file = work / "train-counts.safetensors"
@@ -89,7 +90,7 @@ def main() -> None:
         if not args.skip_fbe:
             start = time.time()
             tuned = quality.fit_same_steps(load_model(data["base"])[0], data, args.seed, lr=lr,
-                                           dense_lr=json.loads(args.finetune).get("dense_lr"))
+                                           dense_lr=overrides.get("dense_lr"))
             rows.append(("FBE fine-tuned", f"{lr:g}", valid_auc(tuned, data)))
             print(f"  FBE lr {lr:g}: {rows[-1][2]:.4f} ({time.time() - start:.0f} s)",
                   file=sys.stderr)
@@ -98,7 +99,7 @@ def main() -> None:
             config = FinetuneConfig(
                 fields={f: f for f in quality.FIELDS}, target_ratio=budget, seed=args.seed,
                 epochs=data["epochs"], batch_size=data["batch"], save_every=10**9, lr=lr,
-                amtl=amtl, **json.loads(args.finetune))
+                amtl=amtl, **overrides)
             result = finetune(data["base"], data["ft_train_path"], data["ctr"].valid,
                               work / "run", config, resume=False, overwrite=True,
                               progress=False, counts_file=counts_file)
